@@ -1,0 +1,5 @@
+import sys
+
+from distmaml.cli import main
+
+sys.exit(main())

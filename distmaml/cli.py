@@ -1,0 +1,131 @@
+"""``distmaml`` command line: train, evaluate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from distmaml.config import Config, ConfigError, config_from_dict, load_config
+from distmaml.results import describe
+
+
+class UserError(Exception):
+    """An error in what the user asked for; printed as one line, no traceback."""
+
+
+def make_engine(config: Config, address: str | None = None):  # type: ignore[no-untyped-def]
+    if config.workers == 0:
+        from distmaml.engine import InProcessEngine
+
+        return InProcessEngine(config)
+    raise UserError(f"workers = {config.workers}: only the in-process engine (workers: 0) is available yet")
+
+
+def _config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.set or [])
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"workers={args.workers}")
+    return load_config(args.config, overrides)
+
+
+def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
+    mt, before = result["meta_test"], result.get("meta_test_unadapted")
+    steps = result.get("inner_test_steps")
+    print(f"meta-test, {mt['tasks']} held-out tasks, {steps} inner steps: {describe(mt)} (95% interval)", file=out)
+    if before:
+        print(f"the same tasks without adaptation:            {describe(before)}", file=out)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distmaml.trainer import Trainer
+
+    if args.resume:
+        from distmaml.checkpoint import load_checkpoint
+
+        run_dir: Path | None = Path(args.resume)
+        assert run_dir is not None
+        config = config_from_dict(load_checkpoint(run_dir).config)
+        if args.set or args.workers is not None:
+            raise UserError("--resume continues the run with its own config; drop --set and --workers")
+    else:
+        config = _config_from_args(args)
+        run_dir = Path(args.out) if args.out else None
+        if run_dir is not None and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
+    engine = make_engine(config, args.address)
+    try:
+        result = Trainer(config, engine, run_dir, progress=not args.quiet, resume=bool(args.resume)).fit()
+    finally:
+        engine.close()
+    print_meta_test(result)
+    if run_dir is not None:
+        print(f"run written to {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from distmaml.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.checkpoint), tasks=args.tasks, overrides=args.set or [])
+    print_meta_test(result)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distmaml.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distmaml", description="Distributed MAML on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="meta-train one run")
+    train.add_argument("--config", default="sinusoid", help="built-in recipe name or YAML path (default: sinusoid)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
+    train.add_argument("--workers", type=int, help="worker actors (0: compute in this process)")
+    train.add_argument("--address", help="Ray address: local, auto, or ray://host:port")
+    train.add_argument("--out", help="run directory for config.yaml, checkpoints and result.json")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="meta-test a trained run")
+    ev.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory or checkpoint file")
+    ev.add_argument("--tasks", type=int, default=None, help="meta-test tasks (default: the run's meta.test_tasks)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. inner.test_steps=20")
+    ev.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("bench", help="time a meta-step of the core against a per-task baseline")
+    bench.add_argument("--configs", default="sinusoid,omniglot", help="comma-separated: sinusoid, omniglot")
+    bench.add_argument("--threads", default="1", help="torch threads per measurement, comma-separated")
+    bench.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: chosen per config)")
+    bench.add_argument("--json", default="bench.json", help="where to write the JSON results")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UserError, FileNotFoundError) as e:
+        print(f"distmaml: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distmaml: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from distmaml.trainer import NonFiniteError
+
+        if isinstance(e, NonFiniteError):
+            print(f"distmaml: error: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Typed, validated run configuration.
+
+A config is built from a built-in recipe (``distmaml/recipes/NAME.yaml``) or a
+YAML file, then dotted overrides (``--set inner.lr=0.4``). Every value is
+checked when the config is made; a bad one raises ``ConfigError`` with one
+line that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that says what to change."""
+
+
+def _check(key: str, value: object, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {allowed}")
+
+
+def _positive(key: str, value: float) -> None:
+    _check(key, value, value > 0, "must be greater than 0")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    _check(key, value, value >= low, f"must be at least {low}")
+
+
+def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
+    _check(key, value, value in allowed, f"allowed values are {', '.join(allowed)}")
+
+
+@dataclass(kw_only=True)
+class MetaConfig:
+    steps: int = 10000
+    """Outer (meta) steps."""
+    batch_size: int = 25
+    """Tasks per meta-batch (T)."""
+    lr: float = 1e-3
+    """Outer learning rate (Adam)."""
+    val_every: int = 500
+    """Validate every this many meta-steps (0: only at the end)."""
+    val_tasks: int = 100
+    """Meta-validation tasks per validation."""
+    test_tasks: int = 600
+    """Meta-test tasks at the end of the run and in ``distmaml evaluate``."""
+    checkpoint_every: int = 1000
+    """Write a checkpoint every this many meta-steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+
+    def validate(self) -> None:
+        _at_least("meta.steps", self.steps, 1)
+        _at_least("meta.batch_size", self.batch_size, 1)
+        _positive("meta.lr", self.lr)
+        _at_least("meta.val_every", self.val_every, 0)
+        _at_least("meta.val_tasks", self.val_tasks, 1)
+        _at_least("meta.test_tasks", self.test_tasks, 1)
+        _at_least("meta.checkpoint_every", self.checkpoint_every, 1)
+        _at_least("meta.keep_checkpoints", self.keep_checkpoints, 1)
+
+
+@dataclass(kw_only=True)
+class InnerConfig:
+    lr: float = 0.01
+    """Inner (task) learning rate, alpha."""
+    steps: int = 1
+    """Inner gradient steps during meta-training."""
+    test_steps: int = 10
+    """Inner gradient steps at meta-validation and meta-test time."""
+    first_order: bool = False
+    """First-order MAML: inner gradients treated as constants."""
+
+    def validate(self) -> None:
+        _positive("inner.lr", self.lr)
+        _at_least("inner.steps", self.steps, 1)
+        _at_least("inner.test_steps", self.test_steps, 0)
+
+
+DATA_FAMILIES = ("sinusoid",)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    family: str = "sinusoid"
+    """Task family: ``sinusoid`` (synthetic regression)."""
+    ways: int = 5
+    """Classes per task (N); classification only."""
+    shots: int = 10
+    """Support examples per class (K), or per task for regression."""
+    queries: int = 10
+    """Query examples per class (Q), or per task for regression."""
+    path: str | None = None
+    """Task store folder or URI for image families."""
+
+    def validate(self) -> None:
+        _one_of("data.family", self.family, DATA_FAMILIES)
+        _at_least("data.ways", self.ways, 2)
+        _at_least("data.shots", self.shots, 1)
+        _at_least("data.queries", self.queries, 1)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "mlp"
+    """``mlp`` or ``conv4``."""
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    """Hidden widths of the MLP."""
+    filters: int = 64
+    """Filters per block of conv4 (64 Omniglot, 32 miniImageNet)."""
+
+    def validate(self) -> None:
+        _one_of("model.name", self.name, ("mlp", "conv4"))
+        for width in self.hidden:
+            _check("model.hidden", self.hidden, width >= 1, "every width must be at least 1")
+        _at_least("model.filters", self.filters, 1)
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log the run to MLflow."""
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; relative paths are made absolute before workers see them."""
+
+
+ALGORITHMS = ("maml", "fomaml")
+
+
+@dataclass(kw_only=True)
+class Config:
+    seed: int = 0
+    """Seed of tasks and initialisation; tasks are a pure function of (seed, step, id)."""
+    precision: str = "float32"
+    """``float32`` or ``float64``."""
+    algorithm: str = "maml"
+    """``maml`` (second order) or ``fomaml`` (first order)."""
+    device: str = "auto"
+    """``auto`` (CUDA where present), ``cpu`` or ``cuda``."""
+    batching: str = "auto"
+    """How tasks are batched in the core: ``auto`` (measured choice), ``vmap`` or ``loop``."""
+    workers: int = 0
+    """Worker actors; 0 computes in the driver process."""
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("precision", self.precision, ("float32", "float64"))
+        _one_of("algorithm", self.algorithm, ALGORITHMS)
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("batching", self.batching, ("auto", "vmap", "loop"))
+        _at_least("workers", self.workers, 0)
+        for section in (self.meta, self.inner, self.data, self.model):
+            section.validate()
+        if self.workers > self.meta.batch_size:
+            raise ConfigError(
+                f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "
+                "some workers would get no task; lower workers or raise meta.batch_size"
+            )
+
+    @property
+    def loss(self) -> str:
+        return "mse" if self.data.family == "sinusoid" else "cross_entropy"
+
+    @property
+    def first_order(self) -> bool:
+        return self.inner.first_order or self.algorithm == "fomaml"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as MLflow params and ``--set`` use them."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Checks ``value`` against the field's type; ints pass as floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        _check(key, value, isinstance(value, list), f"must be a list of {item.__name__}")
+        return [_coerce(key, v, item) for v in value]
+    if annotation is bool:
+        _check(key, value, isinstance(value, bool), "must be true or false")
+    elif annotation is int:
+        _check(key, value, isinstance(value, int) and not isinstance(value, bool), "must be an integer")
+    elif annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(key, value, ok, "must be a number")
+        return float(value)
+    elif annotation is str:
+        _check(key, value, isinstance(value, str), "must be a string")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} = {data!r}: must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = (
+                f"; did you mean {prefix}{close[0]}?"
+                if close
+                else f"; known keys: {', '.join(prefix + n for n in names)}"
+            )
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(typing.cast(type, annotation), value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(dotted, value, annotation)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Builds and validates a ``Config`` from a nested mapping."""
+    config = _build(Config, data, "")
+    assert isinstance(config, Config)
+    return config
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """The mapping in a built-in recipe (by name) or a YAML file (by path)."""
+    path = Path(name_or_path)
+    if not (name_or_path.endswith((".yaml", ".yml")) or path.exists()):
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"--config {name_or_path!r}: no such recipe or file; recipes: {', '.join(recipe_names())}"
+            )
+    if not path.is_file():
+        raise ConfigError(f"--config {name_or_path!r}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(path)!r}: must hold a mapping of keys to values")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Applies one ``key.sub=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, for example --set inner.lr=0.4")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def load_config(name_or_path: str = "sinusoid", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Recipe or YAML file, then ``--set`` overrides, validated.
+
+    Example:
+        >>> cfg = load_config("sinusoid", ["inner.lr=0.02", "meta.steps=100"])
+    """
+    data = load_recipe(name_or_path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return config_from_dict(data)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

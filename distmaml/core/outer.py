@@ -1,0 +1,135 @@
+"""The outer loop's gradient: query loss after adaptation, differentiated
+through the inner loop with respect to the meta-parameters.
+
+``meta_grad`` returns *sums* over the tasks it was given (the engine adds
+shards and divides once by the meta-batch size); ``meta_gradient`` is the
+public contract of DESIGN.md and returns means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from distmaml.core.batching import choose_batching
+from distmaml.core.batchnorm import batchnorm_implementation
+from distmaml.core.inner import InnerLoop, adapt
+from distmaml.core.losses import loss_fn, metric
+from distmaml.typing import Params, TaskBatch
+
+TaskObjective = Callable[[Params, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class MetaGradSum(NamedTuple):
+    """What one shard of a meta-batch returns: sums over its tasks."""
+
+    grads: Params
+    loss: Tensor
+    metric: Tensor
+    tasks: int
+
+
+class MetaGradient(NamedTuple):
+    """The DESIGN.md contract: means over the tasks of the batch."""
+
+    grads: Params
+    loss: Tensor
+
+
+def task_objective(model: nn.Module, inner: InnerLoop) -> TaskObjective:
+    """``f(params, sx, sy, qx, qy) -> (query loss, (metric,))`` for one task."""
+    lossf = loss_fn(inner.loss)
+
+    def objective(params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
+        adapted = adapt(model, params, sx, sy, inner)
+        out = functional_call(model, adapted, (qx,))
+        loss = lossf(out, qy)
+        return loss, metric(inner.loss, out, qy, loss)
+
+    return objective
+
+
+def _detached(params: Params) -> Params:
+    return {k: v.detach() for k, v in params.items()}
+
+
+def meta_grad(
+    model: nn.Module,
+    params: Params,
+    batch: TaskBatch,
+    inner: InnerLoop,
+    *,
+    batching: str = "auto",
+) -> MetaGradSum:
+    """Sum over the batch's tasks of the query-loss gradient after adaptation.
+
+    Args:
+        model: network structure for ``functional_call``.
+        params: meta-parameters, name -> tensor.
+        batch: T tasks, task dimension first.
+        inner: the inner loop (lr, steps, order, loss).
+        batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
+            time: memory of one task's graph) or ``"auto"`` (the measured
+            choice for this model and device, see ``core.batching``).
+
+    Returns:
+        Summed gradients, summed query loss and metric, and the task count.
+    """
+    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
+    objective = grad_and_value(task_objective(model, inner), has_aux=True)
+    theta = _detached(params)
+    if mode == "vmap":
+        with batchnorm_implementation("explicit"):
+            g, (loss, met) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
+        return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)
+    if mode != "loop":
+        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', 'vmap', 'loop'")
+    total: Params = {k: torch.zeros_like(v) for k, v in theta.items()}
+    loss_sum = torch.zeros((), dtype=next(iter(theta.values())).dtype, device=batch.support_x.device)
+    met_sum = torch.zeros_like(loss_sum)
+    with batchnorm_implementation("native"):
+        for t in range(batch.num_tasks):
+            g, (loss, met) = objective(theta, *(x[t] for x in batch))
+            for k in total:
+                total[k].add_(g[k])
+            loss_sum += loss.detach()
+            met_sum += met
+    return MetaGradSum(total, loss_sum, met_sum, batch.num_tasks)
+
+
+def meta_gradient(
+    model: nn.Module,
+    params: Params | None,
+    support_x: Tensor,
+    support_y: Tensor,
+    query_x: Tensor,
+    query_y: Tensor,
+    *,
+    inner_lr: float,
+    inner_steps: int,
+    first_order: bool = False,
+    loss: str = "cross_entropy",
+    batching: str = "auto",
+) -> MetaGradient:
+    """Mean over tasks of the query-loss gradient after ``inner_steps`` steps.
+
+    Task tensors carry the task dimension first (``x_TK...``). ``params`` is a
+    name -> tensor dict; None uses the model's own parameters.
+
+    Example:
+        >>> model = distmaml.models.sinusoid_mlp()
+        >>> mg = distmaml.meta_gradient(model, None, sx, sy, qx, qy,
+        ...                             inner_lr=0.01, inner_steps=1, loss="mse")
+        >>> mg.grads["net.0.weight"].shape, float(mg.loss)
+    """
+    if params is None:
+        params = dict(model.named_parameters())
+    batch = TaskBatch(support_x, support_y, query_x, query_y)
+    inner = InnerLoop(lr=inner_lr, steps=inner_steps, first_order=first_order, loss=loss)
+    s = meta_grad(model, params, batch, inner, batching=batching)
+    n = s.tasks
+    return MetaGradient({k: v / n for k, v in s.grads.items()}, s.loss / n)

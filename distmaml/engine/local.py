@@ -1,0 +1,31 @@
+"""The in-process engine: the driver computes every task itself.
+
+The degenerate case of the Ray engine (one shard holding every task), kept
+for debugging (``workers: 0``) and for the core's benchmark.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from distmaml.config import Config
+from distmaml.engine.shard import EvalShard, GradShard, TaskRunner
+
+
+class InProcessEngine:
+    """Runs all shards in the calling process."""
+
+    workers = 0
+    replacements = 0
+
+    def __init__(self, config: Config) -> None:
+        self.runner = TaskRunner(config)
+
+    def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
+        return self.runner.meta_grad(flat, step, range(batch_size))
+
+    def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
+        return self.runner.evaluate(flat, split, range(tasks), steps)
+
+    def close(self) -> None:
+        pass

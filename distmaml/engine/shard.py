@@ -1,0 +1,143 @@
+"""One shard of work: the tasks ``ids`` of a step, computed where it runs.
+
+``TaskRunner`` is built from the resolved config in every process that
+computes (the driver for the in-process engine, each actor for the Ray one).
+It samples its own tasks from (seed, step, id), so no data travels, and
+returns sums, so shards add up to the whole batch whatever the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from distmaml.config import Config, config_from_dict
+from distmaml.core import InnerLoop, meta_grad
+from distmaml.core.evaluate import score_tasks
+from distmaml.models import build_model
+from distmaml.tasks import SinusoidTasks, TaskFamily
+from distmaml.typing import Params
+
+
+class GradShard(NamedTuple):
+    """Sums over a shard's tasks: flat gradient, query loss, metric; and the count."""
+
+    grad: Tensor
+    loss: float
+    metric: float
+    tasks: int
+
+
+class EvalShard(NamedTuple):
+    """Per-task query metric before and after adaptation, in task-id order."""
+
+    before: Tensor
+    after: Tensor
+
+
+class ParamLayout:
+    """Names and shapes of the meta-parameters, to flatten them into one tensor and back."""
+
+    def __init__(self, params: Params) -> None:
+        self.names = list(params)
+        self.shapes = [tuple(params[k].shape) for k in self.names]
+        self.sizes = [params[k].numel() for k in self.names]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Params) -> Tensor:
+        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+
+    def unflatten(self, flat: Tensor) -> Params:
+        parts = torch.split(flat, self.sizes)
+        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
+
+
+def balanced_ranges(total: int, parts: int) -> list[range]:
+    """Splits ``range(total)`` into ``parts`` contiguous ranges differing in length by at most one."""
+    base, extra = divmod(total, parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device = 'cuda' but no CUDA device is visible; use --set device=cpu")
+    return torch.device(name)
+
+
+def build_family(config: Config) -> TaskFamily:
+    data = config.data
+    if data.family == "sinusoid":
+        return SinusoidTasks(shots=data.shots, queries=data.queries, seed=config.seed)
+    raise ValueError(f"data.family = {data.family!r}: no task family of that name")
+
+
+def build_network(config: Config) -> torch.nn.Module:
+    """The config's network, initialised from ``config.seed``, in its precision."""
+    torch.manual_seed(config.seed)
+    m = config.model
+    if m.name == "mlp":
+        model = build_model("mlp", in_features=1, out_features=1, hidden=m.hidden)
+    else:
+        model = build_model("conv4", out_features=config.data.ways, in_channels=1, image_size=28, filters=m.filters)
+    return model.to(dtype=getattr(torch, config.precision))
+
+
+class TaskRunner:
+    """Computes shards of meta-gradients and evaluations for one config."""
+
+    def __init__(self, config: Config | dict, device: str | None = None) -> None:
+        self.config = config if isinstance(config, Config) else config_from_dict(config)
+        self.device = resolve_device(device or self.config.device)
+        self.dtype = getattr(torch, self.config.precision)
+        self.family = build_family(self.config)
+        self.model = build_network(self.config).to(self.device)
+        self.layout = ParamLayout(dict(self.model.named_parameters()))
+        self.inner = InnerLoop(
+            lr=self.config.inner.lr,
+            steps=self.config.inner.steps,
+            first_order=self.config.first_order,
+            loss=self.config.loss,
+        )
+
+    def _params(self, flat: Tensor) -> Params:
+        return self.layout.unflatten(flat.to(self.device, self.dtype))
+
+    def _tasks(self, split: str, step: int, ids: Sequence[int]):  # type: ignore[no-untyped-def]
+        return self.family.sample(split, step, ids).to(self.device, self.dtype)
+
+    def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int]) -> GradShard:
+        """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor."""
+        s = meta_grad(
+            self.model,
+            self._params(flat),
+            self._tasks("train", step, ids),
+            self.inner,
+            batching=self.config.batching,
+        )
+        grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
+        return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
+
+    def evaluate(self, flat: Tensor, split: str, ids: Sequence[int], steps: int) -> EvalShard:
+        """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps."""
+        scores = score_tasks(
+            self.model,
+            self._params(flat),
+            self._tasks(split, 0, ids),
+            self.inner,
+            steps,
+            batching=self.config.batching,
+        )
+        return EvalShard(scores.before.cpu(), scores.after.cpu())

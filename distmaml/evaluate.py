@@ -1,0 +1,42 @@
+"""``distmaml evaluate``: meta-test a checkpoint on held-out tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distmaml.checkpoint import load_checkpoint, write_json
+from distmaml.config import apply_override, config_from_dict
+from distmaml.core.losses import METRIC_NAME
+from distmaml.engine import InProcessEngine, ParamLayout
+from distmaml.results import summarize
+
+
+def evaluate_checkpoint(path: Path, *, tasks: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Meta-tests the newest checkpoint of ``path``; writes ``eval.json`` beside the run.
+
+    Returns ``{"step", "meta_test", "meta_test_unadapted", "inner_test_steps"}``.
+    """
+    ckpt = load_checkpoint(path)
+    data = ckpt.config
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    data["workers"] = 0
+    config = config_from_dict(data)
+    n = tasks or config.meta.test_tasks
+    if n < 1:
+        raise ValueError(f"--tasks {n}: must be at least 1")
+    engine = InProcessEngine(config)
+    flat = ParamLayout(ckpt.params).flatten(ckpt.params)
+    scores = engine.evaluate(flat, "test", n, config.inner.test_steps)
+    metric = METRIC_NAME[config.loss]
+    result = {
+        "step": ckpt.step,
+        "checkpoint": str(ckpt.path),
+        "inner_test_steps": config.inner.test_steps,
+        "meta_test": summarize(scores.after, metric),
+        "meta_test_unadapted": summarize(scores.before, metric),
+    }
+    run_dir = ckpt.path.parent.parent
+    write_json(run_dir / "eval.json", result)
+    return result

@@ -1,0 +1,24 @@
+"""Builds a model by name from the config's model and data sections."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from distmaml.models.conv4 import Conv4
+from distmaml.models.mlp import MLP
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda *, in_features, out_features, hidden, **_: MLP(in_features, hidden, out_features),
+    "conv4": lambda *, out_features, in_channels, image_size, filters, **_: Conv4(
+        out_features, in_channels, image_size, filters
+    ),
+}
+
+
+def build_model(name: str, **kwargs: object) -> nn.Module:
+    """``build_model("conv4", out_features=5, in_channels=1, image_size=28, filters=64)``."""
+    if name not in MODELS:
+        raise ValueError(f"model.name = {name!r}: allowed values are {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

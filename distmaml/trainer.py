@@ -1,0 +1,212 @@
+"""The outer loop: Adam on the meta-parameters, validation, checkpoints, meta-test.
+
+The trainer holds the meta-parameters and the optimizer; an engine computes
+the summed meta-gradient of each step's tasks (in-process or on Ray actors);
+the trainer divides once by the meta-batch size and steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from distmaml.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from distmaml.config import Config, config_from_dict, dump_config
+from distmaml.core.losses import METRIC_NAME
+from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, build_network
+from distmaml.results import summarize
+
+
+class Engine(Protocol):
+    workers: int
+    replacements: int
+
+    def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard: ...
+    def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard: ...
+    def close(self) -> None: ...
+
+
+class Callback:
+    """Hooks for tracking and sweeps; every method is optional."""
+
+    def on_start(self, trainer: Trainer) -> None: ...
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Path | None) -> None: ...
+    def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
+
+
+class NonFiniteError(RuntimeError):
+    """The meta-loss or meta-gradient stopped being finite."""
+
+
+@dataclass
+class History:
+    train: list[tuple[int, float, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Meta-trains ``config`` with ``engine``; writes to ``run_dir`` if given.
+
+    Example:
+        >>> cfg = load_config("sinusoid", ["meta.steps=200"])
+        >>> result = Trainer(cfg, InProcessEngine(cfg), run_dir=Path("runs/s")).fit()
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        run_dir: Path | None = None,
+        *,
+        callbacks: list[Callback] | None = None,
+        progress: bool = True,
+        resume: bool = False,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = callbacks or []
+        self.progress = progress
+        self.metric = METRIC_NAME[config.loss]
+        model = build_network(config)
+        self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        self.layout = ParamLayout(self.params)
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.meta.lr)
+        self.step = 0
+        self.history = History()
+        self.tasks_per_second = 0.0
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._resume()
+
+    # -- state ---------------------------------------------------------------
+    def _resume(self) -> None:
+        if self.run_dir is None:
+            raise ValueError("resume needs a run directory")
+        ckpt = load_checkpoint(self.run_dir)
+        saved = config_from_dict(ckpt.config)
+        if saved.to_dict() != self.config.to_dict():
+            changed = sorted(k for k, v in saved.flat().items() if self.config.flat().get(k) != v)
+            raise ValueError(
+                f"--resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(changed)}; "
+                "resume with the run's own config (omit --config and --set)"
+            )
+        with torch.no_grad():
+            for k, v in ckpt.params.items():
+                self.params[k].copy_(v)
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        self.step = ckpt.step
+        self.last_checkpoint = ckpt.path
+
+    @property
+    def flat(self) -> Tensor:
+        return self.layout.flatten(self.params)
+
+    def checkpoint(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.params,
+            self.optimizer.state_dict(),
+            self.config.to_dict(),
+            keep=self.config.meta.keep_checkpoints,
+        )
+        return self.last_checkpoint
+
+    # -- one meta-step --------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """Computes step ``self.step``'s meta-gradient and takes the outer step."""
+        t = self.config.meta.batch_size
+        shard = self.engine.meta_batch(self.flat, self.step, t)
+        if shard.tasks != t:
+            raise RuntimeError(f"engine returned {shard.tasks} tasks for a meta-batch of {t}")
+        grad = shard.grad / t
+        loss = shard.loss / t
+        if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+            raise NonFiniteError(
+                f"meta-step {self.step}: the meta-loss or meta-gradient is not finite (loss {loss}); "
+                f"lower inner.lr (now {self.config.inner.lr}) or meta.lr (now {self.config.meta.lr})"
+            )
+        for k, g in self.layout.unflatten(grad).items():
+            self.params[k].grad = g.to(self.params[k].dtype)
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss, self.metric: shard.metric / t}
+
+    def validate(self) -> dict[str, float]:
+        scores = self.engine.evaluate(self.flat, "val", self.config.meta.val_tasks, self.config.inner.test_steps)
+        return {f"val_{self.metric}": float(scores.after.double().mean())}
+
+    # -- the run ----------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Runs to ``meta.steps``, meta-tests, writes ``result.json``; returns it."""
+        cfg = self.config
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        for cb in self.callbacks:
+            cb.on_start(self)
+        bar = tqdm(
+            total=cfg.meta.steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        start, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < cfg.meta.steps:
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - start
+                self.tasks_per_second = (self.step - start_step) * cfg.meta.batch_size / max(elapsed, 1e-9)
+                metrics["tasks_per_second"] = self.tasks_per_second
+                self.history.train.append((self.step, metrics["loss"], metrics[self.metric]))
+                for cb in self.callbacks:
+                    cb.on_step(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tasks_s=f"{self.tasks_per_second:.0f}", refresh=False)
+                last = self.step == cfg.meta.steps
+                validate_now = cfg.meta.val_every and self.step % cfg.meta.val_every == 0
+                if self.step % cfg.meta.checkpoint_every == 0 or last or validate_now:
+                    self.checkpoint()
+                if validate_now or last:
+                    val = self.validate()
+                    self.history.val.append((self.step, next(iter(val.values()))))
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    for cb in self.callbacks:
+                        cb.on_validation(self.step, val, self.last_checkpoint)
+        finally:
+            bar.close()
+        result = self.result(self.meta_test())
+        if self.run_dir is not None:
+            write_json(self.run_dir / "result.json", result)
+        for cb in self.callbacks:
+            cb.on_end(self, result)
+        return result
+
+    def meta_test(self, tasks: int | None = None) -> EvalShard:
+        n = tasks or self.config.meta.test_tasks
+        return self.engine.evaluate(self.flat, "test", n, self.config.inner.test_steps)
+
+    def result(self, scores: EvalShard) -> dict[str, Any]:
+        return {
+            "steps": self.step,
+            "workers": self.engine.workers,
+            "tasks_per_second": self.tasks_per_second,
+            "meta_test": summarize(scores.after, self.metric),
+            "meta_test_unadapted": summarize(scores.before, self.metric),
+            "inner_test_steps": self.config.inner.test_steps,
+            "worker_replacements": self.engine.replacements,
+            "validation": [{"step": s, "metric": v} for s, v in self.history.val],
+        }

@@ -1,0 +1,66 @@
+"""Every bad config value gets one clear line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from distmaml.cli import main
+from distmaml.config import ConfigError, load_config, recipe_names
+
+BAD = [
+    ("inner.lr=-0.1", "inner.lr = -0.1: must be greater than 0"),
+    ("inner.lr=abc", "inner.lr = 'abc': must be a number"),
+    ("inner.steps=0", "inner.steps = 0: must be at least 1"),
+    ("inner.test_steps=-1", "inner.test_steps = -1: must be at least 0"),
+    ("inner.first_order=maybe", "inner.first_order = 'maybe': must be true or false"),
+    ("meta.steps=1.5", "meta.steps = 1.5: must be an integer"),
+    ("meta.batch_size=0", "meta.batch_size = 0: must be at least 1"),
+    ("meta.lr=0", "meta.lr = 0.0: must be greater than 0"),
+    ("precision=float16", "precision = 'float16': allowed values are float32, float64"),
+    ("algorithm=reptile", "algorithm = 'reptile': allowed values are"),
+    ("device=tpu", "device = 'tpu': allowed values are auto, cpu, cuda"),
+    ("batching=sometimes", "batching = 'sometimes': allowed values are auto, vmap, loop"),
+    ("data.family=mnist", "data.family = 'mnist': allowed values are"),
+    ("data.shots=0", "data.shots = 0: must be at least 1"),
+    ("data.ways=1", "data.ways = 1: must be at least 2"),
+    ("model.name=resnet", "model.name = 'resnet': allowed values are mlp, conv4"),
+    ("model.hidden=[40, 0]", "model.hidden = [40, 0]: every width must be at least 1"),
+    ("workers=-1", "workers = -1: must be at least 0"),
+    ("workers=26", "workers = 26 exceeds meta.batch_size = 25"),
+    ("inner.lrr=0.1", "unknown config key 'inner.lrr'; did you mean inner.lr?"),
+    ("inner=3", "inner = 3: must be a mapping of keys to values"),
+    ("tracking.enabled=3", "tracking.enabled = 3: must be true or false"),
+    ("novalue", "--set 'novalue': expected key=value"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_value_message(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("sinusoid", [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_prints_one_line_and_no_traceback(capsys):
+    assert main(["train", "--set", "inner.lr=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "distmaml: error: inner.lr = -1.0: must be greater than 0"
+
+
+def test_unknown_recipe_lists_the_recipes():
+    with pytest.raises(ConfigError, match="recipes: .*sinusoid"):
+        load_config("nope")
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("meta:\n  steps: 7\ninner:\n  lr: 0.5\n")
+    cfg = load_config(str(path), ["inner.steps=2"])
+    assert (cfg.meta.steps, cfg.inner.lr, cfg.inner.steps) == (7, 0.5, 2)
+    assert cfg.flat()["inner.lr"] == 0.5
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_is_valid(name):
+    load_config(name)

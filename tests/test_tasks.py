@@ -1,0 +1,44 @@
+"""Tasks are a pure function of (seed, split, step, task id)."""
+
+from __future__ import annotations
+
+import torch
+
+from distmaml.tasks import SinusoidTasks
+from distmaml.tasks.sinusoid import AMPLITUDE, PHASE, X_RANGE
+
+
+def test_same_tasks_whatever_the_split_of_the_batch():
+    fam = SinusoidTasks(shots=10, queries=10, seed=3)
+    whole = fam.sample("train", 12, range(25))
+    for cuts in ([0, 25], [0, 13, 25], [0, 9, 17, 25], [0, 1, 2, 24, 25]):
+        parts = [fam.sample("train", 12, range(a, b)) for a, b in zip(cuts, cuts[1:])]
+        for i, field in enumerate(whole):
+            assert torch.equal(torch.cat([p[i] for p in parts]), field)
+    # out of order: each id is its own stream
+    rev = fam.sample("train", 12, [24, 3])
+    assert torch.equal(rev.support_x[0], whole.support_x[24])
+    assert torch.equal(rev.query_y[1], whole.query_y[3])
+
+
+def test_steps_splits_and_seeds_differ():
+    fam = SinusoidTasks(shots=5, queries=5, seed=0)
+    a = fam.sample("train", 0, range(4)).support_x
+    assert not torch.equal(a, fam.sample("train", 1, range(4)).support_x)
+    assert not torch.equal(a, fam.sample("test", 0, range(4)).support_x)
+    assert not torch.equal(a, SinusoidTasks(shots=5, queries=5, seed=1).sample("train", 0, range(4)).support_x)
+
+
+def test_shapes_and_ranges():
+    fam = SinusoidTasks(shots=10, queries=7, seed=0)
+    b = fam.sample("train", 0, range(300))
+    assert b.support_x.shape == (300, 10, 1) and b.query_x.shape == (300, 7, 1)
+    assert b.support_x.min() >= X_RANGE[0] and b.support_x.max() <= X_RANGE[1]
+    amps, phases = zip(*[fam.sample_one("train", 0, i)[:2] for i in range(300)])
+    amps, phases = torch.stack(amps), torch.stack(phases)
+    assert AMPLITUDE[0] <= amps.min() and amps.max() <= AMPLITUDE[1]
+    assert PHASE[0] <= phases.min() and phases.max() <= PHASE[1]
+    # y = A sin(x - phase) holds for each task
+    for i in (0, 17):
+        amp, phase, sx, sy, _, _ = fam.sample_one("train", 0, i)
+        torch.testing.assert_close(sy, amp * torch.sin(sx - phase))
