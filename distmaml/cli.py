@@ -20,7 +20,9 @@ def make_engine(config: Config, address: str | None = None):  # type: ignore[no-
         from distmaml.engine import InProcessEngine
 
         return InProcessEngine(config)
-    raise UserError(f"workers = {config.workers}: only the in-process engine (workers: 0) is available yet")
+    from distmaml.engine.ray_engine import RayEngine
+
+    return RayEngine(config, address)
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -112,16 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    except (ConfigError, UserError, FileNotFoundError, ValueError) as e:
         print(f"distmaml: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distmaml: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from distmaml.engine.placement import EngineError
         from distmaml.trainer import NonFiniteError
 
-        if isinstance(e, NonFiniteError):
+        if isinstance(e, (NonFiniteError, EngineError)):
             print(f"distmaml: error: {e}", file=sys.stderr)
             return 3
         raise

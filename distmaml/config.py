@@ -136,6 +136,34 @@ class TrackingConfig:
     """MLflow tracking URI; relative paths are made absolute before workers see them."""
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker actor; its torch threads are pinned to this number (at least 1)."""
+    gpus_per_worker: float | None = None
+    """GPUs per worker; None: 1 where the cluster has GPUs and ``device`` is not ``cpu``, else 0."""
+    driver_cpus: float = 1.0
+    """CPUs of the driver's bundle in the run's placement group."""
+    placement: str = "PACK"
+    """Placement-group strategy: PACK (fewest nodes) or SPREAD (one worker per node where possible)."""
+    max_worker_failures: int = 3
+    """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run."""
+    startup_timeout: float = 120.0
+    """Seconds to wait for the placement group before failing with the resources asked and available."""
+
+    def validate(self) -> None:
+        _positive("engine.cpus_per_worker", self.cpus_per_worker)
+        if self.gpus_per_worker is not None:
+            _check("engine.gpus_per_worker", self.gpus_per_worker, self.gpus_per_worker >= 0, "must be 0 or more")
+        _positive("engine.driver_cpus", self.driver_cpus)
+        _one_of("engine.placement", self.placement, PLACEMENT_STRATEGIES)
+        _at_least("engine.max_worker_failures", self.max_worker_failures, 0)
+        _positive("engine.startup_timeout", self.startup_timeout)
+
+
 ALGORITHMS = ("maml", "fomaml")
 
 
@@ -152,7 +180,8 @@ class Config:
     batching: str = "auto"
     """How tasks are batched in the core: ``auto`` (measured choice), ``vmap`` or ``loop``."""
     workers: int = 0
-    """Worker actors; 0 computes in the driver process."""
+    """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,7 +194,7 @@ class Config:
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("batching", self.batching, ("auto", "vmap", "loop"))
         _at_least("workers", self.workers, 0)
-        for section in (self.meta, self.inner, self.data, self.model):
+        for section in (self.meta, self.inner, self.data, self.model, self.engine):
             section.validate()
         if self.workers > self.meta.batch_size:
             raise ConfigError(

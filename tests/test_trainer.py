@@ -21,6 +21,8 @@ def short_run(tmp_path_factory):
         [
             "train",
             "--quiet",
+            "--workers",
+            "0",
             "--out",
             str(run_dir),
             "--set",
@@ -85,6 +87,7 @@ def test_corrupt_newest_checkpoint_falls_back(short_run, tmp_path, capsys):
 
 def test_resume_equals_uninterrupted(tmp_path):
     overrides = [
+        "workers=0",
         "meta.steps=30",
         "meta.val_every=0",
         "meta.checkpoint_every=10",

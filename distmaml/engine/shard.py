@@ -29,6 +29,8 @@ class GradShard(NamedTuple):
     loss: float
     metric: float
     tasks: int
+    seconds: float = 0.0
+    """Compute time of the shard where it ran (for the benchmark's overhead share)."""
 
 
 class EvalShard(NamedTuple):

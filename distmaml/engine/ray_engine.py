@@ -1,0 +1,156 @@
+"""The Ray engine: a pool of worker actors shares each meta-batch.
+
+Per meta-step the driver puts the flat parameters into the object store once,
+gives each actor a balanced range of the step's task ids, and adds the flat
+gradient sums that come back, in worker order (so the result does not depend
+on which shard finishes first). An actor that dies is replaced in its bundle
+and its shard re-run: the step's result is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
+
+from distmaml.config import Config
+from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
+from distmaml.engine.shard import EvalShard, GradShard, balanced_ranges
+from distmaml.engine.worker import ShardWorker
+
+log = logging.getLogger("distmaml.engine")
+
+_RemoteWorker = ray.remote(ShardWorker)
+
+
+class WorkerFailure(EngineError):
+    """More workers died than ``engine.max_worker_failures`` allows."""
+
+
+class RayEngine:
+    """``workers`` actors, each with ``engine.cpus_per_worker`` CPUs (torch threads) or one GPU."""
+
+    def __init__(self, config: Config, address: str | None = None) -> None:
+        if config.workers < 1:
+            raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
+        self.config = config
+        self.workers = config.workers
+        self._config_dict = config.to_dict()
+        cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
+        self._started_ray = connect(address, cpus)
+        self.replacements = 0
+        self.events: list[dict[str, Any]] = []
+        self.last_timing: dict[str, float] = {}
+        try:
+            self.resources: WorkerResources = worker_resources(config)
+            self.placement: Placement = reserve(config, self.resources)
+            self.actors = [self._start(i) for i in range(self.workers)]
+            ray.get([a.describe.remote() for a in self.actors])  # surface start-up errors now
+        except BaseException:
+            self.close()
+            raise
+
+    # -- actors -----------------------------------------------------------------
+    def _start(self, index: int) -> Any:
+        strategy = PlacementGroupSchedulingStrategy(
+            placement_group=self.placement.group,
+            placement_group_bundle_index=self.placement.first_worker_bundle + index,
+        )
+        return _RemoteWorker.options(
+            num_cpus=self.resources.cpus,  # needed inside a placement group, GPU or not
+            num_gpus=self.resources.gpus,
+            scheduling_strategy=strategy,
+            max_restarts=0,
+        ).remote(self._config_dict, self.resources.threads)
+
+    def _replace(self, index: int, error: Exception, what: str) -> None:
+        self.replacements += 1
+        event = {"worker": index, "during": what, "error": type(error).__name__}
+        self.events.append(event)
+        limit = self.config.engine.max_worker_failures
+        if self.replacements > limit:
+            raise WorkerFailure(
+                f"worker {index} died during {what}: {self.replacements} worker failures exceed "
+                f"engine.max_worker_failures = {limit}; the run stops (last error: {error})"
+            )
+        log.warning(
+            "worker %d died during %s (%s); starting a replacement (%d of %d allowed)",
+            index,
+            what,
+            type(error).__name__,
+            self.replacements,
+            limit,
+        )
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:  # already gone
+            pass
+        self.actors[index] = self._start(index)
+
+    def _run(self, ranges: Sequence[range], submit: Callable[[Any, range], Any], what: str) -> list[Any]:
+        """Runs one call per non-empty range; a dead actor is replaced and its range re-run."""
+        pending = {i: submit(self.actors[i], r) for i, r in enumerate(ranges) if len(r)}
+        results: dict[int, Any] = {}
+        while pending:
+            for i in sorted(pending):
+                try:
+                    results[i] = ray.get(pending.pop(i))
+                except RayActorError as e:
+                    self._replace(i, e, what)
+                    pending[i] = submit(self.actors[i], ranges[i])
+                except RayTaskError as e:
+                    raise e.as_instanceof_cause() from None
+        return [results[i] for i in sorted(results)]
+
+    # -- the engine interface -----------------------------------------------------
+    def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
+        t0 = time.perf_counter()
+        ref = ray.put(flat)  # once per step, whatever the number of workers
+        shards: list[GradShard] = self._run(
+            balanced_ranges(batch_size, self.workers),
+            lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
+            f"meta-step {step}",
+        )
+        grad = shards[0].grad.clone()
+        for s in shards[1:]:
+            grad += s.grad
+        compute = max(s.seconds for s in shards)
+        self.last_timing = {"wall": time.perf_counter() - t0, "compute": compute}
+        return GradShard(
+            grad, sum(s.loss for s in shards), sum(s.metric for s in shards), sum(s.tasks for s in shards), compute
+        )
+
+    def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
+        ref = ray.put(flat)
+        shards: list[EvalShard] = self._run(
+            balanced_ranges(tasks, self.workers),
+            lambda a, r: a.evaluate.remote(ref, split, r.start, r.stop, steps),
+            f"{split} evaluation",
+        )
+        return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Per worker: pid, node id, GPU ids, device, threads."""
+        return list(ray.get([a.describe.remote() for a in self.actors]))
+
+    def close(self) -> None:
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:
+                pass
+        self.actors = []
+        placement = getattr(self, "placement", None)
+        if placement is not None:
+            placement.release()
+            self.placement = None  # type: ignore[assignment]
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+            self._started_ray = False
