@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--configs", default="sinusoid,omniglot", help="comma-separated: sinusoid, omniglot")
     bench.add_argument("--threads", default="1", help="torch threads per measurement, comma-separated")
     bench.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: chosen per config)")
+    bench.add_argument("--workers", default="", help="Ray engine worker counts to compare, e.g. 1,2")
+    bench.add_argument("--engine-steps", type=int, default=0, help="timed steps per worker count (0: --steps)")
+    bench.add_argument("--batchings", action="store_true", help="also time the core forced to vmap and to loop")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON results")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -89,13 +89,13 @@ class InnerConfig:
         _at_least("inner.test_steps", self.test_steps, 0)
 
 
-DATA_FAMILIES = ("sinusoid",)
+DATA_FAMILIES = ("sinusoid", "noise")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
-    """Task family: ``sinusoid`` (synthetic regression)."""
+    """Task family: ``sinusoid`` (synthetic regression), ``noise`` (random images, for benchmarks)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -104,6 +104,10 @@ class DataConfig:
     """Query examples per class (Q), or per task for regression."""
     path: str | None = None
     """Task store folder or URI for image families."""
+    image_size: int = 28
+    """Side of the square images of the ``noise`` family."""
+    channels: int = 1
+    """Channels of the ``noise`` family's images."""
 
     def validate(self) -> None:
         _one_of("data.family", self.family, DATA_FAMILIES)

@@ -19,6 +19,7 @@ from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.evaluate import score_tasks
 from distmaml.models import build_model
 from distmaml.tasks import SinusoidTasks, TaskFamily
+from distmaml.tasks.noise import NoiseImageTasks
 from distmaml.typing import Params
 
 
@@ -83,6 +84,8 @@ def build_family(config: Config) -> TaskFamily:
     data = config.data
     if data.family == "sinusoid":
         return SinusoidTasks(shots=data.shots, queries=data.queries, seed=config.seed)
+    if data.family == "noise":
+        return NoiseImageTasks(data.ways, data.shots, data.queries, data.channels, data.image_size, config.seed)
     raise ValueError(f"data.family = {data.family!r}: no task family of that name")
 
 
@@ -93,7 +96,13 @@ def build_network(config: Config) -> torch.nn.Module:
     if m.name == "mlp":
         model = build_model("mlp", in_features=1, out_features=1, hidden=m.hidden)
     else:
-        model = build_model("conv4", out_features=config.data.ways, in_channels=1, image_size=28, filters=m.filters)
+        model = build_model(
+            "conv4",
+            out_features=config.data.ways,
+            in_channels=config.data.channels,
+            image_size=config.data.image_size,
+            filters=m.filters,
+        )
     return model.to(dtype=getattr(torch, config.precision))
 
 

@@ -1,0 +1,257 @@
+"""``distmaml bench``: time a meta-step, compare implementations and worker counts.
+
+Every figure is measured in the same run and reported as a ratio against a
+reference measured beside it: the core against the classic per-task baseline
+(``distmaml.baseline``), W workers against 1. Each single-process measurement
+runs in a fresh subprocess with its own thread count, so peak memory (the RSS
+high-water mark above the process's RSS before the timed steps) is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distmaml.config import Config, load_config
+
+BENCH_CONFIGS: dict[str, list[str]] = {
+    # MAML paper sinusoid: meta-batch 25, K=10, 1 inner step, MLP 1-40-40-1.
+    "sinusoid": ["meta.batch_size=25", "data.shots=10", "data.queries=10", "inner.steps=1", "inner.lr=0.01"],
+    # Omniglot shape: 5-way 1-shot, 15 queries per class, meta-batch 32, conv4-64 with batch-norm, 28x28.
+    "omniglot": [
+        "data.family=noise",
+        "model.name=conv4",
+        "model.filters=64",
+        "data.ways=5",
+        "data.shots=1",
+        "data.queries=15",
+        "data.image_size=28",
+        "meta.batch_size=32",
+        "inner.steps=1",
+        "inner.lr=0.4",
+    ],
+}
+DEFAULT_STEPS = {"sinusoid": 40, "omniglot": 3}
+
+
+def bench_config(name: str, *extra: str) -> Config:
+    return load_config("sinusoid", [*BENCH_CONFIGS[name], "tracking.enabled=false", *extra])
+
+
+# -- memory of this process (Linux) --------------------------------------------------
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Resets VmHWM to the current RSS (Linux ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _flops(fn: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# -- measurements, each in its own subprocess ----------------------------------------------
+def _matmul_gflops(threads: int) -> float:
+    torch.set_num_threads(threads)
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    from distmaml.baseline import baseline_meta_gradient, native_twin
+    from distmaml.core import meta_grad
+    from distmaml.engine.shard import TaskRunner
+
+    config = bench_config(name, "workers=0")
+    runner = TaskRunner(config, device="cpu")
+    batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
+    params: dict[str, Tensor] = dict(runner.model.named_parameters())
+    inner = runner.inner
+    if impl == "baseline":
+        twin = native_twin(runner.model)
+
+        def step() -> None:
+            baseline_meta_gradient(
+                twin, params, batch, lr=inner.lr, steps=inner.steps, first_order=inner.first_order, loss=inner.loss
+            )
+    else:
+        batching = {"core": "auto", "core-vmap": "vmap", "core-loop": "loop"}[impl]
+
+        def step() -> None:
+            meta_grad(runner.model, params, batch, inner, batching=batching)
+
+    step()  # warm-up: allocations, lazy initialisation
+    _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    peak_mb = max(0, _status_kb("VmHWM") - rss0) / 1024
+    flops = _flops(step)
+    return {
+        "config": name,
+        "impl": impl,
+        "threads": threads,
+        "seconds_per_step": seconds,
+        "tasks_per_second": config.meta.batch_size / seconds,
+        "peak_mb": peak_mb,
+        "gflops": flops / seconds / 1e9,
+        "flops_per_step": flops,
+    }
+
+
+def _in_subprocess(fn: Any, *args: Any) -> Any:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+# -- the Ray engine: tasks/s per worker count --------------------------------------------------
+def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
+    """Tasks/s of W single-thread workers, and the share of a step outside their compute."""
+    import ray
+
+    from distmaml.engine.ray_engine import RayEngine
+    from distmaml.trainer import Trainer
+
+    rows = []
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=max(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        for w in workers:
+            config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "device=cpu")
+            engine = RayEngine(config)
+            trainer = Trainer(config, engine, progress=False)
+            try:
+                trainer.train_step()  # warm-up
+                walls, computes = [], []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    trainer.train_step()
+                    walls.append(time.perf_counter() - t0)
+                    computes.append(engine.last_timing["compute"])
+            finally:
+                engine.close()
+            wall = sum(walls) / len(walls)
+            compute = sum(computes) / len(computes)
+            rows.append(
+                {
+                    "config": name,
+                    "impl": f"ray x{w}",
+                    "workers": w,
+                    "threads": 1,
+                    "seconds_per_step": wall,
+                    "tasks_per_second": config.meta.batch_size / wall,
+                    "outside_compute_share": 1 - compute / wall,
+                }
+            )
+    finally:
+        if started:
+            ray.shutdown()
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------
+def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
+    head = (
+        f"{'config':<9} {'implementation':<14} {'thr/wk':>6} {'s/step':>9} {'tasks/s':>9} {'vs base':>8} "
+        f"{'peak MB':>8} {'GFLOP/s':>8} {'% matmul':>8} {'outside':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        base = r.get("vs_baseline")
+        peak = r.get("peak_mb")
+        gf = r.get("gflops")
+        pct = 100 * gf / matmul[r["threads"]] if gf is not None and r["threads"] in matmul else None
+        out = r.get("outside_compute_share")
+        lines.append(
+            f"{r['config']:<9} {r['impl']:<14} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
+            f"{r['tasks_per_second']:>9.1f} {(f'{base:.2f}x' if base else '-'):>8} "
+            f"{(f'{peak:.0f}' if peak is not None else '-'):>8} {(f'{gf:.2f}' if gf is not None else '-'):>8} "
+            f"{(f'{pct:.0f}%' if pct is not None else '-'):>8} {(f'{100 * out:.1f}%' if out is not None else '-'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    configs: list[str], threads: list[int], steps: int, impls: list[str], workers: list[int], engine_steps: int
+) -> dict[str, Any]:
+    matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
+    rows: list[dict[str, Any]] = []
+    for name in configs:
+        n = steps or DEFAULT_STEPS[name]
+        for t in threads:
+            measured = [_in_subprocess(_measure, name, impl, t, n) for impl in ["baseline", *impls]]
+            base = measured[0]
+            for r in measured:
+                r["vs_baseline"] = r["tasks_per_second"] / base["tasks_per_second"]
+                r["memory_vs_baseline"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
+            rows += measured
+        if workers:
+            two = _in_subprocess(_measure, name, "baseline", 2, n)  # the baseline alone on both threads
+            engine_rows = measure_engine(name, workers, engine_steps or n)
+            one = next((r for r in engine_rows if r["workers"] == 1), None)
+            for r in engine_rows:
+                r["vs_baseline_2_threads"] = r["tasks_per_second"] / two["tasks_per_second"]
+                if one:
+                    r["scaling_vs_1_worker"] = r["tasks_per_second"] / one["tasks_per_second"]
+            two["vs_baseline"] = None
+            rows += [two, *engine_rows]
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "matmul_gflops": matmul,
+        "rows": rows,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in BENCH_CONFIGS]
+    if unknown:
+        raise ValueError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
+    threads = [int(t) for t in str(args.threads).split(",")]
+    workers = [int(w) for w in str(args.workers).split(",")] if args.workers else []
+    impls = ["core"] + (["core-vmap", "core-loop"] if args.batchings else [])
+    report = run(configs, threads, args.steps, impls, workers, args.engine_steps)
+    print(_table(report["rows"], report["matmul_gflops"]))
+    print(f"matmul rate: {', '.join(f'{v:.1f} GFLOP/s at {k} thread(s)' for k, v in report['matmul_gflops'].items())}")
+    for r in report["rows"]:
+        if "scaling_vs_1_worker" in r:
+            print(
+                f"{r['config']} {r['impl']}: {r['scaling_vs_1_worker']:.2f}x the tasks/s of 1 worker, "
+                f"{r['vs_baseline_2_threads']:.2f}x the baseline on 2 threads, "
+                f"{100 * r['outside_compute_share']:.1f}% of the step outside the workers' compute"
+            )
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {args.json}")
+    return 0
