@@ -77,7 +77,7 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 2, timeout: float = 120.0) -> RayHead:
+def start_head(num_cpus: int = 2, resources: str | None = None, timeout: float = 120.0) -> RayHead:
     """``ray start --head`` on 127.0.0.1 with free ports, a private temp dir and token auth."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
@@ -93,6 +93,8 @@ def start_head(num_cpus: int = 2, timeout: float = 120.0) -> RayHead:
         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
     ]  # fmt: skip
+    if resources:
+        cmd += ["--resources", resources]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     head = RayHead(f"127.0.0.1:{port}", temp_dir, proc.pid, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
     try:
