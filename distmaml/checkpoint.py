@@ -4,6 +4,9 @@ A checkpoint holds what a run needs to continue exactly where it stopped:
 the step, the meta-parameters, the outer optimizer's state and the resolved
 config. Tasks are a pure function of (seed, step, id), so the step is all the
 samplers need.
+
+Run directories may be local folders or object-store URIs (``s3://bucket/runs/a``);
+every read and write goes through ``distmaml.storage``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
     Example:
         >>> ckpt = distmaml.load_checkpoint("runs/sinusoid")
         >>> ckpt.step, ckpt.config["inner"]["lr"], list(ckpt.params)
+        >>> distmaml.load_checkpoint("s3://bucket/runs/sinusoid").step
     """
     target = storage.location(run_dir)
     if storage.is_file(target):

@@ -119,11 +119,13 @@ OVERRIDES = [
 ]
 
 
-def test_train_and_resume_on_s3_equals_uninterrupted(s3, tmp_path):
-    cfg = load_config("sinusoid", OVERRIDES)
-    whole = Trainer(cfg, InProcessEngine(cfg), tmp_path / "whole", progress=False)
-    whole.fit()
+def test_train_and_resume_on_s3_equals_uninterrupted(s3):
+    sets = [x for o in OVERRIDES for x in ("--set", o)]
+    # an uninterrupted run written to S3 by the command line
+    assert main(["train", "--quiet", "--out", "s3://bucket/whole", *sets]) == 0
+    whole = distmaml.load_checkpoint("s3://bucket/whole")
     # the same run stopped after 8 steps, with its checkpoints on S3 ...
+    cfg = load_config("sinusoid", OVERRIDES)
     part = Trainer(cfg, InProcessEngine(cfg), "s3://bucket/run", progress=False)
     while part.step < 8:
         part.train_step()
@@ -133,12 +135,14 @@ def test_train_and_resume_on_s3_equals_uninterrupted(s3, tmp_path):
     # ... resumed from the command line
     assert main(["train", "--quiet", "--resume", "s3://bucket/run"]) == 0
     ckpt = distmaml.load_checkpoint("s3://bucket/run")
-    assert ckpt.step == 12 and ckpt.path == "s3://bucket/run/checkpoints/step_000000012.pt"
+    assert ckpt.step == whole.step == 12 and ckpt.path == "s3://bucket/run/checkpoints/step_000000012.pt"
+    assert ckpt.config == whole.config
     for k, v in whole.params.items():
+        assert v.dtype == torch.float64
         torch.testing.assert_close(ckpt.params[k], v, rtol=0, atol=1e-12)
     result = json.loads(storage.read_bytes("s3://bucket/run/result.json"))
-    local = json.loads((tmp_path / "whole" / "result.json").read_text())
-    assert result["steps"] == 12 and result["meta_test"]["mean"] == pytest.approx(local["meta_test"]["mean"], 1e-12)
+    expected = json.loads(storage.read_bytes("s3://bucket/whole/result.json"))
+    assert result["steps"] == 12 and result["meta_test"]["mean"] == pytest.approx(expected["meta_test"]["mean"], 1e-12)
     assert storage.listdir("s3://bucket/run") == ["checkpoints", "config.yaml", "result.json"]
     assert storage.listdir("s3://bucket/run/checkpoints") == ["step_000000008.pt", "step_000000012.pt"]
     # evaluate reads and writes the run on S3 too
