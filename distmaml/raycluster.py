@@ -14,11 +14,15 @@ Addresses, as ``distmaml train --address`` takes them:
   started on this node (what a script run by ``ray submit`` on the head uses).
 - ``host:port``: a cluster's GCS; ``ray://host:port``: a Ray Client server.
 
-Token authentication (on by default in Ray 2.60 for clusters started with a
-token): a client that names an explicit address must set ``RAY_AUTH_MODE=token``
-and find the cluster's token in ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
-``~/.ray/auth_token``; ``auto`` enables token mode by itself when such a token
-file exists. A refused token is reported with that advice.
+Token authentication (Ray 2.60): a cluster started with ``RAY_AUTH_MODE=token``
+or with a token in ``~/.ray/auth_token`` refuses clients that send none. Ray's
+own client turns token mode on by itself only for ``auto``; for an explicit
+address it sends nothing unless ``RAY_AUTH_MODE=token`` is set, and fails after
+about 25 s. ``connect`` therefore turns token mode on for any address when
+``RAY_AUTH_MODE`` is unset and a token is at hand (``RAY_AUTH_TOKEN``,
+``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``): measured here, a client in
+token mode still joins a cluster without authentication, so this costs nothing.
+A refused token is reported with what to set.
 """
 
 from __future__ import annotations
@@ -93,6 +97,24 @@ def resolve(address: str | None) -> str:
     return address
 
 
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    return os.path.isfile(path)
+
+
+def enable_token_auth_if_available() -> bool:
+    """Sets ``RAY_AUTH_MODE=token`` (for this process and its children) if unset and a token exists.
+
+    Must run before ``ray.init``, which reads the mode when it connects.
+    """
+    if "RAY_AUTH_MODE" in os.environ or not _token_available():
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return True
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None, **init_kwargs: Any) -> str:
     """Starts or joins Ray as ``address`` asks; returns the address joined (``local`` for a private one).
 
@@ -113,6 +135,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
         ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
         return "local"
     probe(target)
+    enable_token_auth_if_available()
     try:
         ray.init(address=target, **init_kwargs)
     except ConnectionError as e:

@@ -77,12 +77,17 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def start_head(num_cpus: int = 2, resources: str | None = None, timeout: float = 120.0) -> RayHead:
-    """``ray start --head`` on 127.0.0.1 with free ports, a private temp dir and token auth."""
+def start_head(
+    num_cpus: int = 2, resources: str | None = None, token_auth: bool = True, timeout: float = 120.0
+) -> RayHead:
+    """``ray start --head`` on 127.0.0.1 with free ports, a private temp dir and (by default) token auth."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    if not token_auth:
+        env["RAY_AUTH_MODE"] = "disabled"
+        env.pop("RAY_AUTH_TOKEN")
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     cmd = [

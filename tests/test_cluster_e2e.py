@@ -70,3 +70,30 @@ def test_submit_fails_fast_without_a_cluster(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"distmaml: error: --address {env['RAY_ADDRESS']}: no Ray cluster answers")
+
+
+def _run_submit(tmp_path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "submit.py"
+    shutil.copy(SUBMIT, script)
+    args = ["evaluate", "--checkpoint", str(tmp_path / "no-run")]
+    return subprocess.run(
+        [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_token_from_the_environment_is_used_for_an_explicit_address(head, tmp_path):
+    # RAY_AUTH_MODE unset, the token in RAY_AUTH_TOKEN: Ray alone would send no token to an explicit address
+    env = {k: v for k, v in head.env.items() if k != "RAY_AUTH_MODE"}
+    proc = _run_submit(tmp_path, env)
+    assert f"joined the Ray cluster at {head.address}" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "no checkpoints found" in proc.stderr  # then evaluate runs, and says why not
+
+
+@pytest.mark.slow
+def test_a_missing_token_is_reported_as_such(head, tmp_path):
+    env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    proc = _run_submit(tmp_path, env)
+    assert proc.returncode == 2
+    assert "the cluster refused this client's authentication token; set RAY_AUTH_MODE=token" in proc.stderr
