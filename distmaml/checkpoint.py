@@ -4,46 +4,42 @@ A checkpoint holds what a run needs to continue exactly where it stopped:
 the step, the meta-parameters, the outer optimizer's state and the resolved
 config. Tasks are a pure function of (seed, step, id), so the step is all the
 samplers need.
+
+Run directories may be local folders or object-store URIs (``s3://bucket/runs/a``);
+every read and write goes through ``distmaml.storage``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from distmaml import storage
+from distmaml.storage import Location
 from distmaml.typing import Params
 
 _NAME = re.compile(r"^step_(\d{9})\.pt$")
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+PathLike = str | os.PathLike[str]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` (a local path or a URI) atomically; see ``storage.write_bytes_atomic``."""
+    storage.write_bytes_atomic(path, data)
 
 
-def write_json(path: Path, obj: Any) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
+    storage.write_bytes_atomic(path, text.encode())
+
+
+def write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -59,27 +55,24 @@ class Checkpoint:
     """Meta-parameters, name -> tensor."""
     optimizer: dict[str, Any]
     """Outer optimizer state (``state_dict``)."""
-    path: Path
+    path: Location
+    """The file read: a ``Path``, or a URI string for runs on an object store."""
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoint_dir(run_dir: PathLike) -> Location:
+    return storage.join(run_dir, "checkpoints")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint files of a run, oldest first."""
+def list_checkpoints(run_dir: PathLike) -> list[Location]:
+    """Checkpoint files of a run (local paths or URIs), oldest first."""
     folder = checkpoint_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    return [storage.join(folder, n) for n in storage.listdir(folder) if _NAME.match(n)]
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, params: Params, optimizer: dict[str, Any], config: dict[str, Any], keep: int
-) -> Path:
+    run_dir: PathLike, step: int, params: Params, optimizer: dict[str, Any], config: dict[str, Any], keep: int
+) -> Location:
     """Writes ``checkpoints/step_NNNNNNNNN.pt`` atomically and prunes all but the newest ``keep``."""
-    import io
-
     buffer = io.BytesIO()
     payload = {
         "format": 1,
@@ -89,15 +82,16 @@ def save_checkpoint(
         "config": config,
     }
     torch.save(payload, buffer)
-    path = checkpoint_dir(run_dir) / f"step_{step:09d}.pt"
+    path = storage.join(checkpoint_dir(run_dir), f"step_{step:09d}.pt")
     atomic_write_bytes(path, buffer.getvalue())
     for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        storage.delete(old)
     return path
 
 
-def _read(path: Path) -> Checkpoint:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def _read(path: Location) -> Checkpoint:
+    source = path if isinstance(path, os.PathLike) else io.BytesIO(storage.read_bytes(path))
+    payload = torch.load(source, map_location="cpu", weights_only=True)
     return Checkpoint(payload["step"], payload["config"], payload["params"], payload["optimizer"], path)
 
 
@@ -109,9 +103,10 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
     Example:
         >>> ckpt = distmaml.load_checkpoint("runs/sinusoid")
         >>> ckpt.step, ckpt.config["inner"]["lr"], list(ckpt.params)
+        >>> distmaml.load_checkpoint("s3://bucket/runs/sinusoid").step
     """
-    target = Path(run_dir)
-    if target.is_file():
+    target = storage.location(run_dir)
+    if storage.is_file(target):
         return _read(target)
     candidates = list_checkpoints(target)
     if not candidates:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
+from distmaml import storage
 from distmaml.config import Config, ConfigError, config_from_dict, load_config
 from distmaml.results import describe
+from distmaml.storage import Location, StorageError
 
 
 class UserError(Exception):
@@ -43,19 +44,22 @@ def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from distmaml.trainer import Trainer
 
+    run_dir: Location | None
     if args.resume:
         from distmaml.checkpoint import load_checkpoint
 
-        run_dir: Path | None = Path(args.resume)
-        assert run_dir is not None
-        config = config_from_dict(load_checkpoint(run_dir).config)
         if args.set or args.workers is not None:
             raise UserError("--resume continues the run with its own config; drop --set and --workers")
+        run_dir = storage.location(args.resume)
+        config = config_from_dict(load_checkpoint(run_dir).config)
+        storage.check_writable(run_dir, "--resume")
     else:
         config = _config_from_args(args)
-        run_dir = Path(args.out) if args.out else None
-        if run_dir is not None and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-            raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
+        run_dir = storage.location(args.out) if args.out else None
+        if run_dir is not None:
+            if storage.listdir(storage.join(run_dir, "checkpoints")):
+                raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
+            storage.check_writable(run_dir, "--out")  # before any engine or worker starts
     engine = make_engine(config, args.address)
     try:
         result = Trainer(config, engine, run_dir, progress=not args.quiet, resume=bool(args.resume)).fit()
@@ -70,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from distmaml.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(Path(args.checkpoint), tasks=args.tasks, overrides=args.set or [])
+    result = evaluate_checkpoint(args.checkpoint, tasks=args.tasks, overrides=args.set or [])
     print_meta_test(result)
     return 0
 
@@ -90,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
     train.add_argument("--workers", type=int, help="worker actors (0: compute in this process)")
     train.add_argument("--address", help="Ray address: local, auto, or ray://host:port")
-    train.add_argument("--out", help="run directory for config.yaml, checkpoints and result.json")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    train.add_argument(
+        "--out", help="run directory for config.yaml, checkpoints and result.json: a folder, s3://... or gs://..."
+    )
+    train.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (folder or URI)"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, UserError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"distmaml: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

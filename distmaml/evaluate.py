@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distmaml import storage
 from distmaml.checkpoint import load_checkpoint, write_json
 from distmaml.config import apply_override, config_from_dict
 from distmaml.core.losses import METRIC_NAME
@@ -12,7 +13,9 @@ from distmaml.engine import InProcessEngine, ParamLayout
 from distmaml.results import summarize
 
 
-def evaluate_checkpoint(path: Path, *, tasks: int | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path, *, tasks: int | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     """Meta-tests the newest checkpoint of ``path``; writes ``eval.json`` beside the run.
 
     Returns ``{"step", "meta_test", "meta_test_unadapted", "inner_test_steps"}``.
@@ -37,6 +40,6 @@ def evaluate_checkpoint(path: Path, *, tasks: int | None = None, overrides: list
         "meta_test": summarize(scores.after, metric),
         "meta_test_unadapted": summarize(scores.before, metric),
     }
-    run_dir = ckpt.path.parent.parent
-    write_json(run_dir / "eval.json", result)
+    run_dir = storage.parent(storage.parent(ckpt.path))  # RUN_DIR/checkpoints/step_N.pt; a folder or a URI
+    write_json(storage.join(run_dir, "eval.json"), result)
     return result

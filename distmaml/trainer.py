@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from distmaml import storage
 from distmaml.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from distmaml.config import Config, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
 from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, build_network
 from distmaml.results import summarize
+from distmaml.storage import Location
 
 
 class Engine(Protocol):
@@ -38,12 +40,12 @@ class Callback:
 
     def on_start(self, trainer: Trainer) -> None: ...
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
-    def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Path | None) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None: ...
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
 
 
 class NonFiniteError(RuntimeError):
-    """The meta-loss or meta-gradient stopped being finite."""
+    """The meta-loss or meta-gradient stopped being finite; the last good state is checkpointed."""
 
 
 @dataclass
@@ -55,6 +57,9 @@ class History:
 class Trainer:
     """Meta-trains ``config`` with ``engine``; writes to ``run_dir`` if given.
 
+    ``run_dir`` is a local folder or a URI (``s3://bucket/runs/a``, see
+    ``distmaml.storage``); it is checked writable before anything else happens.
+
     Example:
         >>> cfg = load_config("sinusoid", ["meta.steps=200"])
         >>> result = Trainer(cfg, InProcessEngine(cfg), run_dir=Path("runs/s")).fit()
@@ -64,7 +69,7 @@ class Trainer:
         self,
         config: Config,
         engine: Engine,
-        run_dir: Path | None = None,
+        run_dir: str | Path | None = None,
         *,
         callbacks: list[Callback] | None = None,
         progress: bool = True,
@@ -72,7 +77,9 @@ class Trainer:
     ) -> None:
         self.config = config
         self.engine = engine
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_dir = storage.location(run_dir) if run_dir is not None else None
+        if self.run_dir is not None:
+            storage.check_writable(self.run_dir, "--resume" if resume else "--out")
         self.callbacks = callbacks or []
         self.progress = progress
         self.metric = METRIC_NAME[config.loss]
@@ -83,7 +90,7 @@ class Trainer:
         self.step = 0
         self.history = History()
         self.tasks_per_second = 0.0
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Location | None = None
         if resume:
             self._resume()
 
@@ -110,7 +117,7 @@ class Trainer:
     def flat(self) -> Tensor:
         return self.layout.flatten(self.params)
 
-    def checkpoint(self) -> Path | None:
+    def checkpoint(self) -> Location | None:
         if self.run_dir is None:
             return None
         self.last_checkpoint = save_checkpoint(
@@ -133,9 +140,12 @@ class Trainer:
         grad = shard.grad / t
         loss = shard.loss / t
         if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+            # Checked before the optimizer step: the parameters are still the last good ones.
+            saved = self.checkpoint()
+            where = f"; the last good state (step {self.step}) is saved in {saved}" if saved is not None else ""
             raise NonFiniteError(
                 f"meta-step {self.step}: the meta-loss or meta-gradient is not finite (loss {loss}); "
-                f"lower inner.lr (now {self.config.inner.lr}) or meta.lr (now {self.config.meta.lr})"
+                f"lower inner.lr (now {self.config.inner.lr}) or meta.lr (now {self.config.meta.lr}){where}"
             )
         for k, g in self.layout.unflatten(grad).items():
             self.params[k].grad = g.to(self.params[k].dtype)
@@ -152,8 +162,8 @@ class Trainer:
         """Runs to ``meta.steps``, meta-tests, writes ``result.json``; returns it."""
         cfg = self.config
         if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            storage.makedirs(self.run_dir)
+            atomic_write_text(storage.join(self.run_dir, "config.yaml"), dump_config(cfg))
         for cb in self.callbacks:
             cb.on_start(self)
         bar = tqdm(
@@ -190,7 +200,7 @@ class Trainer:
             bar.close()
         result = self.result(self.meta_test())
         if self.run_dir is not None:
-            write_json(self.run_dir / "result.json", result)
+            write_json(storage.join(self.run_dir, "result.json"), result)
         for cb in self.callbacks:
             cb.on_end(self, result)
         return result

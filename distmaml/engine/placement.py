@@ -10,6 +10,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray.util.placement_group import (
@@ -43,24 +44,26 @@ class WorkerResources:
 
 
 def connect(address: str | None, cpus_needed: float) -> bool:
-    """Connects to Ray unless already connected; returns True if this call started Ray.
+    """Connects to Ray unless already connected; returns True if this call started or joined Ray.
 
     ``local`` (the default) starts a private instance sized for the run, never
     joining a cluster already running on the machine; ``auto`` joins the
-    running cluster (what ``ray submit`` needs); anything else goes to
-    ``ray.init(address=...)``.
+    running cluster (what ``ray submit`` needs); anything else is probed, then
+    goes to ``ray.init(address=...)`` (see ``distmaml.raycluster``).
     """
+    from distmaml.raycluster import ClusterError
+    from distmaml.raycluster import connect as join
+
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    else:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise EngineError(f"--address {address}: cannot connect to a Ray cluster there ({e})") from None
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        kwargs["include_dashboard"] = False
+    try:
+        join(address, num_cpus=cpus, **kwargs)
+    except ClusterError as e:
+        raise EngineError(str(e)) from None
     return True
 
 

@@ -1,0 +1,75 @@
+"""cluster/config.yaml and cluster/local.yaml pass the checks `ray up` applies, and say what they promise."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+def launcher_checked(path: Path) -> dict:
+    """What `ray up` does to a file before it touches a cloud: fill defaults, then validate the schema.
+
+    (``commands._bootstrap_config``: ``prepare_config`` merges the provider's
+    defaults.yaml and per-type worker counts; ``validate_config`` applies
+    ``ray/autoscaler/ray-schema.json`` and the cross-field rules.)
+    """
+    config = prepare_config(yaml.safe_load(path.read_text()))
+    validate_config(config)
+    return config
+
+
+def test_aws_config_is_valid_and_shaped_as_documented():
+    config = launcher_checked(CLUSTER / "config.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert config["provider"]["type"] == "aws"
+    assert head["resources"] == {"CPU": 0}  # the head runs no worker actors
+    gpu = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert len(gpu) == 1 and gpu[0]["resources"]["GPU"] >= 1
+    assert 0 <= gpu[0]["min_workers"] <= gpu[0]["max_workers"] <= config["max_workers"]
+    _check_common(config)
+
+
+def test_local_config_is_valid_and_shaped_as_documented():
+    config = launcher_checked(CLUSTER / "local.yaml")
+    assert config["provider"]["type"] == "local"
+    assert config["provider"]["head_ip"] and len(config["provider"]["worker_ips"]) == 2
+    # prepare_config turns the IP list into one node type with a worker per IP, as `ray up` does
+    (node_type,) = config["available_node_types"].values()
+    assert node_type["min_workers"] == node_type["max_workers"] == 2
+    _check_common(config)
+
+
+def _check_common(config: dict) -> None:
+    assert config["file_mounts"]["~/distmaml"] == "."  # the project reaches every node ...
+    assert any("-e ~/distmaml" in c for c in config["setup_commands"])  # ... and is installed there
+    head_cmds = " ".join(config["head_start_ray_commands"])
+    assert "--num-cpus=0" in head_cmds
+    assert "mlflow server --host 127.0.0.1 --port 5000" in head_cmds  # MLflow bound to loopback
+    assert "--dashboard-host=127.0.0.1" in head_cmds and "0.0.0.0" not in head_cmds
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda c: c.update(setup_comands=[]), "'setup_comands' was unexpected"),  # a misspelled key
+        (lambda c: c["available_node_types"]["gpu_worker"].update(min_workers="two"), "'two' is not of type"),
+        (lambda c: c.update(head_node_type="gpu"), "must be one of `available_node_types`"),
+        (
+            lambda c: c.update(max_workers=0) or c["available_node_types"]["gpu_worker"].update(min_workers=1),
+            "smaller than the sum of `min_workers`",
+        ),
+    ],
+)
+def test_the_validator_rejects_broken_files(breakage, message):
+    broken = copy.deepcopy(yaml.safe_load((CLUSTER / "config.yaml").read_text()))
+    breakage(broken)
+    with pytest.raises((jsonschema.ValidationError, ValueError), match=message):
+        validate_config(prepare_config(broken))
