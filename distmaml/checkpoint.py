@@ -60,6 +60,8 @@ class Checkpoint:
     optimizer: dict[str, Any]
     """Outer optimizer state (``state_dict``)."""
     path: Path
+    scheduler: dict[str, Any] | None = None
+    """Meta learning-rate schedule state (``state_dict``), if the run has one."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -75,7 +77,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, params: Params, optimizer: dict[str, Any], config: dict[str, Any], keep: int
+    run_dir: Path,
+    step: int,
+    params: Params,
+    optimizer: dict[str, Any],
+    config: dict[str, Any],
+    keep: int,
+    scheduler: dict[str, Any] | None = None,
 ) -> Path:
     """Writes ``checkpoints/step_NNNNNNNNN.pt`` atomically and prunes all but the newest ``keep``."""
     import io
@@ -87,6 +95,7 @@ def save_checkpoint(
         "params": {k: v.detach().cpu() for k, v in params.items()},
         "optimizer": optimizer,
         "config": config,
+        "scheduler": scheduler,
     }
     torch.save(payload, buffer)
     path = checkpoint_dir(run_dir) / f"step_{step:09d}.pt"
@@ -98,7 +107,9 @@ def save_checkpoint(
 
 def _read(path: Path) -> Checkpoint:
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    return Checkpoint(payload["step"], payload["config"], payload["params"], payload["optimizer"], path)
+    return Checkpoint(
+        payload["step"], payload["config"], payload["params"], payload["optimizer"], path, payload.get("scheduler")
+    )
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
