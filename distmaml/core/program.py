@@ -186,13 +186,13 @@ class TaskProgram:
             def one_step(th: Params, c: Params, i: int = i) -> Params:
                 return self.step(i, th, c, sx, sy, self.first_order)
 
-            _, pullback = vjp(one_step, thetas[i], ctx)
+            _, pullback = vjp(one_step, thetas[i], ctx)  # type: ignore[misc]
             adj_theta, d_ctx = pullback(adj_theta)  # type: ignore[misc]
             # pullbacks may return tensors still attached to this step's graph; cut it so it can be freed
             adj_theta, adj_ctx = _detached(adj_theta), _add(adj_ctx, _detached(d_ctx))
         adj_phi = adj_ctx  # context is phi itself, except for ANIL's features
         if self.anil:
-            _, pullback = vjp(lambda p: self.context(p, sx, qx), phi)
+            _, pullback = vjp(lambda p: self.context(p, sx, qx), phi)  # type: ignore[misc]
             (adj_phi,) = pullback(adj_ctx)  # type: ignore[misc]
             adj_phi = _detached(adj_phi)
         assert last is not None
