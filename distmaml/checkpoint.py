@@ -57,6 +57,8 @@ class Checkpoint:
     """Outer optimizer state (``state_dict``)."""
     path: Location
     """The file read: a ``Path``, or a URI string for runs on an object store."""
+    scheduler: dict[str, Any] | None = None
+    """Meta learning-rate schedule state (``state_dict``), if the run has one."""
 
 
 def checkpoint_dir(run_dir: PathLike) -> Location:
@@ -70,7 +72,13 @@ def list_checkpoints(run_dir: PathLike) -> list[Location]:
 
 
 def save_checkpoint(
-    run_dir: PathLike, step: int, params: Params, optimizer: dict[str, Any], config: dict[str, Any], keep: int
+    run_dir: PathLike,
+    step: int,
+    params: Params,
+    optimizer: dict[str, Any],
+    config: dict[str, Any],
+    keep: int,
+    scheduler: dict[str, Any] | None = None,
 ) -> Location:
     """Writes ``checkpoints/step_NNNNNNNNN.pt`` atomically and prunes all but the newest ``keep``."""
     buffer = io.BytesIO()
@@ -80,6 +88,7 @@ def save_checkpoint(
         "params": {k: v.detach().cpu() for k, v in params.items()},
         "optimizer": optimizer,
         "config": config,
+        "scheduler": scheduler,
     }
     torch.save(payload, buffer)
     path = storage.join(checkpoint_dir(run_dir), f"step_{step:09d}.pt")
@@ -92,7 +101,9 @@ def save_checkpoint(
 def _read(path: Location) -> Checkpoint:
     source = path if isinstance(path, os.PathLike) else io.BytesIO(storage.read_bytes(path))
     payload = torch.load(source, map_location="cpu", weights_only=True)
-    return Checkpoint(payload["step"], payload["config"], payload["params"], payload["optimizer"], path)
+    return Checkpoint(
+        payload["step"], payload["config"], payload["params"], payload["optimizer"], path, payload.get("scheduler")
+    )
 
 
 def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:

@@ -82,6 +82,9 @@ class InnerConfig:
     """Inner gradient steps at meta-validation and meta-test time."""
     first_order: bool = False
     """First-order MAML: inner gradients treated as constants."""
+    recompute: bool = False
+    """Gradient checkpointing of the inner steps: recompute each step's graph in the backward
+    pass instead of storing all of them (memory flat in ``inner.steps``; same meta-gradient)."""
 
     def validate(self) -> None:
         _positive("inner.lr", self.lr)
@@ -89,13 +92,13 @@ class InnerConfig:
         _at_least("inner.test_steps", self.test_steps, 0)
 
 
-DATA_FAMILIES = ("sinusoid", "noise")
+DATA_FAMILIES = ("sinusoid", "noise", "store")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
-    """Task family: ``sinusoid`` (synthetic regression), ``noise`` (random images, for benchmarks)."""
+    """Task family: ``sinusoid`` (synthetic regression), ``store`` (a Parquet image task store) or ``noise`` (random images, for benchmarks)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -168,7 +171,33 @@ class EngineConfig:
         _positive("engine.startup_timeout", self.startup_timeout)
 
 
-ALGORITHMS = ("maml", "fomaml")
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
+"""The same tuple as ``distmaml.core.algorithm.ALGORITHMS`` (kept here so the config loads without torch)."""
+
+
+@dataclass(kw_only=True)
+class MamlppConfig:
+    """MAML++ (Antoniou et al., 2019): each part switchable; read only when ``algorithm: mamlpp``."""
+
+    multi_step_loss: bool = True
+    """Query loss after every inner step, weights annealed towards the last step."""
+    msl_anneal_steps: int = 5000
+    """Meta-steps over which the multi-step loss anneals; after them only the last step counts."""
+    learned_lrs: bool = True
+    """A learned inner learning rate per parameter tensor and inner step, initialised from inner.lr."""
+    per_step_bn: bool = True
+    """Separate batch-norm weight and bias for each inner step (no effect without batch-norm)."""
+    first_order_steps: int = 0
+    """Derivative-order annealing: first order for this many meta-steps, then second order."""
+    cosine_lr: bool = True
+    """Cosine annealing of meta.lr to min_lr over meta.steps."""
+    min_lr: float = 1e-5
+    """Final meta learning rate of the cosine schedule."""
+
+    def validate(self) -> None:
+        _at_least("mamlpp.msl_anneal_steps", self.msl_anneal_steps, 1)
+        _at_least("mamlpp.first_order_steps", self.first_order_steps, 0)
+        _check("mamlpp.min_lr", self.min_lr, self.min_lr >= 0, "must be 0 or more")
 
 
 @dataclass(kw_only=True)
@@ -178,7 +207,8 @@ class Config:
     precision: str = "float32"
     """``float32`` or ``float64``."""
     algorithm: str = "maml"
-    """``maml`` (second order) or ``fomaml`` (first order)."""
+    """``maml`` (second order), ``fomaml`` (first order), ``anil`` (adapt the head only),
+    ``metasgd`` (learned per-element inner rates) or ``mamlpp`` (MAML++, see the ``mamlpp`` section)."""
     device: str = "auto"
     """``auto`` (CUDA where present), ``cpu`` or ``cuda``."""
     batching: str = "auto"
@@ -191,6 +221,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mamlpp: MamlppConfig = field(default_factory=MamlppConfig)
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, ("float32", "float64"))
@@ -198,8 +229,13 @@ class Config:
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("batching", self.batching, ("auto", "vmap", "loop"))
         _at_least("workers", self.workers, 0)
-        for section in (self.meta, self.inner, self.data, self.model, self.engine):
+        for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp):
             section.validate()
+        if self.algorithm == "mamlpp" and self.mamlpp.cosine_lr and self.mamlpp.min_lr >= self.meta.lr:
+            raise ConfigError(
+                f"mamlpp.min_lr = {self.mamlpp.min_lr} is not below meta.lr = {self.meta.lr}: "
+                "the cosine schedule anneals down to it; lower mamlpp.min_lr or set mamlpp.cosine_lr=false"
+            )
         if self.workers > self.meta.batch_size:
             raise ConfigError(
                 f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "

@@ -21,7 +21,7 @@ from distmaml import storage
 from distmaml.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from distmaml.config import Config, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
-from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, build_network
+from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, build_network, init_meta_params
 from distmaml.results import summarize
 from distmaml.storage import Location
 
@@ -33,6 +33,15 @@ class Engine(Protocol):
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard: ...
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard: ...
     def close(self) -> None: ...
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """MAML++'s cosine annealing of meta.lr to mamlpp.min_lr over meta.steps (stepped per meta-step), or None."""
+    if config.algorithm == "mamlpp" and config.mamlpp.cosine_lr:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.meta.steps, eta_min=config.mamlpp.min_lr
+        )
+    return None
 
 
 class Callback:
@@ -84,9 +93,10 @@ class Trainer:
         self.progress = progress
         self.metric = METRIC_NAME[config.loss]
         model = build_network(config)
-        self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        self.params = init_meta_params(config, model)
         self.layout = ParamLayout(self.params)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.meta.lr)
+        self.scheduler = make_scheduler(config, self.optimizer)
         self.step = 0
         self.history = History()
         self.tasks_per_second = 0.0
@@ -110,6 +120,10 @@ class Trainer:
             for k, v in ckpt.params.items():
                 self.params[k].copy_(v)
         self.optimizer.load_state_dict(ckpt.optimizer)
+        if self.scheduler is not None:
+            if ckpt.scheduler is None:
+                raise ValueError(f"--resume {self.run_dir}: the checkpoint has no learning-rate schedule state")
+            self.scheduler.load_state_dict(ckpt.scheduler)
         self.step = ckpt.step
         self.last_checkpoint = ckpt.path
 
@@ -127,6 +141,7 @@ class Trainer:
             self.optimizer.state_dict(),
             self.config.to_dict(),
             keep=self.config.meta.keep_checkpoints,
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
         )
         return self.last_checkpoint
 
@@ -149,9 +164,12 @@ class Trainer:
             )
         for k, g in self.layout.unflatten(grad).items():
             self.params[k].grad = g.to(self.params[k].dtype)
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.step += 1
-        return {"loss": loss, self.metric: shard.metric / t}
+        return {"loss": loss, self.metric: shard.metric / t, "meta_lr": lr}
 
     def validate(self) -> dict[str, float]:
         scores = self.engine.evaluate(self.flat, "val", self.config.meta.val_tasks, self.config.inner.test_steps)

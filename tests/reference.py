@@ -36,3 +36,56 @@ def query_loss_after_adaptation(model, params, batch, *, lr, steps, loss):
         with torch.no_grad():
             total += float(lossf(clone_module(twin, p)(qx[t]), qy[t]))
     return total / sx.shape[0]
+
+
+def reference_algorithm_gradient(
+    model, meta, batch, *, name, lr, steps, first_order, loss, weights, head=None, bn=(), steps_per_slot=None
+):
+    """Meta-gradient of any algorithm of the family with plain autograd, a loop over tasks.
+
+    ``meta`` uses distmaml's naming (``lrs.<p>``, ``mamlpp.lr.<p>.<i>``,
+    ``mamlpp.bn.<p>.<i>``) because that is the contract under test; the
+    computation shares no code with ``distmaml.core``. ``head``: ANIL's head
+    prefix; ``bn``: names of batch-norm parameters replaced per step;
+    ``weights``: query-loss weight after each inner step. Returns the
+    gradient of the mean weighted loss for every entry of ``meta`` (zeros
+    where unused) and the mean weighted loss.
+    """
+    lossf = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}[loss]
+    twin = native_twin(model)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in meta.items()}
+    model_names = [k for k, _ in model.named_parameters()]
+    if name == "anil":
+        adapted = [k for k in model_names if k.startswith(head + ".")]
+    else:
+        adapted = [k for k in model_names if k not in bn]
+    frozen = [k for k in model_names if k not in adapted and k not in bn]
+
+    def rate(k, i):
+        if name == "metasgd":
+            return leaves["lrs." + k]
+        if f"mamlpp.lr.{k}.0" in leaves:
+            return leaves[f"mamlpp.lr.{k}.{min(i, steps - 1)}"]
+        return lr
+
+    def full(p, i):
+        out = {k: leaves[k] for k in frozen}
+        out.update(p)
+        for k in bn:
+            out[k] = leaves[f"mamlpp.bn.{k}.{min(i, steps - 1)}"]
+        return out
+
+    sx, sy, qx, qy = batch
+    total = 0.0
+    for t in range(sx.shape[0]):
+        p = {k: leaves[k] for k in adapted}
+        for i in range(len(weights)):
+            inner_loss = lossf(clone_module(twin, full(p, i))(sx[t]), sy[t])
+            grads = torch.autograd.grad(inner_loss, list(p.values()), create_graph=not first_order)
+            p = {k: v - rate(k, i) * (g.detach() if first_order else g) for (k, v), g in zip(p.items(), grads)}
+            if weights[i]:
+                total = total + weights[i] * lossf(clone_module(twin, full(p, i))(qx[t]), qy[t])
+    mean = total / sx.shape[0]
+    grads = torch.autograd.grad(mean, list(leaves.values()), allow_unused=True)
+    out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    return out, mean.detach()

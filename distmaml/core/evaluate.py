@@ -10,12 +10,13 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from distmaml.core.algorithm import Algorithm, as_algorithm
 from distmaml.core.batching import choose_batching
 from distmaml.core.batchnorm import batchnorm_implementation
-from distmaml.core.inner import InnerLoop, adapt
-from distmaml.core.losses import loss_fn, metric
+from distmaml.core.inner import InnerLoop
+from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
 
 
@@ -30,7 +31,7 @@ def score_tasks(
     model: nn.Module,
     params: Params,
     batch: TaskBatch,
-    inner: InnerLoop,
+    inner: InnerLoop | Algorithm,
     steps: int,
     *,
     batching: str = "auto",
@@ -39,18 +40,16 @@ def score_tasks(
     """Adapts each task with ``steps`` inner steps and scores its query set.
 
     Args:
+        inner: the algorithm (an ``InnerLoop`` alone means MAML); its learned
+            rates and per-step batch-norm are used, the last step's past the
+            training steps.
         chunk: tasks per ``vmap`` call, bounding memory on long evaluations.
     """
-    lossf = loss_fn(inner.loss)
+    program = TaskProgram(model, as_algorithm(inner))
     theta = {k: v.detach() for k, v in params.items()}
 
     def score(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        def query_metric(q: Params) -> Tensor:
-            out = functional_call(model, q, (qx,))
-            return metric(inner.loss, out, qy, lossf(out, qy))
-
-        adapted = adapt(model, p, sx, sy, inner, steps=steps, create_graph=False)
-        return query_metric(p), query_metric(adapted)
+        return program.scores(p, sx, sy, qx, qy, steps)
 
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
     befores, afters = [], []

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from distmaml.core.algorithm import Algorithm, MamlppOptions, as_algorithm, init_algorithm_params
 from distmaml.core.batching import choose_batching
 from distmaml.core.batchnorm import batchnorm_implementation
 from distmaml.core.inner import InnerLoop, adapt
 from distmaml.core.losses import loss_fn, metric
+from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
 
 TaskObjective = Callable[[Params, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -61,30 +63,39 @@ def meta_grad(
     model: nn.Module,
     params: Params,
     batch: TaskBatch,
-    inner: InnerLoop,
+    inner: InnerLoop | Algorithm,
     *,
     batching: str = "auto",
+    step: int = 0,
 ) -> MetaGradSum:
     """Sum over the batch's tasks of the query-loss gradient after adaptation.
 
     Args:
         model: network structure for ``functional_call``.
-        params: meta-parameters, name -> tensor.
+        params: meta-parameters, name -> tensor: the model's and the
+            algorithm's own (``init_algorithm_params``).
         batch: T tasks, task dimension first.
-        inner: the inner loop (lr, steps, order, loss).
+        inner: the algorithm (an ``InnerLoop`` alone means MAML).
         batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
             time: memory of one task's graph) or ``"auto"`` (the measured
             choice for this model and device, see ``core.batching``).
+        step: the meta-step; MAML++'s loss weights and derivative order depend on it.
 
     Returns:
-        Summed gradients, summed query loss and metric, and the task count.
+        Summed gradients, summed query loss (after the last inner step) and
+        metric, and the task count.
     """
+    algorithm = as_algorithm(inner)
+    program = TaskProgram(model, algorithm, step)
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    objective = grad_and_value(task_objective(model, inner), has_aux=True)
+    if algorithm.recompute:
+        objective = program.recomputed_grad
+    else:
+        objective = grad_and_value(program.objective, has_aux=True)
     theta = _detached(params)
     if mode == "vmap":
         with batchnorm_implementation("explicit"):
-            g, (loss, met) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
+            g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
         return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)
     if mode != "loop":
         raise ValueError(f"batching = {mode!r}: allowed values are 'auto', 'vmap', 'loop'")
@@ -93,7 +104,7 @@ def meta_grad(
     met_sum = torch.zeros_like(loss_sum)
     with batchnorm_implementation("native"):
         for t in range(batch.num_tasks):
-            g, (loss, met) = objective(theta, *(x[t] for x in batch))
+            g, (_, (loss, met)) = objective(theta, *(x[t] for x in batch))
             for k in total:
                 total[k].add_(g[k])
             loss_sum += loss.detach()
@@ -114,11 +125,21 @@ def meta_gradient(
     first_order: bool = False,
     loss: str = "cross_entropy",
     batching: str = "auto",
+    algorithm: str = "maml",
+    mamlpp: MamlppOptions | None = None,
+    recompute: bool = False,
+    step: int = 0,
 ) -> MetaGradient:
     """Mean over tasks of the query-loss gradient after ``inner_steps`` steps.
 
     Task tensors carry the task dimension first (``x_TK...``). ``params`` is a
-    name -> tensor dict; None uses the model's own parameters.
+    name -> tensor dict; None uses the model's own parameters plus the
+    algorithm's initial ones (``init_algorithm_params``).
+
+    Keyword options beyond DESIGN.md's contract: ``algorithm`` (``maml``,
+    ``fomaml``, ``anil``, ``metasgd``, ``mamlpp``), ``mamlpp`` (its options),
+    ``recompute`` (gradient checkpointing of the inner steps), ``step`` (the
+    meta-step, for MAML++'s schedules) and ``batching``.
 
     Example:
         >>> model = distmaml.models.sinusoid_mlp()
@@ -126,10 +147,11 @@ def meta_gradient(
         ...                             inner_lr=0.01, inner_steps=1, loss="mse")
         >>> mg.grads["net.0.weight"].shape, float(mg.loss)
     """
-    if params is None:
-        params = dict(model.named_parameters())
     batch = TaskBatch(support_x, support_y, query_x, query_y)
     inner = InnerLoop(lr=inner_lr, steps=inner_steps, first_order=first_order, loss=loss)
-    s = meta_grad(model, params, batch, inner, batching=batching)
+    algo = Algorithm(name=algorithm, inner=inner, mamlpp=mamlpp or MamlppOptions(), recompute=recompute)
+    if params is None:
+        params = init_algorithm_params(model, algo)
+    s = meta_grad(model, params, batch, algo, batching=batching, step=step)
     n = s.tasks
     return MetaGradient({k: v / n for k, v in s.grads.items()}, s.loss / n)

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from distmaml.config import Config, config_from_dict
 from distmaml.core import InnerLoop, meta_grad
+from distmaml.core.algorithm import Algorithm, MamlppOptions, init_algorithm_params
 from distmaml.core.evaluate import score_tasks
 from distmaml.models import build_model
 from distmaml.tasks import SinusoidTasks, TaskFamily
@@ -106,6 +107,37 @@ def build_network(config: Config) -> torch.nn.Module:
     return model.to(dtype=getattr(torch, config.precision))
 
 
+def build_algorithm(config: Config) -> Algorithm:
+    """The config's algorithm with its inner loop (``algorithm``, ``inner.*``, ``mamlpp.*``)."""
+    pp = config.mamlpp
+    return Algorithm(
+        name=config.algorithm,
+        inner=InnerLoop(
+            lr=config.inner.lr,
+            steps=config.inner.steps,
+            first_order=config.first_order,
+            loss=config.loss,
+        ),
+        mamlpp=MamlppOptions(
+            multi_step_loss=pp.multi_step_loss,
+            msl_anneal_steps=pp.msl_anneal_steps,
+            learned_lrs=pp.learned_lrs,
+            per_step_bn=pp.per_step_bn,
+            first_order_steps=pp.first_order_steps,
+        ),
+        recompute=config.inner.recompute,
+    )
+
+
+def init_meta_params(config: Config, model: torch.nn.Module) -> Params:
+    """Initial meta-parameters: the model's plus the algorithm's own (rates, per-step batch-norm).
+
+    The names are what ``ParamLayout`` flattens; driver and workers build the
+    same dict from the same config, so they agree on the layout.
+    """
+    return init_algorithm_params(model, build_algorithm(config))
+
+
 class TaskRunner:
     """Computes shards of meta-gradients and evaluations for one config."""
 
@@ -115,13 +147,9 @@ class TaskRunner:
         self.dtype = getattr(torch, self.config.precision)
         self.family = build_family(self.config)
         self.model = build_network(self.config).to(self.device)
-        self.layout = ParamLayout(dict(self.model.named_parameters()))
-        self.inner = InnerLoop(
-            lr=self.config.inner.lr,
-            steps=self.config.inner.steps,
-            first_order=self.config.first_order,
-            loss=self.config.loss,
-        )
+        self.algorithm = build_algorithm(self.config)
+        self.inner = self.algorithm.inner
+        self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
 
     def _params(self, flat: Tensor) -> Params:
         return self.layout.unflatten(flat.to(self.device, self.dtype))
@@ -135,8 +163,9 @@ class TaskRunner:
             self.model,
             self._params(flat),
             self._tasks("train", step, ids),
-            self.inner,
+            self.algorithm,
             batching=self.config.batching,
+            step=step,
         )
         grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
         return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
@@ -147,7 +176,7 @@ class TaskRunner:
             self.model,
             self._params(flat),
             self._tasks(split, 0, ids),
-            self.inner,
+            self.algorithm,
             steps,
             batching=self.config.batching,
         )

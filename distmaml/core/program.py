@@ -1,0 +1,210 @@
+"""One task's inner and outer loop for every algorithm, as pure functions.
+
+``TaskProgram(model, algorithm, meta_step)`` splits the meta-parameters into
+``theta`` (what the inner loop adapts) and ``context`` (everything else: the
+ANIL body's features, Meta-SGD or MAML++ rates, per-step batch-norm, frozen
+weights) and gives:
+
+* ``objective(P, sx, sy, qx, qy) -> (weighted query loss, (last query loss, metric))``,
+  differentiated by ``torch.func.grad`` for the meta-gradient;
+* ``recomputed_grad(...)``: the same gradient with gradient checkpointing of
+  the inner steps: the forward pass keeps each step's parameters only, the
+  backward pass re-runs one step at a time under ``torch.func.vjp``. Memory
+  of one step's double-backward graph instead of all of them;
+* ``scores(...)``: query metric before and after adaptation, for evaluation.
+
+Inner step ``i`` (0-based) computes the support loss with per-step slot ``i``
+and the query loss after it with slot ``i`` too (as the MAML++ code does);
+past the training steps, slots are the last one's (``step_slot`` warns once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vjp
+
+from distmaml.core.algorithm import (
+    MAMLPP_BN_PREFIX,
+    MAMLPP_LR_PREFIX,
+    METASGD_PREFIX,
+    Algorithm,
+    adapted_names,
+    batchnorm_names,
+    head_prefix,
+    step_slot,
+)
+from distmaml.core.losses import loss_fn, metric
+from distmaml.typing import Params
+
+
+class _StopForward(Exception):
+    """Raised by the ANIL hook once the head's input is known: the head itself need not run."""
+
+    def __init__(self, features: Tensor) -> None:
+        self.features = features
+
+
+def _detached(p: Params) -> Params:
+    return {k: v.detach() for k, v in p.items()}
+
+
+def _add(a: Params, b: Params) -> Params:
+    return {k: a[k] + b[k] for k in a}
+
+
+class TaskProgram:
+    """The loops of ``algorithm`` at meta-step ``meta_step`` for one task (no task dimension)."""
+
+    def __init__(self, model: nn.Module, algorithm: Algorithm, meta_step: int = 0) -> None:
+        self.model = model
+        self.algorithm = algorithm
+        self.lossf = loss_fn(algorithm.inner.loss)
+        self.train_steps = algorithm.inner.steps
+        self.first_order = algorithm.first_order_at(meta_step)
+        self.weights = algorithm.loss_weights(meta_step, self.train_steps)
+        self.adapted = adapted_names(model, algorithm)
+        self.anil = algorithm.name == "anil"
+        self.head = head_prefix(model) if self.anil else ""
+        self.bn = batchnorm_names(model) if algorithm.per_step_bn else []
+        self.per_step = bool(self.bn) or algorithm.learned_step_lrs
+        self.frozen = [k for k, _ in model.named_parameters() if k not in self.adapted and k not in self.bn]
+
+    # -- the pieces -----------------------------------------------------------
+    def split(self, params: Params) -> tuple[Params, Params]:
+        """(theta: adapted parameters, phi: every other meta-parameter)."""
+        theta = {k: params[k] for k in self.adapted}
+        phi = {k: v for k, v in params.items() if k not in theta}
+        return theta, phi
+
+    def _features(self, phi: Params, x: Tensor) -> Tensor:
+        head = self.model.get_submodule(self.head)
+
+        def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            raise _StopForward(args[0])
+
+        handle = head.register_forward_pre_hook(stop)
+        try:
+            functional_call(self.model, phi, (x,))
+        except _StopForward as e:
+            return e.features
+        finally:
+            handle.remove()
+        raise RuntimeError(f"ANIL head {self.head!r} was not called by {type(self.model).__name__}.forward")
+
+    def context(self, phi: Params, sx: Tensor, qx: Tensor) -> Params:
+        """What the steps read besides theta: ANIL's body features (computed once), else phi itself."""
+        if self.anil:
+            return {"features.s": self._features(phi, sx), "features.q": self._features(phi, qx)}
+        return phi
+
+    def _slot(self, i: int) -> int:
+        return step_slot(i, self.train_steps) if self.per_step else i
+
+    def forward(self, slot: int, theta: Params, ctx: Params, which: str, x: Tensor) -> Tensor:
+        if self.anil:
+            prefix = self.head + "."
+            head = {k[len(prefix) :]: v for k, v in theta.items()}
+            return functional_call(self.model.get_submodule(self.head), head, (ctx[f"features.{which}"],))
+        params = {k: ctx[k] for k in self.frozen}
+        params.update(theta)
+        for k in self.bn:
+            params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
+        return functional_call(self.model, params, (x,))
+
+    def _lr(self, slot: int, name: str, ctx: Params) -> Tensor | float:
+        if self.algorithm.name == "metasgd":
+            return ctx[METASGD_PREFIX + name]
+        if self.algorithm.learned_step_lrs:
+            return ctx[f"{MAMLPP_LR_PREFIX}{name}.{slot}"]
+        return self.algorithm.inner.lr
+
+    def step(self, i: int, theta: Params, ctx: Params, sx: Tensor, sy: Tensor, first_order: bool) -> Params:
+        """Inner step ``i``: theta - rate * grad of the support loss (a constant grad if first order)."""
+        slot = self._slot(i)
+        at, at_ctx = (_detached(theta), _detached(ctx)) if first_order else (theta, ctx)
+
+        def support(th: Params) -> Tensor:
+            return self.lossf(self.forward(slot, th, at_ctx, "s", sx), sy)
+
+        g = grad(support)(at)
+        return {k: v - self._lr(slot, k, ctx) * g[k] for k, v in theta.items()}
+
+    def query(self, i: int, theta: Params, ctx: Params, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+        """Query loss and metric after inner step ``i`` (``i = -1``: before adaptation)."""
+        out = self.forward(self._slot(max(i, 0)), theta, ctx, "q", qx)
+        loss = self.lossf(out, qy)
+        return loss, metric(self.algorithm.inner.loss, out, qy, loss)
+
+    # -- meta-gradient ----------------------------------------------------------
+    def objective(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
+        """Weighted query losses of one task, differentiable to second order; aux: last loss, metric."""
+        theta, phi = self.split(params)
+        ctx = self.context(phi, sx, qx)
+        total: Tensor | None = None
+        for i, w in enumerate(self.weights):
+            theta = self.step(i, theta, ctx, sx, sy, self.first_order)
+            if w:
+                loss, met = self.query(i, theta, ctx, qx, qy)
+                term = loss if w == 1.0 else w * loss
+                total = term if total is None else total + term
+        assert total is not None  # the last step's weight is never 0
+        return total, (loss.detach(), met)
+
+    def recomputed_grad(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
+        """``grad_and_value(objective, has_aux=True)`` by reverse-mode with recomputation.
+
+        Needs ``params`` outside any ``grad`` transform (``vmap`` is fine): the
+        forward pass builds no graph, and each step's graph lives only during
+        its own ``vjp``.
+        """
+        theta0, phi = _detached(self.split(params)[0]), _detached(self.split(params)[1])
+        ctx = self.context(phi, sx, qx)
+        thetas = [theta0]
+        for i in range(len(self.weights)):
+            thetas.append(_detached(self.step(i, thetas[-1], ctx, sx, sy, self.first_order)))
+        adj_theta = {k: torch.zeros_like(v) for k, v in theta0.items()}
+        adj_ctx = {k: torch.zeros_like(v) for k, v in ctx.items()}
+        total = torch.zeros((), dtype=sx.dtype, device=sx.device)
+        last: tuple[Tensor, Tensor] | None = None
+        for i in reversed(range(len(self.weights))):
+            w = self.weights[i]
+            if w:
+
+                def weighted_query(th: Params, c: Params, i: int = i, w: float = w):  # type: ignore[no-untyped-def]
+                    loss, met = self.query(i, th, c, qx, qy)
+                    return w * loss, (loss.detach(), met)
+
+                (g_th, g_ctx), (loss_i, met_i) = grad(weighted_query, argnums=(0, 1), has_aux=True)(thetas[i + 1], ctx)
+                adj_theta, adj_ctx = _add(adj_theta, _detached(g_th)), _add(adj_ctx, _detached(g_ctx))
+                total = total + w * loss_i
+                if last is None:
+                    last = (loss_i, met_i)
+
+            def one_step(th: Params, c: Params, i: int = i) -> Params:
+                return self.step(i, th, c, sx, sy, self.first_order)
+
+            _, pullback = vjp(one_step, thetas[i], ctx)  # type: ignore[misc]
+            adj_theta, d_ctx = pullback(adj_theta)  # type: ignore[misc]
+            # pullbacks may return tensors still attached to this step's graph; cut it so it can be freed
+            adj_theta, adj_ctx = _detached(adj_theta), _add(adj_ctx, _detached(d_ctx))
+        adj_phi = adj_ctx  # context is phi itself, except for ANIL's features
+        if self.anil:
+            _, pullback = vjp(lambda p: self.context(p, sx, qx), phi)  # type: ignore[misc]
+            (adj_phi,) = pullback(adj_ctx)  # type: ignore[misc]
+            adj_phi = _detached(adj_phi)
+        assert last is not None
+        return {**adj_theta, **adj_phi}, (total, last)
+
+    # -- evaluation -------------------------------------------------------------
+    def scores(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int):  # type: ignore[no-untyped-def]
+        """Query metric before and after ``steps`` first-order (graph-free) inner steps."""
+        theta, phi = self.split(_detached(params))
+        ctx = self.context(phi, sx, qx)
+        before = self.query(-1, theta, ctx, qx, qy)[1]
+        for i in range(steps):
+            theta = _detached(self.step(i, theta, ctx, sx, sy, first_order=True))
+        after = self.query(steps - 1, theta, ctx, qx, qy)[1]
+        return before, after
