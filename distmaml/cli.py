@@ -27,7 +27,25 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.set or [])
     if getattr(args, "workers", None) is not None:
         overrides.append(f"workers={args.workers}")
-    return load_config(args.config, overrides)
+    return with_absolute_uri(load_config(args.config, overrides))
+
+
+def with_absolute_uri(config: Config) -> Config:
+    """Pins a relative ``tracking.uri`` to this directory before any worker or trial sees the config."""
+    if config.tracking.enabled:
+        from distmaml.tracking.uri import absolute_uri
+
+        config.tracking.uri = absolute_uri(config.tracking.uri)
+    return config
+
+
+def tracking_callbacks(config: Config, **kwargs: Any) -> list[Any]:
+    """``[MlflowCallback]`` when ``tracking.enabled``, else ``[]``."""
+    if not config.tracking.enabled:
+        return []
+    from distmaml.tracking import MlflowCallback
+
+    return [MlflowCallback(config, **kwargs)]
 
 
 def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
@@ -54,14 +72,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else None
         if run_dir is not None and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
             raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
+    callbacks = tracking_callbacks(config)
     engine = make_engine(config, args.address)
     try:
-        result = Trainer(config, engine, run_dir, progress=not args.quiet, resume=bool(args.resume)).fit()
+        trainer = Trainer(
+            config, engine, run_dir, callbacks=callbacks, progress=not args.quiet, resume=bool(args.resume)
+        )
+        result = trainer.fit()
+    except BaseException:
+        for cb in callbacks:
+            cb.fail()
+        raise
     finally:
         engine.close()
     print_meta_test(result)
     if run_dir is not None:
         print(f"run written to {run_dir}")
+    if "mlflow_run_id" in result:
+        print(f"MLflow run {result['mlflow_run_id']} in {config.tracking.uri}")
     return 0
 
 
