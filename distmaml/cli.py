@@ -101,6 +101,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from distmaml.tune import load_space, render_text, run_sweep, with_overrides
+
+    spec = with_overrides(load_space(args.space), num_samples=args.trials, overrides=args.set or [])
+    result = run_sweep(spec, address=args.address, storage=args.storage, verbose=0 if args.quiet else 1)
+    print(f"\n{len(result.rows)} trials of {spec.name}, best first by {spec.metric} ({spec.mode}):")
+    print(render_text(result.rows, spec))
+    if result.best is None:
+        raise UserError(f"no trial of {spec.name} reported {spec.metric}; see the trial errors above")
+    print(f"best checkpoint: {result.best.checkpoint}")
+    print(f"  meta-test it:  distmaml evaluate --checkpoint {result.best.checkpoint}")
+    if result.parent_run_id:
+        print(f"MLflow parent run {result.parent_run_id} (experiment {spec.name!r})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from distmaml.bench import main as bench_main
 
@@ -126,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, default=None, help="meta-test tasks (default: the run's meta.test_tasks)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. inner.test_steps=20")
     ev.set_defaults(func=cmd_evaluate)
+
+    tn = sub.add_parser("tune", help="a Ray Tune sweep over a search-space file, tracked in MLflow")
+    tn.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/sinusoid.yaml")
+    tn.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
+    tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override of the base config; repeatable")
+    tn.add_argument("--address", help="Ray address: auto, ray://host:port (default: start Ray here)")
+    tn.add_argument("--storage", default="ray_results", help="Tune storage folder for trial checkpoints")
+    tn.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    tn.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="time a meta-step of the core against a per-task baseline")
     bench.add_argument("--configs", default="sinusoid,omniglot", help="comma-separated: sinusoid, omniglot")

@@ -121,6 +121,7 @@ class MlflowCallback(Callback):
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        t0 = time.perf_counter()
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             name = key if key == "tasks_per_second" else f"train_{key}"
@@ -129,23 +130,24 @@ class MlflowCallback(Callback):
             self._buffer.append(Metric("worker_replacements", float(self.trainer.engine.replacements), now, step))
         if step % self.log_every == 0:
             self.flush()
+        self.seconds_logging += time.perf_counter() - t0
 
     def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
         from mlflow.entities import Metric
 
+        t0 = time.perf_counter()
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         self.flush()
+        self.seconds_logging += time.perf_counter() - t0
 
     def flush(self) -> None:
         """Sends the buffered metrics, at most 1000 per call."""
         if not self._buffer or self.run_id is None:
             return
-        t0 = time.perf_counter()
         for i in range(0, len(self._buffer), _MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=self._buffer[i : i + _MAX_BATCH])
         self._buffer.clear()
-        self.seconds_logging += time.perf_counter() - t0
 
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
