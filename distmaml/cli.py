@@ -30,7 +30,25 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.set or [])
     if getattr(args, "workers", None) is not None:
         overrides.append(f"workers={args.workers}")
-    return load_config(args.config, overrides)
+    return with_absolute_uri(load_config(args.config, overrides))
+
+
+def with_absolute_uri(config: Config) -> Config:
+    """Pins a relative ``tracking.uri`` to this directory before any worker or trial sees the config."""
+    if config.tracking.enabled:
+        from distmaml.tracking.uri import absolute_uri
+
+        config.tracking.uri = absolute_uri(config.tracking.uri)
+    return config
+
+
+def tracking_callbacks(config: Config, **kwargs: Any) -> list[Any]:
+    """``[MlflowCallback]`` when ``tracking.enabled``, else ``[]``."""
+    if not config.tracking.enabled:
+        return []
+    from distmaml.tracking import MlflowCallback
+
+    return [MlflowCallback(config, **kwargs)]
 
 
 def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
@@ -60,14 +78,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
+    callbacks = tracking_callbacks(config)
     engine = make_engine(config, args.address)
     try:
-        result = Trainer(config, engine, run_dir, progress=not args.quiet, resume=bool(args.resume)).fit()
+        trainer = Trainer(
+            config, engine, run_dir, callbacks=callbacks, progress=not args.quiet, resume=bool(args.resume)
+        )
+        result = trainer.fit()
+    except BaseException:
+        for cb in callbacks:
+            cb.fail()
+        raise
     finally:
         engine.close()
     print_meta_test(result)
     if run_dir is not None:
         print(f"run written to {run_dir}")
+    if "mlflow_run_id" in result:
+        print(f"MLflow run {result['mlflow_run_id']} in {config.tracking.uri}")
     return 0
 
 
@@ -76,6 +104,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, tasks=args.tasks, overrides=args.set or [])
     print_meta_test(result)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from distmaml.tune import load_space, render_text, run_sweep, with_overrides
+
+    spec = with_overrides(load_space(args.space), num_samples=args.trials, overrides=args.set or [])
+    result = run_sweep(spec, address=args.address, storage=args.storage, verbose=0 if args.quiet else 1)
+    print(f"\n{len(result.rows)} trials of {spec.name}, best first by {spec.metric} ({spec.mode}):")
+    print(render_text(result.rows, spec))
+    if result.best is None:
+        raise UserError(f"no trial of {spec.name} reported {spec.metric}; see the trial errors above")
+    print(f"best checkpoint: {result.best.checkpoint}")
+    print(f"  meta-test it:  distmaml evaluate --checkpoint {result.best.checkpoint}")
+    if result.parent_run_id:
+        print(f"MLflow parent run {result.parent_run_id} (experiment {spec.name!r})")
     return 0
 
 
@@ -108,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", type=int, default=None, help="meta-test tasks (default: the run's meta.test_tasks)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. inner.test_steps=20")
     ev.set_defaults(func=cmd_evaluate)
+
+    tn = sub.add_parser("tune", help="a Ray Tune sweep over a search-space file, tracked in MLflow")
+    tn.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/sinusoid.yaml")
+    tn.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
+    tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override of the base config; repeatable")
+    tn.add_argument("--address", help="Ray address: auto, ray://host:port (default: start Ray here)")
+    tn.add_argument("--storage", default="ray_results", help="Tune storage folder for trial checkpoints")
+    tn.add_argument("--quiet", action="store_true", help="no Tune progress table")
+    tn.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="time a meta-step of the core against a per-task baseline")
     bench.add_argument("--configs", default="sinusoid,omniglot", help="comma-separated: sinusoid, omniglot")

@@ -141,6 +141,17 @@ class TrackingConfig:
     """Log the run to MLflow."""
     uri: str = "sqlite:///mlflow.db"
     """MLflow tracking URI; relative paths are made absolute before workers see them."""
+    experiment: str = "distmaml"
+    """MLflow experiment of ``distmaml train`` runs (a sweep uses its own name)."""
+    log_every: int = 100
+    """Per-step metrics are buffered and sent in one batch every this many meta-steps."""
+    log_model: bool = True
+    """Log the final network with ``mlflow.pytorch.log_model`` (pickle format)."""
+
+    def validate(self) -> None:
+        _check("tracking.uri", self.uri, bool(self.uri.strip()), "must not be empty")
+        _check("tracking.experiment", self.experiment, bool(self.experiment.strip()), "must not be empty")
+        _at_least("tracking.log_every", self.log_every, 1)
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -229,7 +240,7 @@ class Config:
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("batching", self.batching, ("auto", "vmap", "loop"))
         _at_least("workers", self.workers, 0)
-        for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp):
+        for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()
         if self.algorithm == "mamlpp" and self.mamlpp.cosine_lr and self.mamlpp.min_lr >= self.meta.lr:
             raise ConfigError(

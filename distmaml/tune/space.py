@@ -1,0 +1,393 @@
+"""Search-space files (``tune_spaces/*.yaml``): parsed and checked before any trial starts.
+
+A file names a base recipe, the metric and its mode, the search algorithm and
+scheduler, the trial budget, the resources of one trial, and the space over
+dotted config keys::
+
+    name: sinusoid-sweep            # MLflow experiment and Tune run name (default: file name)
+    base: sinusoid                  # built-in recipe or YAML path
+    set: {meta.steps: 200}          # fixed overrides of the base
+    metric: val_mse                 # val_mse (regression) or val_accuracy (classification)
+    mode: min
+    search: random                  # random | grid (Tune's generator) | optuna (TPE)
+    scheduler: {name: asha, grace_period: 50, reduction_factor: 2}   # or: fifo
+    num_samples: 8                  # trials (with grid entries: repeats of the grid)
+    max_concurrent: 2
+    max_failures: 1                 # restarts of a crashed trial from its checkpoint
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0, driver_cpus: 1}
+    space:
+      inner.lr: {loguniform: [0.001, 0.1]}
+      inner.steps: {randint: [1, 5]}     # inclusive: 1, 2, 3, 4 or 5
+      data.shots: {choice: [5, 10, 20]}
+      meta.lr: {grid: [0.001, 0.0003]}
+
+Every mistake is one line naming the file, the entry and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+SEARCHERS = ("random", "grid", "optuna")
+SCHEDULERS = ("fifo", "asha")
+_TOP_KEYS = (
+    "name",
+    "base",
+    "set",
+    "metric",
+    "mode",
+    "search",
+    "scheduler",
+    "num_samples",
+    "max_concurrent",
+    "max_failures",
+    "resources",
+    "space",
+)
+_RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "driver_cpus", "driver_gpus")
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched config key: ``kind`` in DISTRIBUTIONS, ``args`` its bounds or values."""
+
+    key: str
+    kind: str
+    args: tuple[Any, ...]
+
+    @property
+    def log_scale(self) -> bool:
+        return self.kind == "loguniform"
+
+    def representatives(self) -> tuple[Any, ...]:
+        """Values that validation tries on the base config: both bounds, or every listed value."""
+        return self.args
+
+    def to_tune(self) -> Any:
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "randint":
+            return tune.randint(self.args[0], self.args[1] + 1)  # inclusive here, exclusive in Tune
+        if self.kind == "choice":
+            return tune.choice(list(self.args))
+        return tune.grid_search(list(self.args))
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one trial reserves: a driver bundle and one bundle per worker actor."""
+
+    workers: int = 0
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    driver_cpus: float = 1.0
+    driver_gpus: float = 0.0
+
+    def bundles(self) -> list[dict[str, float]]:
+        def bundle(cpu: float, gpu: float) -> dict[str, float]:
+            return {"CPU": cpu, "GPU": gpu} if gpu > 0 else {"CPU": cpu}
+
+        driver = bundle(self.driver_cpus, self.driver_gpus)
+        return [driver] + [bundle(self.cpus_per_worker, self.gpus_per_worker) for _ in range(self.workers)]
+
+    def totals(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for b in self.bundles():
+            for k, v in b.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A parsed, validated search-space file."""
+
+    path: Path
+    name: str
+    base: str
+    fixed: dict[str, Any]
+    metric: str
+    mode: str
+    search: str
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    num_samples: int
+    max_concurrent: int | None
+    max_failures: int
+    resources: Resources
+    dimensions: tuple[Dimension, ...]
+    base_data: dict[str, Any] = field(repr=False)
+    """The base recipe with ``set`` and ``workers`` applied, as a nested mapping."""
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.dimensions]
+
+    def base_config(self) -> Config:
+        return config_from_dict(copy.deepcopy(self.base_data))
+
+    def trial_data(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The nested config mapping of a trial: the base with the searched ``values`` set."""
+        data = copy.deepcopy(self.base_data)
+        for key, value in values.items():
+            _set_dotted(data, key, value)
+        return data
+
+    def param_space(self) -> dict[str, Any]:
+        return {d.key: d.to_tune() for d in self.dimensions}
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
+
+
+class SpaceError(ConfigError):
+    """A bad search-space file; one line naming the file, the entry and the fix."""
+
+
+def _number(where: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SpaceError(f"{where} = {v!r}: must be a finite number")
+    return float(v)
+
+
+def _dimension(where: str, key: str, entry: Any) -> Dimension:
+    if not (isinstance(entry, dict) and len(entry) == 1):
+        raise SpaceError(
+            f"{where}: expected one distribution, e.g. {{loguniform: [0.001, 0.1]}}; allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    ((kind, args),) = entry.items()
+    if kind not in DISTRIBUTIONS:
+        raise SpaceError(f"{where}: unknown distribution {kind!r}; allowed: {', '.join(DISTRIBUTIONS)}")
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise SpaceError(f"{where}.{kind} = {args!r}: must be a non-empty list of values")
+        return Dimension(key, kind, tuple(args))
+    if not isinstance(args, list) or len(args) != 2:
+        raise SpaceError(f"{where}.{kind} = {args!r}: must be [low, high]")
+    low, high = (_number(f"{where}.{kind}", a) for a in args)
+    if low > high:
+        raise SpaceError(f"{where}.{kind} = {args!r}: low {args[0]} is above high {args[1]}; swap them")
+    if kind == "loguniform" and low <= 0:
+        raise SpaceError(f"{where}.loguniform = {args!r}: bounds must be positive (a log scale); use uniform")
+    if kind == "randint":
+        if not all(isinstance(a, int) and not isinstance(a, bool) for a in args):
+            raise SpaceError(f"{where}.randint = {args!r}: bounds must be integers (both included)")
+        return Dimension(key, kind, (int(args[0]), int(args[1])))
+    return Dimension(key, kind, (low, high))
+
+
+def _resources(where: str, raw: Any) -> Resources:
+    if raw is None:
+        return Resources()
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: resources must be a mapping with keys {', '.join(_RESOURCE_KEYS)}")
+    unknown = sorted(set(raw) - set(_RESOURCE_KEYS))
+    if unknown:
+        raise SpaceError(f"{where}: unknown key resources.{unknown[0]}; allowed: {', '.join(_RESOURCE_KEYS)}")
+    workers = raw.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise SpaceError(f"{where}: resources.workers = {workers!r}: must be an integer, 0 or more")
+    values = {k: _number(f"{where}: resources.{k}", raw[k]) for k in _RESOURCE_KEYS[1:] if k in raw}
+    for k, v in values.items():
+        if v < 0:
+            raise SpaceError(f"{where}: resources.{k} = {v}: must not be negative")
+    if values.get("driver_cpus", 1.0) <= 0:
+        raise SpaceError(f"{where}: resources.driver_cpus must be greater than 0 (the trial's driver process)")
+    if workers and values.get("cpus_per_worker", 1.0) <= 0 and values.get("gpus_per_worker", 0.0) <= 0:
+        raise SpaceError(f"{where}: resources: a worker needs cpus_per_worker or gpus_per_worker above 0")
+    return Resources(workers=workers, **values)
+
+
+def load_space(path: str | Path) -> SweepSpec:
+    """Parses and validates a search-space file; raises ``SpaceError`` with one line on any mistake.
+
+    Example:
+        >>> spec = load_space("tune_spaces/sinusoid.yaml")
+        >>> spec.keys
+        ['inner.lr', 'inner.steps', 'data.shots']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--space {path}: no such file; the shipped spaces are in tune_spaces/")
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: must hold a mapping with keys {', '.join(_TOP_KEYS)}")
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown:
+        raise SpaceError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(_TOP_KEYS)}")
+    for required in ("base", "metric", "space"):
+        if required not in raw:
+            raise SpaceError(f"{where}: missing {required!r} (see tune_spaces/sinusoid.yaml for a complete file)")
+
+    base = str(raw["base"])
+    base_path = path.parent / base
+    try:
+        base_data = load_recipe(str(base_path) if base.endswith((".yaml", ".yml")) and base_path.is_file() else base)
+    except ConfigError as e:
+        raise SpaceError(f"{where}: base: {e}") from None
+    fixed = raw.get("set") or {}
+    if not isinstance(fixed, dict):
+        raise SpaceError(f"{where}: set must be a mapping of dotted config keys to values")
+    for key, value in fixed.items():
+        _set_dotted(base_data, str(key), value)
+    resources = _resources(where, raw.get("resources"))
+    base_data["workers"] = resources.workers
+    try:
+        base_config = config_from_dict(copy.deepcopy(base_data))
+    except ConfigError as e:
+        raise SpaceError(f"{where}: base + set: {e}") from None
+
+    space = raw["space"]
+    if not isinstance(space, dict) or not space:
+        raise SpaceError(
+            f"{where}: space must map dotted config keys to distributions, e.g. inner.lr: {{loguniform: [0.001, 0.1]}}"
+        )
+    dims = tuple(_dimension(f"{where}: space.{k}", str(k), v) for k, v in space.items())
+    for dim in dims:
+        for value in dim.representatives():
+            data = copy.deepcopy(base_data)
+            _set_dotted(data, dim.key, value)
+            try:
+                config_from_dict(data)
+            except ConfigError as e:
+                raise SpaceError(f"{where}: space.{dim.key}: {e}") from None
+
+    metric_name = "mse" if base_config.loss == "mse" else "accuracy"
+    metric = raw["metric"]
+    allowed_metric = f"val_{metric_name}"
+    if metric != allowed_metric:
+        raise SpaceError(f"{where}: metric = {metric!r}: trials of this base report {allowed_metric!r}; use it")
+    mode = raw.get("mode", "min" if metric_name == "mse" else "max")
+    if mode not in ("min", "max"):
+        raise SpaceError(f"{where}: mode = {mode!r}: allowed values are min, max")
+    search = raw.get("search", "random")
+    if search not in SEARCHERS:
+        raise SpaceError(f"{where}: search = {search!r}: allowed values are {', '.join(SEARCHERS)}")
+    grid_keys = [d.key for d in dims if d.kind == "grid"]
+    if search == "optuna" and grid_keys:
+        raise SpaceError(
+            f"{where}: space.{grid_keys[0]} is a grid, which Optuna cannot sample; use choice, or search: grid"
+        )
+    if search == "grid" and len(grid_keys) != len(dims):
+        other = next(d.key for d in dims if d.kind != "grid")
+        raise SpaceError(
+            f"{where}: search = 'grid' but space.{other} is not a grid entry; make it {{grid: [...]}} or use search: random"
+        )
+
+    sched = raw.get("scheduler", "fifo")
+    sched_opts: dict[str, Any] = {}
+    if isinstance(sched, dict):
+        sched_opts = dict(sched)
+        sched = sched_opts.pop("name", None)
+    if sched not in SCHEDULERS:
+        raise SpaceError(f"{where}: scheduler = {sched!r}: allowed values are {', '.join(SCHEDULERS)}")
+    extra = sorted(set(sched_opts) - {"grace_period", "reduction_factor"})
+    if extra or (sched == "fifo" and sched_opts):
+        bad = (extra or sorted(sched_opts))[0]
+        raise SpaceError(
+            f"{where}: scheduler.{bad}: not an option of {sched}; asha takes grace_period and reduction_factor"
+        )
+    grace = sched_opts.get("grace_period", base_config.meta.val_every or base_config.meta.steps)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 1:
+        raise SpaceError(
+            f"{where}: scheduler.grace_period = {grace!r}: must be a whole number of meta-steps, at least 1"
+        )
+    rf = _number(f"{where}: scheduler.reduction_factor", sched_opts.get("reduction_factor", 2))
+    if rf <= 1:
+        raise SpaceError(f"{where}: scheduler.reduction_factor = {rf}: must be above 1")
+
+    def count(key: str, default: int | None, low: int) -> int | None:
+        v = raw.get(key, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise SpaceError(f"{where}: {key} = {v!r}: must be an integer, at least {low}")
+        return v
+
+    num_samples = count("num_samples", 1, 1)
+    max_failures = count("max_failures", 1, 0)
+    assert num_samples is not None and max_failures is not None
+    return SweepSpec(
+        path=path,
+        name=str(raw.get("name") or path.stem),
+        base=base,
+        fixed=dict(fixed),
+        metric=metric,
+        mode=mode,
+        search=search,
+        scheduler=sched,
+        grace_period=grace,
+        reduction_factor=rf,
+        num_samples=num_samples,
+        max_concurrent=count("max_concurrent", None, 1),
+        max_failures=max_failures,
+        resources=resources,
+        dimensions=dims,
+        base_data=base_data,
+    )
+
+
+def with_overrides(spec: SweepSpec, num_samples: int | None = None, overrides: list[str] | None = None) -> SweepSpec:
+    """The spec with a new trial budget and extra fixed ``--set`` overrides (checked again)."""
+    data = copy.deepcopy(spec.base_data)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    config_from_dict(copy.deepcopy(data))
+    for dim in spec.dimensions:
+        for value in dim.representatives():
+            trial = copy.deepcopy(data)
+            _set_dotted(trial, dim.key, value)
+            config_from_dict(trial)
+    if num_samples is not None and num_samples < 1:
+        raise SpaceError(f"--trials {num_samples}: must be at least 1")
+    return dataclasses.replace(spec, base_data=data, num_samples=num_samples or spec.num_samples)
+
+
+def check_resources(spec: SweepSpec, cluster: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Refuses a trial the cluster can never place: more CPUs/GPUs than it has, or a bundle bigger than any node.
+
+    ``cluster`` is ``ray.cluster_resources()``; ``nodes`` the resources of each alive node.
+    """
+    r = spec.resources
+    need = r.totals()
+    what = {
+        "CPU": f"driver_cpus {r.driver_cpus:g} + workers {r.workers} x cpus_per_worker {r.cpus_per_worker:g}",
+        "GPU": f"driver_gpus {r.driver_gpus:g} + workers {r.workers} x gpus_per_worker {r.gpus_per_worker:g}",
+    }
+    for res, amount in need.items():
+        have = cluster.get(res, 0.0)
+        if amount > have + 1e-9:
+            raise SpaceError(
+                f"{spec.path}: resources: one trial needs {amount:g} {res} ({what[res]}) but the cluster has {have:g}; "
+                "lower resources.workers or the per-worker amounts, or add nodes"
+            )
+    for bundle in r.bundles():
+        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
+            raise SpaceError(
+                f"{spec.path}: resources: a bundle {bundle} fits on no single node of the cluster; "
+                "lower cpus_per_worker/gpus_per_worker or driver_cpus"
+            )

@@ -1,0 +1,211 @@
+"""``distmaml tune``: a Ray Tune sweep over a search-space file, recorded in MLflow.
+
+The driver checks the space against the cluster, opens one MLflow parent run
+for the sweep, runs the trials (each a full trainer run in its own placement
+group, logging a nested child run), then writes the sweep's outcome to the
+parent run: the best config, a table of all trials, a plot of the metric
+against each searched key.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distmaml.config import config_from_dict, dump_config
+from distmaml.tune.report import TrialRow, plot_metric_by_key, sort_rows, write_csv, write_markdown
+from distmaml.tune.space import SweepSpec, check_resources
+from distmaml.tune.trial import TrialContext, run_trial
+
+
+@dataclass
+class SweepResult:
+    """What ``run_sweep`` returns; ``rows`` are sorted best first."""
+
+    rows: list[TrialRow]
+    best: TrialRow | None
+    parent_run_id: str | None
+    storage: Path
+
+
+def _searcher(spec: SweepSpec) -> Any:
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=spec.metric, mode=spec.mode)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=spec.max_concurrent or 0)
+
+
+def _scheduler(spec: SweepSpec) -> Any:
+    if spec.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        steps = spec.base_config().meta.steps
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=steps,
+            grace_period=min(spec.grace_period, steps),
+            reduction_factor=spec.reduction_factor,
+        )
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    from distmaml.tracking.callback import experiment_id
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = experiment_id(client, spec.name, uri)
+    run = client.create_run(exp, run_name=f"sweep {spec.name}", tags={"distmaml.sweep": spec.name})
+    params = {
+        "sweep.base": spec.base,
+        "sweep.metric": spec.metric,
+        "sweep.mode": spec.mode,
+        "sweep.search": spec.search,
+        "sweep.scheduler": spec.scheduler,
+        "sweep.num_samples": spec.num_samples,
+        "sweep.max_concurrent": spec.max_concurrent,
+        "sweep.resources": spec.resources.bundles(),
+        **{f"space.{d.key}": f"{d.kind}{list(d.args)}" for d in spec.dimensions},
+    }
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_artifact(run.info.run_id, str(spec.path), "space")
+    return client, run.info.run_id
+
+
+def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
+    steps = spec.base_config().meta.steps
+    rows = []
+    for i, result in enumerate(grid):
+        m = result.metrics or {}
+        value = m.get(spec.metric)
+        metric = float(value) if isinstance(value, (int, float)) else math.nan
+        step = int(m.get("step", 0))
+        status = "error" if result.error is not None else ("done" if step >= steps else "stopped")
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        rows.append(
+            TrialRow(
+                trial=str(m.get("trial_id", f"trial_{i}")),
+                status=status,
+                values={k: result.config.get(k) for k in spec.keys},
+                metric=metric,
+                step=step,
+                checkpoint=ckpt,
+                mlflow_run_id=m.get("mlflow_run_id"),
+                resumed_from=int(m.get("resumed_from", 0)),
+            )
+        )
+    return sort_rows(rows, spec.mode)
+
+
+def _close_parent(client: Any, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None) -> None:
+    from mlflow.entities import Metric
+
+    for r in rows:  # children of stopped or crashed trials never reached on_end
+        if r.mlflow_run_id and client.get_run(r.mlflow_run_id).info.status == "RUNNING":
+            client.set_terminated(r.mlflow_run_id, status="KILLED" if r.status == "stopped" else "FAILED")
+    now = int(time.time() * 1000)
+    if best is not None:
+        client.log_batch(parent, metrics=[Metric(f"best_{spec.metric}", best.metric, now, best.step)])
+        client.set_tag(parent, "distmaml.best_trial", best.trial)
+        client.set_tag(parent, "distmaml.best_checkpoint", best.checkpoint or "")
+        if best.mlflow_run_id:
+            client.set_tag(parent, "distmaml.best_run_id", best.mlflow_run_id)
+    with tempfile.TemporaryDirectory(prefix="distmaml-sweep-") as tmp:
+        folder = Path(tmp)
+        if best is not None:
+            best_cfg = config_from_dict(spec.trial_data(best.values))
+            (folder / "best_config.yaml").write_text(dump_config(best_cfg))
+            client.log_artifact(parent, str(folder / "best_config.yaml"))
+        client.log_artifact(parent, str(write_csv(rows, spec, folder / "trials.csv")))
+        client.log_artifact(parent, str(write_markdown(rows, spec, folder / "trials.md")))
+        plot = plot_metric_by_key(rows, spec, folder / f"{spec.metric}_by_key.png")
+        client.log_artifact(parent, str(plot), "plots")
+    client.set_terminated(parent, status="FINISHED" if best is not None else "FAILED")
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    address: str | None = None,
+    storage: str | Path = "ray_results",
+    verbose: int = 1,
+    exit_after_step: int | None = None,
+) -> SweepResult:
+    """Runs the sweep ``spec`` on the Ray cluster at ``address`` (started here if none is running).
+
+    ``exit_after_step`` is a test hook (see ``TrialContext``).
+
+    Example:
+        >>> result = run_sweep(load_space("tune_spaces/sinusoid.yaml"))
+        >>> result.best.checkpoint   # a folder that ``distmaml evaluate --checkpoint`` takes
+    """
+    import ray
+    from ray import tune
+
+    from distmaml.cli import with_absolute_uri
+
+    storage = Path(storage).resolve()
+    base = with_absolute_uri(spec.base_config())
+    base_data = dict(spec.base_data, tracking=base.to_dict()["tracking"])
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=verbose > 0)
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    check_resources(spec, ray.cluster_resources(), alive)
+
+    client, parent = _open_parent(spec, base.tracking.uri) if base.tracking.enabled else (None, None)
+    ctx = TrialContext(
+        base_data=base_data,
+        experiment=spec.name,
+        parent_run_id=parent,
+        metric=spec.metric,
+        address=address,
+        threads=max(1, int(spec.resources.driver_cpus)),
+        exit_after_step=exit_after_step,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx), tune.PlacementGroupFactory(spec.resources.bundles())
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spec.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=_searcher(spec),
+            scheduler=_scheduler(spec),
+            num_samples=spec.num_samples,
+            # Tune's generator takes its limit itself (above); a Searcher gets a ConcurrencyLimiter here
+            max_concurrent_trials=spec.max_concurrent if spec.search == "optuna" else None,
+            # one process runs trial after trial: torch, MLflow and matplotlib are imported once
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=verbose,
+        ),
+    )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        if client is not None:
+            client.set_terminated(parent, status="FAILED")
+        raise
+    rows = _rows(grid, spec)
+    best = rows[0] if rows and math.isfinite(rows[0].metric) else None
+    if client is not None and parent is not None:
+        _close_parent(client, parent, spec, rows, best)
+    return SweepResult(rows=rows, best=best, parent_run_id=parent, storage=storage)

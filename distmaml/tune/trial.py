@@ -1,0 +1,149 @@
+"""One Tune trial: one full trainer run, reporting to Tune at every validation.
+
+The trial runs in a Ray actor inside its placement group (a driver bundle and
+one bundle per worker). It builds its config from the sweep's base and the
+sampled values, gets its engine from ``distmaml.cli.make_engine`` (worker
+actors join the trial's placement group), and trains with two callbacks:
+``MlflowCallback`` (a nested child run of the sweep's parent run) and
+``TuneReporter``, which at every validation hands Tune the metric and a
+checkpoint directory. A restarted trial (``FailureConfig``) copies the
+checkpoint Tune gives it back into its run directory and resumes from that
+step, continuing the same MLflow child run.
+
+A Tune checkpoint directory is itself a run directory (``checkpoints/``,
+``config.yaml``, ``mlflow_run_id``), so ``distmaml evaluate --checkpoint``
+takes it as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distmaml.checkpoint import atomic_write_text
+from distmaml.config import config_from_dict, dump_config
+from distmaml.storage import Location
+from distmaml.trainer import Callback, Trainer
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares; passed with ``tune.with_parameters``."""
+
+    base_data: dict[str, Any]
+    """Nested config mapping: base recipe, ``set``, ``workers``, absolute ``tracking.uri``."""
+    experiment: str
+    parent_run_id: str | None
+    metric: str
+    address: str | None = None
+    threads: int = 1
+    exit_after_step: int | None = None
+    """Test hook: the first attempt of each trial ends its process with ``os._exit`` after the
+    first report at or past this step, a real crash that Tune must recover from."""
+
+
+class TuneReporter(Callback):
+    """Reports the validation metric and a checkpoint to Tune at every validation."""
+
+    def __init__(self, ctx: TrialContext, first_attempt: bool) -> None:
+        self.ctx = ctx
+        self.first_attempt = first_attempt
+        self.trainer: Trainer | None = None
+        self.start_step = 0
+        self._final: tuple[int, dict[str, float], Location | None] = (0, {}, None)
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.start_step = trainer.step
+
+    def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
+        assert self.trainer is not None
+        if step >= self.trainer.config.meta.steps:
+            # The last validation is reported from on_end, after the meta-test and after the
+            # MLflow child run is complete: a scheduler may end the trial at its last report.
+            self._final = (step, metrics, checkpoint)
+            return
+        self._report(step, metrics, checkpoint, {})
+        if self.first_attempt and self.ctx.exit_after_step is not None and step >= self.ctx.exit_after_step:
+            os._exit(17)
+
+    def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
+        step, metrics, checkpoint = self._final
+        if checkpoint is None:  # restored from the final checkpoint: nothing left to train
+            step, metrics, checkpoint = trainer.step, trainer.validate(), trainer.last_checkpoint
+        mt = result["meta_test"]
+        extra = {f"test_{mt['metric']}": mt["mean"], f"test_{mt['metric']}_ci95": mt["ci95"]}
+        self._report(step, metrics, checkpoint, extra)
+
+    def _report(self, step: int, metrics: dict[str, float], checkpoint: Location | None, extra: dict[str, Any]) -> None:
+        from ray import tune
+
+        trainer = self.trainer
+        assert trainer is not None and trainer.run_dir is not None and checkpoint is not None
+        run_dir, checkpoint = Path(trainer.run_dir), Path(checkpoint)  # a trial's run is on its node's disk
+        report: dict[str, Any] = {**metrics, **extra, "step": step, "resumed_from": self.start_step}
+        with tempfile.TemporaryDirectory(prefix="distmaml-ckpt-") as tmp:
+            folder = Path(tmp)
+            (folder / "checkpoints").mkdir()
+            shutil.copy2(checkpoint, folder / "checkpoints" / checkpoint.name)
+            for name in ("config.yaml", "mlflow_run_id", "result.json"):
+                if (run_dir / name).is_file():
+                    shutil.copy2(run_dir / name, folder / name)
+            if (folder / "mlflow_run_id").is_file():
+                report["mlflow_run_id"] = (folder / "mlflow_run_id").read_text().strip()
+            # report() copies the folder into the trial's storage before returning
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The Tune trainable: ``params`` are the sampled values of the searched dotted keys."""
+    import torch
+    from ray import tune
+
+    from distmaml.cli import make_engine, tracking_callbacks
+    from distmaml.tune.space import _set_dotted
+
+    torch.set_num_threads(max(1, ctx.threads))
+    data = copy.deepcopy(ctx.base_data)
+    for key, value in params.items():
+        _set_dotted(data, key, value)
+    config = config_from_dict(data)
+
+    context = tune.get_context()
+    run_dir = Path(context.get_trial_dir()) / "run"
+    restored = tune.get_checkpoint()
+    if run_dir.exists():  # leftovers of a crashed attempt: Tune's checkpoint is the truth
+        shutil.rmtree(run_dir)
+    if restored is not None:
+        with restored.as_directory() as folder:
+            shutil.copytree(folder, run_dir)
+    else:
+        run_dir.mkdir(parents=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(config))
+
+    callbacks: list[Callback] = list(
+        tracking_callbacks(
+            config,
+            experiment=ctx.experiment,
+            parent_run_id=ctx.parent_run_id,
+            run_name=context.get_trial_name(),
+            tags={"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
+        )
+    )
+    callbacks.append(TuneReporter(ctx, first_attempt=restored is None))
+    engine = make_engine(config, ctx.address)
+    try:
+        trainer = Trainer(config, engine, run_dir, callbacks=callbacks, progress=False, resume=restored is not None)
+        trainer.fit()
+    except BaseException:
+        for cb in callbacks:
+            if hasattr(cb, "fail"):
+                cb.fail()
+        raise
+    finally:
+        engine.close()
