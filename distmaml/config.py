@@ -89,13 +89,15 @@ class InnerConfig:
         _at_least("inner.test_steps", self.test_steps, 0)
 
 
-DATA_FAMILIES = ("sinusoid",)
+DATA_FAMILIES = ("sinusoid", "glyphs", "store")
+IMAGE_FAMILIES = ("glyphs", "store")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
-    """Task family: ``sinusoid`` (synthetic regression)."""
+    """Task family: ``sinusoid`` (synthetic regression), ``glyphs`` (generated glyph images, prepared
+    on first use) or ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -103,7 +105,7 @@ class DataConfig:
     queries: int = 10
     """Query examples per class (Q), or per task for regression."""
     path: str | None = None
-    """Task store folder or URI for image families."""
+    """Task store folder for image families (``glyphs``: default ``~/.cache/distmaml/glyphs-v1``)."""
 
     def validate(self) -> None:
         _one_of("data.family", self.family, DATA_FAMILIES)
@@ -167,6 +169,12 @@ class Config:
         _at_least("workers", self.workers, 0)
         for section in (self.meta, self.inner, self.data, self.model):
             section.validate()
+        image = self.data.family in IMAGE_FAMILIES
+        if image != (self.model.name == "conv4"):
+            need = "conv4" if image else "mlp"
+            raise ConfigError(
+                f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
+            )
         if self.workers > self.meta.batch_size:
             raise ConfigError(
                 f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "

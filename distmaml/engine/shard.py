@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from distmaml.config import Config, config_from_dict
+from distmaml.config import IMAGE_FAMILIES, Config, config_from_dict
 from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.evaluate import score_tasks
 from distmaml.models import build_model
@@ -81,6 +81,10 @@ def build_family(config: Config) -> TaskFamily:
     data = config.data
     if data.family == "sinusoid":
         return SinusoidTasks(shots=data.shots, queries=data.queries, seed=config.seed)
+    if data.family in IMAGE_FAMILIES:
+        from distmaml.data.family import build_image_family  # lazily: pyarrow stays out of the core
+
+        return build_image_family(config)  # type: ignore[no-any-return]
     raise ValueError(f"data.family = {data.family!r}: no task family of that name")
 
 
@@ -91,7 +95,14 @@ def build_network(config: Config) -> torch.nn.Module:
     if m.name == "mlp":
         model = build_model("mlp", in_features=1, out_features=1, hidden=m.hidden)
     else:
-        model = build_model("conv4", out_features=config.data.ways, in_channels=1, image_size=28, filters=m.filters)
+        from distmaml.data.family import image_shape
+
+        channels, height, width = image_shape(config)  # the store's metadata (glyphs: generated if missing)
+        if height != width:
+            raise ValueError(f"conv4 needs square images; the store at data.path holds {height}x{width}")
+        model = build_model(
+            "conv4", out_features=config.data.ways, in_channels=channels, image_size=height, filters=m.filters
+        )
     return model.to(dtype=getattr(torch, config.precision))
 
 
