@@ -1,4 +1,4 @@
-"""``distmaml`` command line: train, evaluate, bench."""
+"""``distmaml`` command line: train, evaluate, bench, prepare."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from distmaml import storage
 from distmaml.config import Config, ConfigError, config_from_dict, load_config
+from distmaml.data.errors import DataError
 from distmaml.results import describe
 from distmaml.storage import Location, StorageError
 
@@ -129,6 +130,111 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _proportions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r}: give train,val,test proportions, e.g. 0.64,0.16,0.2")
+    return values  # type: ignore[return-value]
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from distmaml.data.store import describe_store, open_store
+
+    began = time.perf_counter()
+    if args.dataset == "omniglot":
+        from distmaml.data.omniglot import prepare_omniglot
+
+        prepare_omniglot(
+            args.source,
+            args.out,
+            size=args.size,
+            split=args.split,
+            train_classes=args.train_classes,
+            val_classes=args.val_classes,
+            rotations=args.rotations,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    elif args.dataset == "imagefolder":
+        from distmaml.data.imagefolder import prepare_imagefolder
+
+        prepare_imagefolder(
+            args.source,
+            args.out,
+            size=args.size,
+            split_files=args.split_files,
+            proportions=args.proportions,
+            seed=args.seed,
+            channels=args.channels,
+            overwrite=args.overwrite,
+        )
+    else:
+        from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
+
+        spec = GlyphSpec(
+            classes=args.classes,
+            drawings=args.drawings,
+            size=args.size,
+            val_classes=args.val_classes,
+            test_classes=args.test_classes,
+            jitter=args.jitter,
+            seed=args.seed,
+        )
+        prepare_glyphs(args.out, spec, overwrite=args.overwrite)
+    info = open_store(args.out)
+    print(f"task store written to {info.path} in {time.perf_counter() - began:.1f} s: {describe_store(info)}")
+    return 0
+
+
+def _add_prepare(sub: Any) -> None:
+    prepare = sub.add_parser("prepare", help="convert a data set into a Parquet task store")
+    kinds = prepare.add_subparsers(dest="dataset", required=True)
+
+    def common(p: argparse.ArgumentParser, size: int) -> None:
+        p.add_argument("--out", required=True, metavar="DATA_DIR", help="store folder to create")
+        p.add_argument("--size", type=int, default=size, help=f"training resolution in pixels (default: {size})")
+        p.add_argument("--seed", type=int, default=0, help="seed of the class split (default: 0)")
+        p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
+        p.set_defaults(func=cmd_prepare)
+
+    om = kinds.add_parser("omniglot", help="Omniglot's images_background/ and images_evaluation/ folders")
+    om.add_argument(
+        "--source", required=True, metavar="DIR", help="folder holding images_background/ and images_evaluation/"
+    )
+    common(om, 28)
+    om.add_argument("--split", choices=("paper", "alphabets"), default="paper", help="class split (default: paper)")
+    om.add_argument("--train-classes", type=int, default=1100, help="paper split: meta-train characters (1100)")
+    om.add_argument("--val-classes", type=int, default=100, help="meta-validation characters (100)")
+    om.add_argument(
+        "--no-rotations", dest="rotations", action="store_false", help="no 90/180/270-degree rotations as new classes"
+    )
+
+    im = kinds.add_parser("imagefolder", help="a class-per-folder image tree, e.g. miniImageNet")
+    im.add_argument("--source", required=True, metavar="DIR", help="folder of <class>/*.jpg|png")
+    common(im, 84)
+    im.add_argument("--split-files", metavar="DIR", help="folder with train.csv, val.csv, test.csv (filename,label)")
+    im.add_argument(
+        "--proportions",
+        type=_proportions,
+        default=(0.64, 0.16, 0.2),
+        help="train,val,test class shares (no split files)",
+    )
+    im.add_argument("--channels", type=int, default=3, choices=(1, 3), help="3: RGB (default), 1: grey")
+
+    gl = kinds.add_parser("glyphs", help="generate the Omniglot-like glyph set (no files needed)")
+    common(gl, 28)
+    gl.add_argument("--classes", type=int, default=1200, help="characters in all (default: 1200)")
+    gl.add_argument("--drawings", type=int, default=20, help="drawings per character (default: 20)")
+    gl.add_argument("--val-classes", type=int, default=100, help="meta-validation characters (default: 100)")
+    gl.add_argument("--test-classes", type=int, default=200, help="meta-test characters (default: 200)")
+    gl.add_argument("--jitter", type=float, default=1.0, help="how unsteady the hand is (default: 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distmaml", description="Distributed MAML on Ray, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batchings", action="store_true", help="also time the core forced to vmap and to loop")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON results")
     bench.set_defaults(func=cmd_bench)
+
+    _add_prepare(sub)
     return parser
 
 
@@ -178,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError, FileNotFoundError, ValueError, StorageError) as e:
+    except (ConfigError, DataError, UserError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"distmaml: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -92,13 +92,16 @@ class InnerConfig:
         _at_least("inner.test_steps", self.test_steps, 0)
 
 
-DATA_FAMILIES = ("sinusoid", "noise", "store")
+DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
+IMAGE_FAMILIES = ("glyphs", "store", "noise")
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
-    """Task family: ``sinusoid`` (synthetic regression), ``store`` (a Parquet image task store) or ``noise`` (random images, for benchmarks)."""
+    """Task family: ``sinusoid`` (synthetic regression), ``glyphs`` (generated glyph images, prepared
+    on first use), ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``) or
+    ``noise`` (random images, for benchmarks)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -106,9 +109,9 @@ class DataConfig:
     queries: int = 10
     """Query examples per class (Q), or per task for regression."""
     path: str | None = None
-    """Task store folder or URI for image families."""
+    """Task store folder for image families (``glyphs``: default ``~/.cache/distmaml/glyphs-v1``)."""
     image_size: int = 28
-    """Side of the square images of the ``noise`` family."""
+    """Side of the square images of the ``noise`` family (stores carry their own shape)."""
     channels: int = 1
     """Channels of the ``noise`` family's images."""
 
@@ -246,6 +249,12 @@ class Config:
             raise ConfigError(
                 f"mamlpp.min_lr = {self.mamlpp.min_lr} is not below meta.lr = {self.meta.lr}: "
                 "the cosine schedule anneals down to it; lower mamlpp.min_lr or set mamlpp.cosine_lr=false"
+            )
+        image = self.data.family in IMAGE_FAMILIES
+        if image != (self.model.name == "conv4"):
+            need = "conv4" if image else "mlp"
+            raise ConfigError(
+                f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
             )
         if self.workers > self.meta.batch_size:
             raise ConfigError(

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from distmaml.config import Config, config_from_dict
+from distmaml.config import IMAGE_FAMILIES, Config, config_from_dict
 from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.algorithm import Algorithm, MamlppOptions, init_algorithm_params
 from distmaml.core.evaluate import score_tasks
@@ -87,6 +87,10 @@ def build_family(config: Config) -> TaskFamily:
         return SinusoidTasks(shots=data.shots, queries=data.queries, seed=config.seed)
     if data.family == "noise":
         return NoiseImageTasks(data.ways, data.shots, data.queries, data.channels, data.image_size, config.seed)
+    if data.family in IMAGE_FAMILIES:
+        from distmaml.data.family import build_image_family  # lazily: pyarrow stays out of the core
+
+        return build_image_family(config)  # type: ignore[no-any-return]
     raise ValueError(f"data.family = {data.family!r}: no task family of that name")
 
 
@@ -97,12 +101,16 @@ def build_network(config: Config) -> torch.nn.Module:
     if m.name == "mlp":
         model = build_model("mlp", in_features=1, out_features=1, hidden=m.hidden)
     else:
+        if config.data.family == "noise":
+            channels, height, width = config.data.channels, config.data.image_size, config.data.image_size
+        else:
+            from distmaml.data.family import image_shape
+
+            channels, height, width = image_shape(config)  # the store's metadata (glyphs: generated if missing)
+        if height != width:
+            raise ValueError(f"conv4 needs square images; the store at data.path holds {height}x{width}")
         model = build_model(
-            "conv4",
-            out_features=config.data.ways,
-            in_channels=config.data.channels,
-            image_size=config.data.image_size,
-            filters=m.filters,
+            "conv4", out_features=config.data.ways, in_channels=channels, image_size=height, filters=m.filters
         )
     return model.to(dtype=getattr(torch, config.precision))
 

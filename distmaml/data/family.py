@@ -1,0 +1,62 @@
+"""From a config's ``data`` section to a store and its ``ImageTasks``.
+
+``data.family``:
+
+* ``store``: any store that ``distmaml prepare`` wrote, at ``data.path``.
+* ``glyphs``: the procedural glyph set with its default ``GlyphSpec``, at
+  ``data.path`` or, when unset, in the cache folder
+  (``$DISTMAML_CACHE`` or ``~/.cache/distmaml``); generated on first use,
+  atomically, so concurrent workers cannot see half a store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distmaml.config import IMAGE_FAMILIES, Config
+from distmaml.data.errors import DataError
+from distmaml.data.store import is_store, open_store
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTMAML_CACHE") or Path.home() / ".cache" / "distmaml").expanduser()
+
+
+def default_glyphs_path() -> Path:
+    from distmaml.data.glyphs import GENERATOR_VERSION
+
+    return cache_dir() / f"glyphs-v{GENERATOR_VERSION}"
+
+
+def store_path(config: Config) -> Path:
+    """The store folder of an image family; the glyph store is generated here if missing."""
+    data = config.data
+    if data.family == "glyphs":
+        path = Path(data.path).expanduser() if data.path else default_glyphs_path()
+        if not is_store(path):
+            from distmaml.data.glyphs import prepare_glyphs
+
+            prepare_glyphs(path, keep_existing=True)
+        return path
+    if data.family == "store":
+        if not data.path:
+            raise DataError(
+                "data.path is not set: prepare a store with `distmaml prepare omniglot|imagefolder|glyphs "
+                "--out DATA_DIR`, then --set data.path=DATA_DIR"
+            )
+        return Path(data.path).expanduser()
+    raise DataError(f"data.family = {data.family!r} is not an image family ({', '.join(IMAGE_FAMILIES)})")
+
+
+def image_shape(config: Config) -> tuple[int, int, int]:
+    """(channels, height, width) of the config's store, from its metadata alone."""
+    return open_store(store_path(config)).image_shape
+
+
+def build_image_family(config: Config):  # type: ignore[no-untyped-def]
+    """The config's ``ImageTasks``; checks ways, shots and queries against the store."""
+    from distmaml.data.episodes import ImageTasks
+
+    d = config.data
+    return ImageTasks(store_path(config), ways=d.ways, shots=d.shots, queries=d.queries, seed=config.seed)

@@ -1,0 +1,244 @@
+"""The task store: one Parquet file per split plus ``metadata.json``.
+
+Layout of a store folder::
+
+    metadata.json     schema version, image shape, classes and images per split, source
+    train.parquet     one row per image, rows grouped by class
+    val.parquet
+    test.parquet
+
+Columns: ``class`` (name, e.g. ``Gurmukhi/character07`` or ``.../rot090``),
+``class_index`` (0.. within the split, rows sorted by it), ``group`` (e.g. the
+alphabet), ``split``, ``rotation`` (degrees), ``file`` (source path relative
+to the source folder, empty for generated images) and ``image``: the uint8
+pixels at training resolution, ``C*H*W`` bytes in CHW order
+(``fixed_size_binary``), so a whole split reads into one contiguous buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from distmaml.data.errors import DataError
+from distmaml.tasks.base import SPLITS
+
+SCHEMA_VERSION = 1
+METADATA = "metadata.json"
+FORMAT = "distmaml-task-store"
+
+
+def split_file(split: str) -> str:
+    return f"{split}.parquet"
+
+
+@dataclass
+class ClassImages:
+    """The images of one class, as the preparers hand them to the writer."""
+
+    name: str
+    group: str
+    images: Tensor
+    """uint8 ``[n, C, H, W]`` at training resolution."""
+    files: list[str]
+    rotation: int = 0
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What ``metadata.json`` says about one split."""
+
+    classes: list[str]
+    counts: list[int]
+
+    @property
+    def images(self) -> int:
+        return sum(self.counts)
+
+    def smallest(self) -> tuple[str, int]:
+        """(name, image count) of the class with the fewest images."""
+        i = int(np.argmin(self.counts))
+        return self.classes[i], self.counts[i]
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """A store's metadata, checked."""
+
+    path: Path
+    image_shape: tuple[int, int, int]
+    splits: dict[str, SplitInfo]
+    source: dict[str, Any]
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """A split in memory: ``images`` uint8 ``[N, C, H, W]``; class c owns rows ``offsets[c]:offsets[c+1]``."""
+
+    images: Tensor
+    offsets: Tensor
+    classes: list[str]
+
+    @property
+    def counts(self) -> Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def is_store(path: Path) -> bool:
+    return (Path(path) / METADATA).is_file()
+
+
+def open_store(path: str | Path) -> StoreInfo:
+    """Reads and checks ``metadata.json`` of the store at ``path``."""
+    path = Path(path).expanduser()
+    meta_path = path / METADATA
+    if not meta_path.is_file():
+        raise DataError(
+            f"no task store at {path} (no {METADATA}); create one with "
+            f"`distmaml prepare omniglot|imagefolder|glyphs --out {path}`"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"task store {path}: {METADATA} is unreadable ({e}); prepare the store again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"task store {path}: {METADATA} is not a distmaml task store's; prepare the store again")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(
+            f"task store {path} has schema version {version}, this distmaml reads version {SCHEMA_VERSION}; "
+            "prepare it again with `distmaml prepare ... --overwrite`"
+        )
+    splits = {}
+    for split in SPLITS:
+        entry = meta["splits"].get(split)
+        if entry is None or not (path / split_file(split)).is_file():
+            raise DataError(f"task store {path}: split {split!r} is missing; prepare the store again")
+        splits[split] = SplitInfo(list(entry["classes"]), [int(c) for c in entry["counts"]])
+    c, h, w = (int(v) for v in meta["image_shape"])
+    return StoreInfo(path, (c, h, w), splits, dict(meta.get("source", {})), meta["mean"], meta["std"])
+
+
+def load_split(info: StoreInfo, split: str) -> SplitData:
+    """Reads one split into memory: a single uint8 tensor and the class offsets."""
+    file = info.path / split_file(split)
+    table = pq.read_table(file, columns=["class_index", "image"])
+    n = table.num_rows
+    expected = info.splits[split]
+    if n != expected.images:
+        raise DataError(f"task store {info.path}: {file.name} holds {n} images, metadata says {expected.images}")
+    c, h, w = info.image_shape
+    column = table.column("image").combine_chunks()
+    width = c * h * w
+    if column.type != pa.binary(width):
+        raise DataError(f"task store {info.path}: images in {file.name} are {column.type}, expected {width} bytes each")
+    data = column.buffers()[1]
+    flat = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=column.offset * width)
+    images = torch.from_numpy(flat.copy()).view(n, c, h, w)  # owned, writable memory
+    index = torch.from_numpy(table.column("class_index").to_numpy().astype(np.int64))
+    if n and bool((index[1:] < index[:-1]).any()):  # rows are written grouped; reorder if a tool shuffled them
+        order = torch.argsort(index, stable=True)
+        images, index = images[order], index[order]
+    counts = torch.bincount(index, minlength=len(expected.classes))
+    if counts.tolist() != expected.counts:
+        raise DataError(f"task store {info.path}: class sizes in {file.name} differ from {METADATA}")
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return SplitData(images, offsets, expected.classes)
+
+
+_SCHEMA = pa.schema(
+    [
+        ("class", pa.string()),
+        ("class_index", pa.int32()),
+        ("group", pa.string()),
+        ("split", pa.string()),
+        ("rotation", pa.int16()),
+        ("file", pa.string()),
+    ]
+)
+
+
+class StoreWriter:
+    """Writes the splits of a store into ``folder`` (a temporary folder; see ``prepare.staged_output``)."""
+
+    def __init__(self, folder: Path, image_shape: tuple[int, int, int]) -> None:
+        self.folder = Path(folder)
+        self.image_shape = image_shape
+        self.splits: dict[str, SplitInfo] = {}
+        self._sum = np.zeros(image_shape[0])
+        self._sumsq = np.zeros(image_shape[0])
+        self._pixels = 0
+
+    def write_split(self, split: str, classes: list[ClassImages]) -> None:
+        """Writes ``split.parquet``: every image of ``classes``, grouped by class in the given order."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: allowed values are {SPLITS}")
+        width = int(np.prod(self.image_shape))
+        cols: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
+        blobs = []
+        for i, cls in enumerate(classes):
+            imgs = cls.images
+            if imgs.dtype != torch.uint8 or tuple(imgs.shape[1:]) != self.image_shape:
+                raise ValueError(f"class {cls.name!r}: images must be uint8 {self.image_shape}, got {imgs.dtype}")
+            k = imgs.shape[0]
+            cols["class"] += [cls.name] * k
+            cols["class_index"] += [i] * k
+            cols["group"] += [cls.group] * k
+            cols["split"] += [split] * k
+            cols["rotation"] += [cls.rotation] * k
+            cols["file"] += list(cls.files) if cls.files else [""] * k
+            blobs.append(imgs.contiguous().numpy().reshape(-1))
+            if split == "train":
+                x = imgs.double().div(255).transpose(0, 1).reshape(imgs.shape[1], -1)
+                self._sum += x.sum(1).numpy()
+                self._sumsq += (x * x).sum(1).numpy()
+                self._pixels += x.shape[1]
+        pixels = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
+        image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(cols["class"]), [None, pa.py_buffer(pixels)])
+        arrays = [pa.array(cols[name], type=_SCHEMA.field(name).type) for name in _SCHEMA.names]
+        table = pa.Table.from_arrays([*arrays, image], schema=_SCHEMA.append(pa.field("image", pa.binary(width))))
+        pq.write_table(table, self.folder / split_file(split), compression="zstd", row_group_size=65536)
+        self.splits[split] = SplitInfo([c.name for c in classes], [int(c.images.shape[0]) for c in classes])
+
+    def finish(self, source: dict[str, Any]) -> dict[str, Any]:
+        """Writes ``metadata.json`` (last, so a folder with it is a complete store); returns it."""
+        missing = [s for s in SPLITS if s not in self.splits]
+        if missing:
+            raise ValueError(f"splits {missing} were not written")
+        mean = self._sum / max(self._pixels, 1)
+        std = np.sqrt(np.maximum(self._sumsq / max(self._pixels, 1) - mean * mean, 1e-12))
+        meta = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "image_shape": list(self.image_shape),
+            "dtype": "uint8",
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source,
+            "splits": {
+                s: {"classes": info.classes, "counts": info.counts, "images": info.images}
+                for s, info in self.splits.items()
+            },
+        }
+        (self.folder / METADATA).write_text(json.dumps(meta, indent=1))
+        return meta
+
+
+def describe_store(info: StoreInfo) -> str:
+    """One line: classes and images per split and the image shape."""
+    c, h, w = info.image_shape
+    parts = [f"{s} {len(i.classes)} classes / {i.images} images" for s, i in info.splits.items()]
+    return f"{'; '.join(parts)} ({h}x{w}, {c} channel{'s' if c > 1 else ''})"
