@@ -89,3 +89,8 @@ def reference_algorithm_gradient(
     grads = torch.autograd.grad(mean, list(leaves.values()), allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
     return out, mean.detach()
+
+
+def forward_with(model, params, x):
+    """``model(x)`` with ``params`` (some or all of its parameters) swapped in, differentiably."""
+    return clone_module(model, params)(x)
