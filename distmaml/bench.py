@@ -15,6 +15,7 @@ import logging
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ BENCH_CONFIGS: dict[str, list[str]] = {
         "inner.lr=0.4",
     ],
 }
-DEFAULT_STEPS = {"sinusoid": 40, "omniglot": 3}
+DEFAULT_STEPS = {"sinusoid": 40, "omniglot": 5}
 
 
 def bench_config(name: str, *extra: str) -> Config:
@@ -85,8 +86,8 @@ def _matmul_gflops(threads: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
+def _step_fn(name: str, impl: str) -> tuple[Config, Any]:
+    """The config and a zero-argument function computing one meta-step's gradient with ``impl``."""
     from distmaml.baseline import baseline_meta_gradient, native_twin
     from distmaml.core import meta_grad
     from distmaml.engine.shard import TaskRunner
@@ -103,12 +104,40 @@ def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
             baseline_meta_gradient(
                 twin, params, batch, lr=inner.lr, steps=inner.steps, first_order=inner.first_order, loss=inner.loss
             )
-    else:
-        batching = {"core": "auto", "core-vmap": "vmap", "core-loop": "loop"}[impl]
 
-        def step() -> None:
-            meta_grad(runner.model, params, batch, inner, batching=batching)
+        return config, step
+    batching = {"core": "auto", "core-vmap": "vmap", "core-loop": "loop"}[impl]
 
+    def core_step() -> None:
+        meta_grad(runner.model, params, batch, inner, batching=batching)
+
+    return config, core_step
+
+
+def _time_interleaved(name: str, impls: list[str], threads: int, steps: int) -> dict[str, float]:
+    """Median seconds per meta-step of each implementation, timed in turn in one process.
+
+    Taking turns step by step exposes every implementation to the same
+    conditions (other load on the machine, clock changes), so their ratio is
+    fair even when absolute times drift.
+    """
+    torch.set_num_threads(threads)
+    fns = {impl: _step_fn(name, impl)[1] for impl in impls}
+    for fn in fns.values():
+        fn()  # warm-up: allocations, lazy initialisation
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(steps):
+        for impl, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
+
+
+def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
+    """Peak memory and FLOPs of one implementation, alone in this process; seconds per step too."""
+    torch.set_num_threads(threads)
+    config, step = _step_fn(name, impl)
     step()  # warm-up: allocations, lazy initialisation
     _reset_peak_rss()
     rss0 = _status_kb("VmRSS")
@@ -137,47 +166,72 @@ def _in_subprocess(fn: Any, *args: Any) -> Any:
 
 # -- the Ray engine: tasks/s per worker count --------------------------------------------------
 def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
-    """Tasks/s of W single-thread workers, and the share of a step outside their compute."""
+    """Tasks/s of W single-thread workers, the share of a step outside their compute, and the
+    per-task baseline alone on 2 threads.
+
+    One engine per worker count is started up front; then, step by step, each
+    engine takes a meta-step in turn and the baseline (in this process, while
+    every worker is idle) computes one, so that all are timed under the same
+    conditions. Reported: medians over the timed steps.
+    """
     import ray
 
     from distmaml.engine.ray_engine import RayEngine
     from distmaml.trainer import Trainer
 
-    rows = []
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=max(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=sum(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
+    engines: dict[int, tuple[Config, RayEngine, Trainer]] = {}
     try:
         for w in workers:
-            config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "device=cpu")
+            config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
             engine = RayEngine(config)
-            trainer = Trainer(config, engine, progress=False)
-            try:
-                trainer.train_step()  # warm-up
-                walls, computes = [], []
-                for _ in range(steps):
-                    t0 = time.perf_counter()
-                    trainer.train_step()
-                    walls.append(time.perf_counter() - t0)
-                    computes.append(engine.last_timing["compute"])
-            finally:
-                engine.close()
-            wall = sum(walls) / len(walls)
-            compute = sum(computes) / len(computes)
-            rows.append(
-                {
-                    "config": name,
-                    "impl": f"ray x{w}",
-                    "workers": w,
-                    "threads": 1,
-                    "seconds_per_step": wall,
-                    "tasks_per_second": config.meta.batch_size / wall,
-                    "outside_compute_share": 1 - compute / wall,
-                }
-            )
+            engines[w] = (config, engine, Trainer(config, engine, progress=False))
+        torch.set_num_threads(2)
+        base_config, baseline = _step_fn(name, "baseline")
+        walls: dict[int, list[float]] = {w: [] for w in workers}
+        computes: dict[int, list[float]] = {w: [] for w in workers}
+        base_times: list[float] = []
+        for i in range(steps + 1):  # the first round is a warm-up
+            for w, (_, engine, trainer) in engines.items():
+                t0 = time.perf_counter()
+                trainer.train_step()
+                if i:
+                    walls[w].append(time.perf_counter() - t0)
+                    computes[w].append(engine.last_timing["compute"])
+            t0 = time.perf_counter()
+            baseline()
+            if i:
+                base_times.append(time.perf_counter() - t0)
     finally:
+        for _, engine, _ in engines.values():
+            engine.close()
         if started:
             ray.shutdown()
+    base = statistics.median(base_times)
+    rows = [
+        {
+            "config": name,
+            "impl": "baseline",
+            "threads": 2,
+            "seconds_per_step": base,
+            "tasks_per_second": base_config.meta.batch_size / base,
+        }
+    ]
+    for w in workers:
+        wall, compute = statistics.median(walls[w]), statistics.median(computes[w])
+        rows.append(
+            {
+                "config": name,
+                "impl": f"ray x{w}",
+                "workers": w,
+                "threads": 1,
+                "seconds_per_step": wall,
+                "tasks_per_second": base_config.meta.batch_size / wall,
+                "outside_compute_share": 1 - compute / wall,
+            }
+        )
     return rows
 
 
@@ -210,23 +264,29 @@ def run(
     rows: list[dict[str, Any]] = []
     for name in configs:
         n = steps or DEFAULT_STEPS[name]
+        batch_size = bench_config(name).meta.batch_size
         for t in threads:
-            measured = [_in_subprocess(_measure, name, impl, t, n) for impl in ["baseline", *impls]]
+            impls_t = ["baseline", *impls]
+            measured = [_in_subprocess(_measure, name, impl, t, 1) for impl in impls_t]
+            seconds = _in_subprocess(_time_interleaved, name, impls_t, t, n)
+            for r in measured:
+                r["gflops"] *= r["seconds_per_step"] / seconds[r["impl"]]
+                r["seconds_per_step"] = seconds[r["impl"]]
+                r["tasks_per_second"] = batch_size / seconds[r["impl"]]
             base = measured[0]
             for r in measured:
                 r["vs_baseline"] = r["tasks_per_second"] / base["tasks_per_second"]
                 r["memory_vs_baseline"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
             rows += measured
         if workers:
-            two = _in_subprocess(_measure, name, "baseline", 2, n)  # the baseline alone on both threads
-            engine_rows = measure_engine(name, workers, engine_steps or n)
-            one = next((r for r in engine_rows if r["workers"] == 1), None)
-            for r in engine_rows:
+            engine_rows = _in_subprocess(measure_engine, name, workers, engine_steps or n)
+            two = engine_rows[0]
+            one = next((r for r in engine_rows if r.get("workers") == 1), None)
+            for r in engine_rows[1:]:
                 r["vs_baseline_2_threads"] = r["tasks_per_second"] / two["tasks_per_second"]
                 if one:
                     r["scaling_vs_1_worker"] = r["tasks_per_second"] / one["tasks_per_second"]
-            two["vs_baseline"] = None
-            rows += [two, *engine_rows]
+            rows += engine_rows
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "matmul_gflops": matmul,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +119,7 @@ def reserve(config: Config, res: WorkerResources) -> Placement:
         return Placement(current, 1, owned=False)
     check_feasible(config, res)
     wanted = [{"CPU": config.engine.driver_cpus}] + [res.bundle() for _ in range(config.workers)]
-    group = placement_group(wanted, strategy=config.engine.placement, name="distmaml-run")
+    group = placement_group(wanted, strategy=config.engine.placement, name=f"distmaml-run-{uuid.uuid4().hex[:8]}")
     try:
         ray.get(group.ready(), timeout=config.engine.startup_timeout)
     except ray.exceptions.GetTimeoutError:
