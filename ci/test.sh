@@ -3,6 +3,6 @@
 # where `pip install -e '.[test]'` has been done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ruff check distmaml tests
+ruff check distmaml tests cluster
 mypy
 python -m pytest -q "$@"
