@@ -18,7 +18,7 @@ BASE = ["meta.batch_size=8", "tracking.enabled=false", "engine.cpus_per_worker=0
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     for _ in range(2):
         cluster.add_node(num_cpus=2, num_gpus=2)  # fake GPUs: resources only
     cluster.wait_for_nodes()
