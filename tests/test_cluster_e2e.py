@@ -108,3 +108,18 @@ def test_a_missing_token_is_reported_as_such(head, tmp_path):
     proc = _run_submit(tmp_path, env)
     assert proc.returncode == 2
     assert "the cluster refused this client's authentication token; set RAY_AUTH_MODE=token" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_token_at_hand_does_not_stop_joining_a_cluster_without_auth(tmp_path):
+    # connect turns token mode on whenever a token is at hand; a cluster without authentication must still accept us
+    plain = start_head(num_cpus=1, token_auth=False)
+    try:
+        env = {k: v for k, v in plain.env.items() if k != "RAY_AUTH_MODE"}
+        env["RAY_AUTH_TOKEN"] = "f" * 64  # some other cluster's token, in the environment
+        proc = _run_submit(tmp_path, env)
+        assert f"joined the Ray cluster at {plain.address}" in proc.stdout, proc.stderr[-2000:]
+        assert proc.returncode == 2 and "no checkpoints found" in proc.stderr
+    finally:
+        plain.stop()
+    assert plain.pids() == []
