@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from distmaml import storage
@@ -141,6 +142,26 @@ def _proportions(text: str) -> tuple[float, float, float]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Writes a task store to ``--out``; an object-store URI is written locally first, then uploaded."""
+    if not storage.is_uri(args.out):
+        return _prepare(args)
+    import tempfile
+
+    from distmaml.data.store import METADATA
+
+    uri = str(storage.location(args.out))
+    if storage.exists(storage.join(uri, METADATA)) and not args.overwrite:
+        raise DataError(f"--out {uri} already holds a task store; pass --overwrite to replace it")
+    storage.check_writable(uri, "--out")
+    with tempfile.TemporaryDirectory(prefix="distmaml-prepare-") as tmp:
+        args.out = str(Path(tmp) / storage.name(uri))
+        _prepare(args)
+        storage.upload_dir(args.out, uri, last=METADATA)
+    print(f"uploaded to {uri}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
     import time
 
     from distmaml.data.store import describe_store, open_store

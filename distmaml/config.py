@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -288,6 +289,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Checks ``value`` against the field's type; ints pass as floats."""
     origin = typing.get_origin(annotation)
@@ -306,6 +310,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is int:
         _check(key, value, isinstance(value, int) and not isinstance(value, bool), "must be an integer")
     elif annotation is float:
+        if isinstance(value, str) and _FLOAT_WITHOUT_DOT.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         _check(key, value, ok, "must be a number")
         return float(value)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from typing import Any
 from urllib.parse import urlparse
@@ -107,11 +108,16 @@ def _token_available() -> bool:
 def enable_token_auth_if_available() -> bool:
     """Sets ``RAY_AUTH_MODE=token`` (for this process and its children) if unset and a token exists.
 
-    Must run before ``ray.init``, which reads the mode when it connects.
+    Must run before ``ray.init``; Ray's cached config is refreshed as Ray's own
+    ``address="auto"`` path does it.
     """
     if "RAY_AUTH_MODE" in os.environ or not _token_available():
         return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
     os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray._raylet" in sys.modules:  # Ray caches its config from the environment when it loads: refresh it
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        Config.initialize("")
     return True
 
 

@@ -226,6 +226,24 @@ def check_writable(path: str | os.PathLike[str], what: str = "--out") -> None:
         ) from e
 
 
+def upload_dir(local: str | os.PathLike[str], uri: str, last: str = "metadata.json") -> None:
+    """Copies a local folder to an object-store URI, file by file, with ``last`` uploaded at the end.
+
+    Object stores have no folder rename, so a store is published by its
+    metadata file: it is deleted first and uploaded last, and a reader that
+    finds it finds every file it names.
+    """
+    src = Path(local)
+    fs, root = resolve(uri)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.relative_to(src).as_posix() == last)  # stable: ``last`` goes to the end
+    if fs.get_file_info(f"{root}/{last}").type == pafs.FileType.File:
+        fs.delete_file(f"{root}/{last}")
+    for p in files:
+        with fs.open_output_stream(f"{root}/{p.relative_to(src).as_posix()}") as f:
+            f.write(p.read_bytes())
+
+
 def _fingerprint(fs: pafs.FileSystem, root: str) -> tuple[str, list[pafs.FileInfo]]:
     files = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
     digest = hashlib.sha256()

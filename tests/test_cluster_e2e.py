@@ -12,13 +12,13 @@ import pytest
 from rayhead import start_head
 
 SUBMIT = Path(__file__).resolve().parent.parent / "cluster" / "submit.py"
-WORKERS = 0  # TODO(engine): 2 once the Ray engine lands; the run then spreads over the head's workers
+WORKERS = 2
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def head():
-    h = start_head(num_cpus=2, resources='{"distmaml_e2e_head": 1}')
+    h = start_head(num_cpus=3, resources='{"distmaml_e2e_head": 1}')  # the driver's bundle and 2 workers
     try:
         yield h
     finally:
@@ -34,10 +34,11 @@ def test_submit_runs_train_on_the_cluster(head, tmp_path):
     script = workdir / "submit.py"
     shutil.copy(SUBMIT, script)
     run = tmp_path / "run"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [
         "train", "--quiet", "--out", str(run), "--set", f"meta.steps={STEPS}", "--set", f"workers={WORKERS}",
         "--set", "meta.batch_size=4", "--set", "meta.test_tasks=8", "--set", "meta.val_tasks=8",
-        "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", f"tracking.uri={tracking_uri}", "--set", "tracking.experiment=e2e",
     ]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, str(script), *args], cwd=workdir, env=head.env, capture_output=True, text=True, timeout=600
@@ -51,7 +52,17 @@ def test_submit_runs_train_on_the_cluster(head, tmp_path):
     assert result["meta_test"]["metric"] == "mse" and result["meta_test"]["tasks"] == 8
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == f"step_{STEPS:09d}.pt"
     assert "meta-test, 8 held-out tasks" in proc.stdout
-    # TODO(tracking): find the run in MLflow at tracking.uri once the tracking callback is merged
+    # the run is in MLflow at the tracking URI given, finished, with its config and meta-test
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert len(runs) == 1 and f"MLflow run {runs[0].info.run_id} in {tracking_uri}" in proc.stdout
+    mlrun = runs[0]
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["workers"] == str(WORKERS) and mlrun.data.params["meta.steps"] == str(STEPS)
+    assert mlrun.data.metrics["test_mse"] == pytest.approx(result["meta_test"]["mean"])
+    assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "train_loss")] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.slow
@@ -97,3 +108,18 @@ def test_a_missing_token_is_reported_as_such(head, tmp_path):
     proc = _run_submit(tmp_path, env)
     assert proc.returncode == 2
     assert "the cluster refused this client's authentication token; set RAY_AUTH_MODE=token" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_token_at_hand_does_not_stop_joining_a_cluster_without_auth(tmp_path):
+    # connect turns token mode on whenever a token is at hand; a cluster without authentication must still accept us
+    plain = start_head(num_cpus=1, token_auth=False)
+    try:
+        env = {k: v for k, v in plain.env.items() if k != "RAY_AUTH_MODE"}
+        env["RAY_AUTH_TOKEN"] = "f" * 64  # some other cluster's token, in the environment
+        proc = _run_submit(tmp_path, env)
+        assert f"joined the Ray cluster at {plain.address}" in proc.stdout, proc.stderr[-2000:]
+        assert proc.returncode == 2 and "no checkpoints found" in proc.stderr
+    finally:
+        plain.stop()
+    assert plain.pids() == []

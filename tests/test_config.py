@@ -64,3 +64,11 @@ def test_yaml_file_and_overrides(tmp_path):
 @pytest.mark.parametrize("name", recipe_names())
 def test_every_recipe_is_valid(name):
     load_config(name)
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-3 as a string; a float key takes it as the number it spells
+    cfg = load_config("sinusoid", ["meta.lr=3e-4", "inner.lr=1E+30"])
+    assert cfg.meta.lr == 3e-4 and cfg.inner.lr == 1e30
+    with pytest.raises(ConfigError, match="inner.lr = 'e3': must be a number"):
+        load_config("sinusoid", ["inner.lr=e3"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import distmaml
 from distmaml import storage
 from distmaml.cli import main
 from distmaml.config import load_config
-from distmaml.engine import InProcessEngine
 from distmaml.trainer import Trainer
 
 
@@ -100,66 +98,25 @@ def test_unwritable_run_directories_are_refused(s3, tmp_path):
 def test_cli_refuses_unwritable_out_before_training(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert main(["train", "--quiet", "--out", str(blocker / "run"), "--set", "meta.steps=100000"]) == 2
+    assert (
+        main(["train", "--quiet", "--out", str(blocker / "run"), "--set", "meta.steps=100000", "--workers", "0"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"distmaml: error: --out {blocker / 'run'}: cannot write there")
     assert len(err.strip().splitlines()) == 1
 
 
-OVERRIDES = [
-    "meta.steps=12",
-    "meta.batch_size=4",
-    "meta.val_every=0",
-    "meta.checkpoint_every=4",
-    "meta.keep_checkpoints=2",
-    "precision=float64",
-    "meta.test_tasks=8",
-    "meta.val_tasks=8",
-    "tracking.enabled=false",
-]
-
-
-def test_train_and_resume_on_s3_equals_uninterrupted(s3):
-    sets = [x for o in OVERRIDES for x in ("--set", o)]
-    # an uninterrupted run written to S3 by the command line
-    assert main(["train", "--quiet", "--out", "s3://bucket/whole", *sets]) == 0
-    whole = distmaml.load_checkpoint("s3://bucket/whole")
-    # the same run stopped after 8 steps, with its checkpoints on S3 ...
-    cfg = load_config("sinusoid", OVERRIDES)
-    part = Trainer(cfg, InProcessEngine(cfg), "s3://bucket/run", progress=False)
-    while part.step < 8:
-        part.train_step()
-        if part.step % 4 == 0:
-            part.checkpoint()
-    assert storage.listdir("s3://bucket/run/checkpoints") == ["step_000000004.pt", "step_000000008.pt"]
-    # ... resumed from the command line
-    assert main(["train", "--quiet", "--resume", "s3://bucket/run"]) == 0
-    ckpt = distmaml.load_checkpoint("s3://bucket/run")
-    assert ckpt.step == whole.step == 12 and ckpt.path == "s3://bucket/run/checkpoints/step_000000012.pt"
-    assert ckpt.config == whole.config
-    for k, v in whole.params.items():
-        assert v.dtype == torch.float64
-        torch.testing.assert_close(ckpt.params[k], v, rtol=0, atol=1e-12)
-    result = json.loads(storage.read_bytes("s3://bucket/run/result.json"))
-    expected = json.loads(storage.read_bytes("s3://bucket/whole/result.json"))
-    assert result["steps"] == 12 and result["meta_test"]["mean"] == pytest.approx(expected["meta_test"]["mean"], 1e-12)
-    assert storage.listdir("s3://bucket/run") == ["checkpoints", "config.yaml", "result.json"]
-    assert storage.listdir("s3://bucket/run/checkpoints") == ["step_000000008.pt", "step_000000012.pt"]
-    # evaluate reads and writes the run on S3 too
-    assert main(["evaluate", "--checkpoint", "s3://bucket/run", "--tasks", "8"]) == 0
-    assert json.loads(storage.read_bytes("s3://bucket/run/eval.json"))["meta_test"]["tasks"] == 8
-
-
 def test_train_out_on_s3_refuses_an_existing_run(s3, capsys):
     storage.write_bytes_atomic("s3://bucket/taken/checkpoints/step_000000004.pt", b"x")
-    assert main(["train", "--quiet", "--out", "s3://bucket/taken"]) == 2
+    assert main(["train", "--quiet", "--out", "s3://bucket/taken", "--workers", "0"]) == 2
     assert "already holds a run; use --resume s3://bucket/taken" in capsys.readouterr().err
 
 
 def test_non_finite_loss_checkpoints_the_last_good_state(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(
-        ["train", "--quiet", "--out", str(run), "--set", "inner.lr=1.0e+30", "--set", "meta.checkpoint_every=1000"]
+        ["train", "--quiet", "--out", str(run), "--workers", "0", "--set", "inner.lr=1.0e+30"]
+        + ["--set", "meta.checkpoint_every=1000", "--set", "tracking.enabled=false"]
     )
     assert code == 3
     err = capsys.readouterr().err

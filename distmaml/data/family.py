@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from distmaml import storage
 from distmaml.config import IMAGE_FAMILIES, Config
 from distmaml.data.errors import DataError
 from distmaml.data.store import is_store, open_store
@@ -32,6 +33,14 @@ def default_glyphs_path() -> Path:
 def store_path(config: Config) -> Path:
     """The store folder of an image family; the glyph store is generated here if missing."""
     data = config.data
+    if data.path and storage.is_uri(data.path) and data.family in IMAGE_FAMILIES:
+        try:  # a store on S3 or GCS: copied once per node into the cache folder
+            return storage.cached_dir(data.path, cache_dir())
+        except FileNotFoundError:
+            raise DataError(
+                f"data.path = {data.path}: no task store there; create one with "
+                f"`distmaml prepare omniglot|imagefolder|glyphs --out {data.path}`"
+            ) from None
     if data.family == "glyphs":
         path = Path(data.path).expanduser() if data.path else default_glyphs_path()
         if not is_store(path):

@@ -1,0 +1,84 @@
+"""Every row of the README's table of bad inputs, run through the CLI: the exact message and exit code.
+
+The table is read from README.md, so the documentation and the behaviour
+cannot drift apart. Each command runs in-process (``distmaml.cli.main``) in a
+fresh folder holding the files the rows name.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from distmaml.cli import main
+from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SECTION = "### Bad inputs and the messages they get"
+
+FILES = {
+    "blocker": "a file where a folder should be\n",
+    "junk-run/checkpoints/step_000000004.pt": "not a checkpoint\n",
+    "swapped.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.1, 0.001]}}\n",
+    "wrong-metric.yaml": "base: sinusoid\nmetric: val_accuracy\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
+    "normal.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {normal: [0.01, 0.003]}}\n",
+    "bad-value.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.steps: {choice: [1, 0]}}\n",
+}
+
+
+def _cell(text: str) -> str:
+    text = text.strip().replace("\\|", "|")
+    if text.startswith("`` ") and text.endswith(" ``"):
+        return text[3:-3]
+    if text.startswith("`") and text.endswith("`"):
+        return text[1:-1]
+    return text
+
+
+def readme_rows() -> list[tuple[str, str, str, int, str]]:
+    """(area, what is wrong, command, exit code, message) of each row of the table."""
+    lines = README.read_text().split(SECTION, 1)[1].splitlines()
+    rows = []
+    for line in lines[lines.index(next(x for x in lines if x.startswith("|"))) :]:
+        if not line.startswith("|"):
+            break
+        cells = [_cell(c) for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if cells[0] in ("area", "---"):
+            continue
+        area, wrong, command, code, message = cells
+        rows.append((area, wrong, command, int(code), message))
+    return rows
+
+
+ROWS = readme_rows()
+
+
+def test_the_table_covers_every_area_with_at_least_15_rows():
+    assert len(ROWS) >= 15
+    assert {r[0] for r in ROWS} == {"config", "data", "checkpoints", "cluster", "sweeps"}
+    assert len({r[2] for r in ROWS}) == len(ROWS)  # no command twice
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "store"
+    prepare_glyphs(path, GlyphSpec(classes=30, drawings=4, size=16, val_classes=5, test_classes=5))
+    return path
+
+
+@pytest.mark.parametrize("area,wrong,command,code,message", ROWS, ids=[r[2][9:] for r in ROWS])
+def test_bad_input_gets_its_message(area, wrong, command, code, message, store, tmp_path, monkeypatch, capsys):
+    for name, text in FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "store").symlink_to(store)
+    monkeypatch.chdir(tmp_path)
+    argv = shlex.split(command)
+    assert argv[0] == "distmaml"
+    assert main(argv[1:]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == message
