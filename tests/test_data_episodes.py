@@ -175,6 +175,10 @@ def test_bad_data_settings_get_one_line(store, tmp_path, capsys):
     assert f"data.path = '{tmp_path / 'nowhere'}': no such folder" in err and "distmaml prepare" in err
     (tmp_path / "empty").mkdir()
     assert "not a task store" in run_cli(capsys, "data.family=store", f"data.path={tmp_path / 'empty'}")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    err = run_cli(capsys, f"data.path={tmp_path / 'notes'}")  # glyphs would be generated there
+    assert "data.path = " in err and "holds other files" in err and (tmp_path / "notes" / "a.txt").exists()
     old = tmp_path / "old"
     prepare_glyphs(old, GlyphSpec(classes=12, drawings=3, size=16, val_classes=2, test_classes=2))
     meta = json.loads((old / METADATA).read_text())

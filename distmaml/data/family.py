@@ -35,6 +35,11 @@ def store_path(config: Config) -> Path:
     if data.family == "glyphs":
         path = Path(data.path).expanduser() if data.path else default_glyphs_path()
         if not is_store(path):
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise DataError(
+                    f"data.path = {str(path)!r} holds other files, not a task store; point data.path at an "
+                    "empty or new folder for the glyph set (or unset it to use the cache)"
+                )
             from distmaml.data.glyphs import prepare_glyphs
 
             prepare_glyphs(path, keep_existing=True)
