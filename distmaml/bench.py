@@ -287,11 +287,25 @@ def run(
                 if one:
                     r["scaling_vs_1_worker"] = r["tasks_per_second"] / one["tasks_per_second"]
             rows += engine_rows
-    return {
+    report: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "matmul_gflops": matmul,
         "rows": rows,
     }
+    if "omniglot" in configs:
+        report["sampler"] = sampler_row(rows)
+    return report
+
+
+def sampler_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The task store's episode sampler on one thread (Omniglot-sized store, 5-way 1-shot, 15 queries),
+    beside the rate at which one single-thread worker consumes those tasks (the core's row)."""
+    from distmaml.data.bench import sampler_tasks_per_second
+
+    out: dict[str, Any] = _in_subprocess(sampler_tasks_per_second)
+    core = next((r for r in rows if r["config"] == "omniglot" and r["impl"] == "core" and r["threads"] == 1), None)
+    out["vs_worker"] = out["tasks_per_second"] / core["tasks_per_second"] if core else None
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -312,6 +326,13 @@ def main(args: argparse.Namespace) -> int:
                 f"{r['vs_baseline_2_threads']:.2f}x the baseline on 2 threads, "
                 f"{100 * r['outside_compute_share']:.1f}% of the step outside the workers' compute"
             )
+    if "sampler" in report:
+        s = report["sampler"]
+        ratio = f", {s['vs_worker']:.0f}x the rate one worker consumes them" if s["vs_worker"] else ""
+        print(
+            f"omniglot sampler: {s['tasks_per_second']:.0f} tasks/s on 1 thread{ratio} "
+            f"(store of {s['train_images']} meta-train images loaded in {s['load_seconds']:.2f} s)"
+        )
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"results written to {args.json}")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from distmaml import storage
 from distmaml.config import IMAGE_FAMILIES, Config
 from distmaml.data.errors import DataError
-from distmaml.data.store import is_store, open_store
+from distmaml.data.store import StoreInfo, is_store, open_store
 
 
 def cache_dir() -> Path:
@@ -44,6 +44,11 @@ def store_path(config: Config) -> Path:
     if data.family == "glyphs":
         path = Path(data.path).expanduser() if data.path else default_glyphs_path()
         if not is_store(path):
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise DataError(
+                    f"data.path = {str(path)!r} holds other files, not a task store; point data.path at an "
+                    "empty or new folder for the glyph set (or unset it to use the cache)"
+                )
             from distmaml.data.glyphs import prepare_glyphs
 
             prepare_glyphs(path, keep_existing=True)
@@ -54,13 +59,29 @@ def store_path(config: Config) -> Path:
                 "data.path is not set: prepare a store with `distmaml prepare omniglot|imagefolder|glyphs "
                 "--out DATA_DIR`, then --set data.path=DATA_DIR"
             )
-        return Path(data.path).expanduser()
-    raise DataError(f"data.family = {data.family!r} is not an image family ({', '.join(IMAGE_FAMILIES)})")
+        path = Path(data.path).expanduser()
+        if not is_store(path):
+            what = "no such folder" if not path.exists() else "not a task store (no metadata.json)"
+            raise DataError(
+                f"data.path = {data.path!r}: {what}; prepare one there with `distmaml prepare "
+                f"omniglot|imagefolder|glyphs --out {data.path}` or --set data.path=DATA_DIR"
+            )
+        return path
+    raise DataError(f"data.family = {data.family!r} has no task store (stores: glyphs, store)")
+
+
+def open_config_store(config: Config) -> StoreInfo:
+    """The metadata of the config's store; a bad store is reported against ``data.path``."""
+    path = store_path(config)
+    try:
+        return open_store(path)
+    except DataError as e:
+        raise DataError(f"data.path = {str(path)!r}: {e}") from None
 
 
 def image_shape(config: Config) -> tuple[int, int, int]:
     """(channels, height, width) of the config's store, from its metadata alone."""
-    return open_store(store_path(config)).image_shape
+    return open_config_store(config).image_shape
 
 
 def build_image_family(config: Config):  # type: ignore[no-untyped-def]
@@ -68,4 +89,5 @@ def build_image_family(config: Config):  # type: ignore[no-untyped-def]
     from distmaml.data.episodes import ImageTasks
 
     d = config.data
-    return ImageTasks(store_path(config), ways=d.ways, shots=d.shots, queries=d.queries, seed=config.seed)
+    info = open_config_store(config)
+    return ImageTasks(info.path, ways=d.ways, shots=d.shots, queries=d.queries, seed=config.seed)
