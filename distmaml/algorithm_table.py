@@ -39,6 +39,7 @@ def run_one(config: str, algorithm: str, steps: int, out: Path, extra: list[str]
         "config": Path(config).stem,
         "algorithm": algorithm,
         "steps": steps,
+        "test_steps": cfg.inner.test_steps,
         "meta_test": result["meta_test"],
         "unadapted": result["meta_test_unadapted"],
         "seconds_per_step": cfg.meta.batch_size / result["tasks_per_second"],
@@ -48,11 +49,13 @@ def run_one(config: str, algorithm: str, steps: int, out: Path, extra: list[str]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = "| recipe | algorithm | steps | meta-test (95% interval) | no adaptation | s/meta-step | peak MB |"
-    lines = [head, "|" + "---|" * 7]
+    head = (
+        "| recipe | algorithm | steps | test steps | meta-test (95% interval) | no adaptation | s/meta-step | peak MB |"
+    )
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['algorithm']} | {r['steps']} | {describe(r['meta_test'])} | "
+            f"| {r['config']} | {r['algorithm']} | {r['steps']} | {r['test_steps']} | {describe(r['meta_test'])} | "
             f"{describe(r['unadapted'])} | {r['seconds_per_step']:.3f} | {r['peak_mb']:.1f} |"
         )
     return "\n".join(lines)
