@@ -10,6 +10,7 @@ high-water mark above the process's RSS before the timed steps) is its own.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -235,6 +236,89 @@ def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, 
     return rows
 
 
+# -- per algorithm: memory and time against inner steps ----------------------------------------
+def _malloc_trim() -> None:
+    """Returns freed heap memory to the OS (glibc), so the next peak starts from what is in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_config(config_dict: dict[str, Any], threads: int, steps: int) -> dict[str, Any]:
+    """Peak memory and seconds of a meta-step of any config's algorithm (run it in a fresh subprocess).
+
+    A warm-up meta-step on one task initialises everything once; freed memory
+    is then trimmed and the RSS high-water mark reset, so ``peak_mb`` is the
+    rise of the first full meta-step over the RSS before it: its own working
+    memory (with batching ``loop``, one task's graph at a time).
+    """
+    from distmaml.config import config_from_dict
+    from distmaml.core import meta_grad
+    from distmaml.engine.shard import TaskRunner, init_meta_params
+
+    torch.set_num_threads(threads)
+    config = config_from_dict(config_dict)
+    runner = TaskRunner(config, device="cpu")
+    batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
+    params = init_meta_params(config, runner.model)
+
+    def step(tasks: Any = batch) -> None:
+        meta_grad(runner.model, params, tasks, runner.algorithm, batching=config.batching)
+
+    step(batch.slice(0, 1))
+    _malloc_trim()
+    _reset_peak_rss()
+    rss0 = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    peak_mb = max(0, _status_kb("VmHWM") - rss0) / 1024
+    for _ in range(steps - 1):
+        step()
+    seconds = (time.perf_counter() - t0) / steps
+    return {
+        "algorithm": config.algorithm,
+        "inner_steps": config.inner.steps,
+        "recompute": config.inner.recompute,
+        "tasks": config.meta.batch_size,
+        "threads": threads,
+        "seconds_per_step": seconds,
+        "tasks_per_second": config.meta.batch_size / seconds,
+        "peak_mb": peak_mb,
+    }
+
+
+def measure_algorithms(
+    name: str, algorithms: list[str], inner_steps: list[int], recompute: bool, steps: int, tasks: int = 0
+) -> list[dict[str, Any]]:
+    """One row per algorithm and inner-step count (and per ``inner.recompute`` if asked), each in a subprocess."""
+    rows = []
+    for algo in algorithms:
+        for n in inner_steps:
+            for rc in (False, True) if recompute else (False,):
+                extra = [f"algorithm={algo}", f"inner.steps={n}", f"inner.recompute={rc}", "workers=0", "device=cpu"]
+                if tasks:
+                    extra.append(f"meta.batch_size={tasks}")
+                row = _in_subprocess(measure_config, bench_config(name, *extra).to_dict(), 1, steps)
+                row["config"] = name
+                rows.append(row)
+    for r in rows:  # memory relative to the same algorithm's first inner-step count, without recompute
+        ref = next(x for x in rows if x["algorithm"] == r["algorithm"] and not x["recompute"])
+        r["memory_vs_fewest_steps"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] else None
+    return rows
+
+
+def algorithm_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'config':<9} {'algorithm':<9} {'inner':>5} {'recompute':>9} {'s/step':>9} {'tasks/s':>8} {'peak MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['config']:<9} {r['algorithm']:<9} {r['inner_steps']:>5} {('yes' if r['recompute'] else 'no'):>9} "
+            f"{r['seconds_per_step']:>9.4f} {r['tasks_per_second']:>8.1f} {r['peak_mb']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
 # -- report ---------------------------------------------------------------------------
 def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
     head = (
@@ -313,6 +397,8 @@ def main(args: argparse.Namespace) -> int:
     unknown = [c for c in configs if c not in BENCH_CONFIGS]
     if unknown:
         raise ValueError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
+    if getattr(args, "algorithms", ""):
+        return algorithms_main(args, configs)
     threads = [int(t) for t in str(args.threads).split(",")]
     workers = [int(w) for w in str(args.workers).split(",")] if args.workers else []
     impls = ["core"] + (["core-vmap", "core-loop"] if args.batchings else [])
@@ -334,5 +420,25 @@ def main(args: argparse.Namespace) -> int:
             f"(store of {s['train_images']} meta-train images loaded in {s['load_seconds']:.2f} s)"
         )
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {args.json}")
+    return 0
+
+
+def algorithms_main(args: argparse.Namespace, configs: list[str]) -> int:
+    """``distmaml bench --algorithms ...``: the per-algorithm table instead of the implementation comparison."""
+    from distmaml.config import ALGORITHMS
+
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"--algorithms {','.join(unknown)}: allowed values are {', '.join(ALGORITHMS)}")
+    inner_steps = [int(n) for n in str(args.inner_steps).split(",")]
+    rows: list[dict[str, Any]] = []
+    for name in configs:
+        n = args.steps or DEFAULT_STEPS[name]
+        rows += measure_algorithms(name, algorithms, inner_steps, args.recompute, n, args.tasks)
+    print(algorithm_table(rows))
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
+    Path(args.json).write_text(json.dumps({**report, "algorithms": rows}, indent=2) + "\n")
     print(f"results written to {args.json}")
     return 0

@@ -296,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", default="", help="Ray engine worker counts to compare, e.g. 1,2")
     bench.add_argument("--engine-steps", type=int, default=0, help="timed steps per worker count (0: --steps)")
     bench.add_argument("--batchings", action="store_true", help="also time the core forced to vmap and to loop")
+    bench.add_argument(
+        "--algorithms", default="", help="instead: peak memory and time per algorithm, e.g. maml,fomaml,anil"
+    )
+    bench.add_argument("--inner-steps", default="1,5", help="inner steps per --algorithms row, comma-separated")
+    bench.add_argument("--recompute", action="store_true", help="--algorithms rows also with inner.recompute=true")
+    bench.add_argument("--tasks", type=int, default=0, help="tasks per meta-step in --algorithms rows (0: config's)")
     bench.add_argument("--json", default="bench.json", help="where to write the JSON results")
     bench.set_defaults(func=cmd_bench)
 

@@ -262,3 +262,24 @@ def test_more_test_steps_reuse_the_last_slot_with_one_warning(monkeypatch):
         want = score_tasks(model, extended, batch, longer, 4)
     torch.testing.assert_close(got.after, want.after, rtol=0, atol=0)
     torch.testing.assert_close(got.before, want.before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["maml", "mamlpp"])
+def test_inner_recompute_config_key_gives_the_same_shard(name):
+    """``inner.recompute`` from the config reaches the core: the same flat meta-gradient to 1e-10."""
+    from distmaml.config import load_config
+    from distmaml.engine.shard import TaskRunner
+
+    base = [
+        "precision=float64",
+        "inner.steps=4",
+        "model.hidden=[8,8]",
+        f"algorithm={name}",
+        "mamlpp.msl_anneal_steps=9",
+    ]
+    plain, recomputed = (TaskRunner(load_config("sinusoid", [*base, f"inner.recompute={rc}"])) for rc in (False, True))
+    assert recomputed.algorithm.recompute and not plain.algorithm.recompute
+    flat = plain.layout.flatten(init_algorithm_params(plain.model, plain.algorithm))
+    a, b = plain.meta_grad(flat, 3, range(4)), recomputed.meta_grad(flat, 3, range(4))
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10)
+    assert abs(b.loss - a.loss) < 1e-12
