@@ -91,6 +91,7 @@ class MlflowCallback(Callback):
         self.client: Any = None
         self.trainer: Trainer | None = None
         self._buffer: list[Any] = []
+        self.finished = False
         self.seconds_logging = 0.0
         """Wall time spent in MLflow calls during training (the overhead figure)."""
 
@@ -169,15 +170,19 @@ class MlflowCallback(Callback):
             write_json(storage.join(trainer.run_dir, "result.json"), result)
         self._log_artifacts(trainer, result)
         self.client.set_terminated(self.run_id, status="FINISHED")
+        self.finished = True
 
-    def fail(self) -> None:
-        """Marks the run FAILED (the trainer raised); buffered metrics are kept."""
-        if self.run_id is None:
+    def fail(self, status: str = "FAILED") -> None:
+        """Ends an unfinished run as ``status`` (FAILED: the trainer raised; KILLED: a scheduler stopped it).
+
+        Buffered metrics are kept; a run that already reached ``on_end`` stays FINISHED.
+        """
+        if self.run_id is None or self.finished:
             return
         try:
             self.flush()
         finally:
-            self.client.set_terminated(self.run_id, status="FAILED")
+            self.client.set_terminated(self.run_id, status=status)
 
     # -- artifacts ------------------------------------------------------------
     def _log_artifacts(self, trainer: Trainer, result: dict[str, Any]) -> None:
