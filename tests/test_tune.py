@@ -104,6 +104,7 @@ def _trial_results(storage: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_sweep_of_four_distributed_trials_in_mlflow(here, capsys):
     """4 trials, each with 2 worker actors in its own placement group (0.5 + 2 x 0.25 CPUs), 2 at a time."""
     space = space_file(
@@ -169,6 +170,7 @@ def test_sweep_of_four_distributed_trials_in_mlflow(here, capsys):
     assert evaluated["checkpoint"] == str(Path(best_checkpoint) / "checkpoints" / "step_000000006.pt")
 
 
+@pytest.mark.slow
 def test_asha_stops_the_clearly_worse_trial(here):
     """Two trials in order: meta.lr 0.01 learns, meta.lr 1e-6 does not; at the rung (step 20) ASHA stops it."""
     path = space_file(
@@ -204,6 +206,7 @@ def test_asha_stops_the_clearly_worse_trial(here):
     assert _steps(client, stopped.info.run_id, "val_mse") == [10, 20]
 
 
+@pytest.mark.slow
 def test_killed_trial_resumes_from_its_checkpoint(here):
     """The trial's process dies (os._exit) after reporting step 2; Tune restarts it from that checkpoint."""
     path = space_file(here, "crash", max_failures=1)
@@ -230,7 +233,15 @@ def tiny_store(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in SPACES.glob("*.yaml")))
+def _spaces() -> list:
+    """Every shipped space; the image ones (conv4 trials) run with the slow tests."""
+    return [
+        pytest.param(p.stem, marks=() if p.stem == "sinusoid" else pytest.mark.slow)
+        for p in sorted(SPACES.glob("*.yaml"))
+    ]
+
+
+@pytest.mark.parametrize("name", _spaces())
 def test_every_shipped_space_runs_one_trial_of_two_steps(name, here, tiny_store):
     spec = load_space(SPACES / f"{name}.yaml")
     assert {"inner.lr", "inner.steps", "data.shots"} <= set(spec.keys)
