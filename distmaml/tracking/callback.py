@@ -11,8 +11,11 @@ What a run records:
   network as an MLflow model (``model``, pickle format).
 
 Per-step metrics are buffered and written with one ``log_batch`` call every
-``tracking.log_every`` steps (and at every validation), because a database
-round trip per step would cost more than a sinusoid meta-step itself.
+``tracking.log_every`` steps, because a database round trip per step would
+cost more than a sinusoid meta-step itself. Those calls run on one background
+thread, overlapping the driver's wait for its workers; every validation waits
+for them, so all metrics up to a checkpoint are in MLflow before it is
+reported.
 
 A run resumed from its run directory continues the same MLflow run: its id is
 kept in ``RUN_DIR/mlflow_run_id``. In a sweep, the trial passes the sweep's
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +97,11 @@ class MlflowCallback(Callback):
         self._buffer: list[Any] = []
         self.finished = False
         self.seconds_logging = 0.0
-        """Wall time spent in MLflow calls during training (the overhead figure)."""
+        """Wall time the training loop spent in this callback (the overhead figure)."""
+        self.seconds_sending = 0.0
+        """Wall time of the background ``log_batch`` calls (overlapping the training)."""
+        self._sender: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
 
     # -- the run --------------------------------------------------------------
     def on_start(self, trainer: Trainer) -> None:
@@ -141,22 +149,41 @@ class MlflowCallback(Callback):
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        self.flush()
+        self.flush(wait=True)
         self.seconds_logging += time.perf_counter() - t0
 
-    def flush(self) -> None:
-        """Sends the buffered metrics, at most 1000 per call."""
-        if not self._buffer or self.run_id is None:
-            return
-        for i in range(0, len(self._buffer), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + _MAX_BATCH])
-        self._buffer.clear()
+    def flush(self, wait: bool = False) -> None:
+        """Hands the buffered metrics to the background sender; ``wait``: until all are written.
+
+        An error of an earlier send is raised here.
+        """
+        if self._buffer and self.run_id is not None:
+            batch, self._buffer = self._buffer, []
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmaml-mlflow")
+            self._pending.append(self._sender.submit(self._send, batch))
+        done = self._pending if wait else [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        for f in done:
+            f.result()
+
+    def _send(self, batch: list[Any]) -> None:
+        t0 = time.perf_counter()
+        for i in range(0, len(batch), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_BATCH])
+        self.seconds_sending += time.perf_counter() - t0
+
+    def _close_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
 
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         assert self.run_id is not None
-        self.flush()
+        self.flush(wait=True)
+        self._close_sender()
         metric = trainer.metric
         now = int(time.time() * 1000)
         final = {
@@ -180,8 +207,9 @@ class MlflowCallback(Callback):
         if self.run_id is None or self.finished:
             return
         try:
-            self.flush()
+            self.flush(wait=True)
         finally:
+            self._close_sender()
             self.client.set_terminated(self.run_id, status=status)
 
     # -- artifacts ------------------------------------------------------------
