@@ -4,7 +4,7 @@ What a run records:
 
 - params: the flattened config (``inner.lr``, ``data.shots``, ...);
 - metrics per meta-step: ``train_loss``, ``train_<metric>``, ``tasks_per_second``,
-  ``worker_replacements``; per validation: ``val_<metric>``; at the end:
+  ``meta_lr``, ``worker_replacements``; per validation: ``val_<metric>``; at the end:
   ``test_<metric>``, ``test_<metric>_ci95``, ``test_<metric>_unadapted``;
 - artifacts: ``config.yaml``, ``result.json``, the final checkpoint,
   ``plots/learning_curve.png``, for regression ``plots/adaptation.png``, and the
@@ -135,7 +135,7 @@ class MlflowCallback(Callback):
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            name = key if key == "tasks_per_second" else f"train_{key}"
+            name = key if key in ("tasks_per_second", "meta_lr") else f"train_{key}"
             self._buffer.append(Metric(name, float(value), now, step))
         if self.trainer is not None:
             self._buffer.append(Metric("worker_replacements", float(self.trainer.engine.replacements), now, step))
