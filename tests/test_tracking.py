@@ -15,6 +15,16 @@ from distmaml.tracking import absolute_uri
 STEPS, VAL_EVERY, LOG_EVERY = 12, 4, 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    """One Ray instance for the module; the tracked run uses the default 2 worker actors on it."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
 def _train(run_dir: Path, db: Path, *extra: str) -> int:
     sets = [
         f"meta.steps={STEPS}",
@@ -51,6 +61,7 @@ def test_run_id_in_result_json_and_params(tracked):
     assert run.info.status == "FINISHED"
     assert run.data.params["inner.lr"] == "0.01"
     assert run.data.params["meta.steps"] == str(STEPS)
+    assert run.data.params["workers"] == "2" and result["workers"] == 2  # the default: 2 Ray worker actors
     assert run.data.params["tracking.uri"] == f"sqlite:///{root / 'mlflow.db'}"
     assert (root / "run" / "mlflow_run_id").read_text().strip() == run.info.run_id
 
@@ -86,6 +97,11 @@ def test_artifacts_and_model(tracked):
 
     models = client.search_logged_models(experiment_ids=[client.get_run(rid).info.experiment_id])
     assert len(models) == 1 and models[0].source_run_id == rid
+    from mlflow.models import Model
+
+    flavors = Model.load(models[0].model_uri).flavors  # the pickle format names its pickle module
+    assert flavors["python_function"]["pickle_module_name"] == "mlflow.pytorch.pickle_module"
+    assert flavors["pytorch"]["model_data"] == "data"
     net = mlflow.pytorch.load_model(models[0].model_uri)
     ckpt = distmaml.load_checkpoint(root / "run")
     x = torch.linspace(-5, 5, 7).unsqueeze(-1)
@@ -99,7 +115,7 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
     db, run_dir = tmp_path / "m.db", tmp_path / "run"
-    assert _train(run_dir, db, "tracking.log_model=false") == 0
+    assert _train(run_dir, db, "tracking.log_model=false", "workers=0") == 0
     rid = json.loads((run_dir / "result.json").read_text())["mlflow_run_id"]
     # stop at step 8: drop the last checkpoint, resume
     (run_dir / "checkpoints" / "step_000000012.pt").unlink()
@@ -113,7 +129,7 @@ def test_resume_continues_the_same_mlflow_run(tmp_path):
 
 def test_tracking_disabled_writes_no_database(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert _train(tmp_path / "run", tmp_path / "m.db", "tracking.enabled=false") == 0
+    assert _train(tmp_path / "run", tmp_path / "m.db", "tracking.enabled=false", "workers=0") == 0
     assert not (tmp_path / "m.db").exists() and not list(tmp_path.glob("ml*"))
     assert "mlflow_run_id" not in json.loads((tmp_path / "run" / "result.json").read_text())
 

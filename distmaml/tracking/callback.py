@@ -4,15 +4,18 @@ What a run records:
 
 - params: the flattened config (``inner.lr``, ``data.shots``, ...);
 - metrics per meta-step: ``train_loss``, ``train_<metric>``, ``tasks_per_second``,
-  ``worker_replacements``; per validation: ``val_<metric>``; at the end:
+  ``meta_lr``, ``worker_replacements``; per validation: ``val_<metric>``; at the end:
   ``test_<metric>``, ``test_<metric>_ci95``, ``test_<metric>_unadapted``;
 - artifacts: ``config.yaml``, ``result.json``, the final checkpoint,
   ``plots/learning_curve.png``, for regression ``plots/adaptation.png``, and the
   network as an MLflow model (``model``, pickle format).
 
 Per-step metrics are buffered and written with one ``log_batch`` call every
-``tracking.log_every`` steps (and at every validation), because a database
-round trip per step would cost more than a sinusoid meta-step itself.
+``tracking.log_every`` steps, because a database round trip per step would
+cost more than a sinusoid meta-step itself. Those calls run on one background
+thread, overlapping the driver's wait for its workers; every validation waits
+for them, so all metrics up to a checkpoint are in MLflow before it is
+reported.
 
 A run resumed from its run directory continues the same MLflow run: its id is
 kept in ``RUN_DIR/mlflow_run_id``. In a sweep, the trial passes the sweep's
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +95,13 @@ class MlflowCallback(Callback):
         self.client: Any = None
         self.trainer: Trainer | None = None
         self._buffer: list[Any] = []
+        self.finished = False
         self.seconds_logging = 0.0
-        """Wall time spent in MLflow calls during training (the overhead figure)."""
+        """Wall time the training loop spent in this callback (the overhead figure)."""
+        self.seconds_sending = 0.0
+        """Wall time of the background ``log_batch`` calls (overlapping the training)."""
+        self._sender: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
 
     # -- the run --------------------------------------------------------------
     def on_start(self, trainer: Trainer) -> None:
@@ -126,7 +135,7 @@ class MlflowCallback(Callback):
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            name = key if key == "tasks_per_second" else f"train_{key}"
+            name = key if key in ("tasks_per_second", "meta_lr") else f"train_{key}"
             self._buffer.append(Metric(name, float(value), now, step))
         if self.trainer is not None:
             self._buffer.append(Metric("worker_replacements", float(self.trainer.engine.replacements), now, step))
@@ -140,22 +149,41 @@ class MlflowCallback(Callback):
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        self.flush()
+        self.flush(wait=True)
         self.seconds_logging += time.perf_counter() - t0
 
-    def flush(self) -> None:
-        """Sends the buffered metrics, at most 1000 per call."""
-        if not self._buffer or self.run_id is None:
-            return
-        for i in range(0, len(self._buffer), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i : i + _MAX_BATCH])
-        self._buffer.clear()
+    def flush(self, wait: bool = False) -> None:
+        """Hands the buffered metrics to the background sender; ``wait``: until all are written.
+
+        An error of an earlier send is raised here.
+        """
+        if self._buffer and self.run_id is not None:
+            batch, self._buffer = self._buffer, []
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmaml-mlflow")
+            self._pending.append(self._sender.submit(self._send, batch))
+        done = self._pending if wait else [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if f not in done]
+        for f in done:
+            f.result()
+
+    def _send(self, batch: list[Any]) -> None:
+        t0 = time.perf_counter()
+        for i in range(0, len(batch), _MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_BATCH])
+        self.seconds_sending += time.perf_counter() - t0
+
+    def _close_sender(self) -> None:
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
 
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         assert self.run_id is not None
-        self.flush()
+        self.flush(wait=True)
+        self._close_sender()
         metric = trainer.metric
         now = int(time.time() * 1000)
         final = {
@@ -169,15 +197,20 @@ class MlflowCallback(Callback):
             write_json(storage.join(trainer.run_dir, "result.json"), result)
         self._log_artifacts(trainer, result)
         self.client.set_terminated(self.run_id, status="FINISHED")
+        self.finished = True
 
-    def fail(self) -> None:
-        """Marks the run FAILED (the trainer raised); buffered metrics are kept."""
-        if self.run_id is None:
+    def fail(self, status: str = "FAILED") -> None:
+        """Ends an unfinished run as ``status`` (FAILED: the trainer raised; KILLED: a scheduler stopped it).
+
+        Buffered metrics are kept; a run that already reached ``on_end`` stays FINISHED.
+        """
+        if self.run_id is None or self.finished:
             return
         try:
-            self.flush()
+            self.flush(wait=True)
         finally:
-            self.client.set_terminated(self.run_id, status="FAILED")
+            self._close_sender()
+            self.client.set_terminated(self.run_id, status=status)
 
     # -- artifacts ------------------------------------------------------------
     def _log_artifacts(self, trainer: Trainer, result: dict[str, Any]) -> None:

@@ -132,7 +132,7 @@ class SweepSpec:
     resources: Resources
     dimensions: tuple[Dimension, ...]
     base_data: dict[str, Any] = field(repr=False)
-    """The base recipe with ``set`` and ``workers`` applied, as a nested mapping."""
+    """The base recipe with ``set``, ``workers`` and ``engine`` resources applied, as a nested mapping."""
 
     @property
     def keys(self) -> list[str]:
@@ -213,8 +213,8 @@ def _resources(where: str, raw: Any) -> Resources:
             raise SpaceError(f"{where}: resources.{k} = {v}: must not be negative")
     if values.get("driver_cpus", 1.0) <= 0:
         raise SpaceError(f"{where}: resources.driver_cpus must be greater than 0 (the trial's driver process)")
-    if workers and values.get("cpus_per_worker", 1.0) <= 0 and values.get("gpus_per_worker", 0.0) <= 0:
-        raise SpaceError(f"{where}: resources: a worker needs cpus_per_worker or gpus_per_worker above 0")
+    if workers and values.get("cpus_per_worker", 1.0) <= 0:
+        raise SpaceError(f"{where}: resources.cpus_per_worker must be greater than 0 (fractions such as 0.25 are fine)")
     return Resources(workers=workers, **values)
 
 
@@ -255,7 +255,7 @@ def load_space(path: str | Path) -> SweepSpec:
     for key, value in fixed.items():
         _set_dotted(base_data, str(key), value)
     resources = _resources(where, raw.get("resources"))
-    base_data["workers"] = resources.workers
+    _apply_resources(base_data, resources)
     try:
         base_config = config_from_dict(copy.deepcopy(base_data))
     except ConfigError as e:
@@ -351,9 +351,25 @@ def load_space(path: str | Path) -> SweepSpec:
     )
 
 
-def with_overrides(spec: SweepSpec, num_samples: int | None = None, overrides: list[str] | None = None) -> SweepSpec:
-    """The spec with a new trial budget and extra fixed ``--set`` overrides (checked again)."""
+def _apply_resources(data: dict[str, Any], resources: Resources) -> None:
+    """Sets ``workers`` and the ``engine`` amounts so that the trial's actors ask for exactly their bundles."""
+    data["workers"] = resources.workers
+    engine = data.setdefault("engine", {})
+    engine["cpus_per_worker"] = resources.cpus_per_worker
+    engine["gpus_per_worker"] = resources.gpus_per_worker
+    engine["driver_cpus"] = resources.driver_cpus
+
+
+def with_overrides(
+    spec: SweepSpec,
+    num_samples: int | None = None,
+    overrides: list[str] | None = None,
+    resources: Resources | None = None,
+) -> SweepSpec:
+    """The spec with a new trial budget, extra fixed ``--set`` overrides and other resources (checked again)."""
     data = copy.deepcopy(spec.base_data)
+    if resources is not None:
+        _apply_resources(data, resources)
     for assignment in overrides or []:
         apply_override(data, assignment)
     config_from_dict(copy.deepcopy(data))
@@ -364,7 +380,9 @@ def with_overrides(spec: SweepSpec, num_samples: int | None = None, overrides: l
             config_from_dict(trial)
     if num_samples is not None and num_samples < 1:
         raise SpaceError(f"--trials {num_samples}: must be at least 1")
-    return dataclasses.replace(spec, base_data=data, num_samples=num_samples or spec.num_samples)
+    return dataclasses.replace(
+        spec, base_data=data, num_samples=num_samples or spec.num_samples, resources=resources or spec.resources
+    )
 
 
 def check_resources(spec: SweepSpec, cluster: dict[str, float], nodes: list[dict[str, float]]) -> None:

@@ -158,6 +158,10 @@ def run_sweep(
     storage = Path(storage).resolve()
     base = with_absolute_uri(spec.base_config())
     base_data = dict(spec.base_data, tracking=base.to_dict()["tracking"])
+    data_path = base.data.path
+    if data_path and "://" not in data_path and not Path(data_path).expanduser().is_absolute():
+        # trials run in their own folders: a relative store path means the driver's directory
+        base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=verbose > 0)
     alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]

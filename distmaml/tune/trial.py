@@ -50,9 +50,11 @@ class TrialContext:
 class TuneReporter(Callback):
     """Reports the validation metric and a checkpoint to Tune at every validation."""
 
-    def __init__(self, ctx: TrialContext, first_attempt: bool) -> None:
+    def __init__(self, ctx: TrialContext, first_attempt: bool, static: dict[str, Any] | None = None) -> None:
         self.ctx = ctx
         self.first_attempt = first_attempt
+        self.static = dict(static or {})
+        """Reported with every result: the trial's workers and placement groups (see ``run_trial``)."""
         self.trainer: Trainer | None = None
         self.start_step = 0
         self._final: tuple[int, dict[str, float], Location | None] = (0, {}, None)
@@ -86,7 +88,7 @@ class TuneReporter(Callback):
         trainer = self.trainer
         assert trainer is not None and trainer.run_dir is not None and checkpoint is not None
         run_dir, checkpoint = Path(trainer.run_dir), Path(checkpoint)  # a trial's run is on its node's disk
-        report: dict[str, Any] = {**metrics, **extra, "step": step, "resumed_from": self.start_step}
+        report: dict[str, Any] = {**metrics, **extra, **self.static, "step": step, "resumed_from": self.start_step}
         with tempfile.TemporaryDirectory(prefix="distmaml-ckpt-") as tmp:
             folder = Path(tmp)
             (folder / "checkpoints").mkdir()
@@ -98,6 +100,19 @@ class TuneReporter(Callback):
                 report["mlflow_run_id"] = (folder / "mlflow_run_id").read_text().strip()
             # report() copies the folder into the trial's storage before returning
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _placement_report(engine: Any) -> dict[str, Any]:
+    """The trial's placement group and the one its worker actors run in (the same one, bundles 1..N)."""
+    from ray.util import get_current_placement_group
+
+    trial_group = get_current_placement_group()
+    placement = getattr(engine, "placement", None)
+    return {
+        "workers": engine.workers,
+        "trial_placement_group": trial_group.id.hex() if trial_group is not None else "",
+        "engine_placement_group": placement.group.id.hex() if placement is not None else "",
+    }
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -135,15 +150,17 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             tags={"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
         )
     )
-    callbacks.append(TuneReporter(ctx, first_attempt=restored is None))
     engine = make_engine(config, ctx.address)
     try:
+        callbacks.append(TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(engine)))
         trainer = Trainer(config, engine, run_dir, callbacks=callbacks, progress=False, resume=restored is not None)
         trainer.fit()
-    except BaseException:
+    except BaseException as e:
+        # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report()
+        status = "KILLED" if isinstance(e, SystemExit) else "FAILED"
         for cb in callbacks:
             if hasattr(cb, "fail"):
-                cb.fail()
+                cb.fail(status)
         raise
     finally:
         engine.close()
