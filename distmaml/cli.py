@@ -61,6 +61,20 @@ def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"the same tasks without adaptation:            {describe(before)}", file=out)
 
 
+def _check_data(config: Config) -> None:
+    """Opens the run's task family on the driver, before any worker starts.
+
+    A missing or unfit task store is then reported in one line rather than as
+    a worker that died while starting (a ``glyphs`` store is prepared here,
+    once, instead of by every worker). Image splits load lazily: this reads
+    metadata only.
+    """
+    if config.data.family in ("glyphs", "store"):
+        from distmaml.engine.shard import build_family
+
+        build_family(config)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from distmaml.trainer import Trainer
 
@@ -80,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
+    _check_data(config)
     callbacks = tracking_callbacks(config)
     engine = make_engine(config, args.address)
     try:
