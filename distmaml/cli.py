@@ -53,7 +53,8 @@ def tracking_callbacks(config: Config, **kwargs: Any) -> list[Any]:
     return [MlflowCallback(config, **kwargs)]
 
 
-def print_meta_test(result: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
     mt, before = result["meta_test"], result.get("meta_test_unadapted")
     steps = result.get("inner_test_steps")
     print(f"meta-test, {mt['tasks']} held-out tasks, {steps} inner steps: {describe(mt)} (95% interval)", file=out)
