@@ -254,6 +254,8 @@ def test_every_shipped_space_runs_one_trial_of_two_steps(name, here, tiny_store)
     (row,) = result.rows
     assert (row.status, row.step) == ("done", 2) and math.isfinite(row.metric)
     assert row.checkpoint is not None and (Path(row.checkpoint) / "checkpoints" / "step_000000002.pt").is_file()
+    assert main(["evaluate", "--checkpoint", row.checkpoint, "--tasks", "2"]) == 0  # a trial checkpoint is a run dir
+    assert json.loads((Path(row.checkpoint) / "eval.json").read_text())["step"] == 2
 
 
 def _bad(tmp_path: Path, **fields) -> Path:
