@@ -86,10 +86,12 @@ def meta_grad(
         metric, and the task count.
     """
     algorithm = as_algorithm(inner)
-    program = TaskProgram(model, algorithm, step)
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
+    program = TaskProgram(model, algorithm, step, autograd=mode == "loop" and not algorithm.recompute)
     if algorithm.recompute:
         objective = program.recomputed_grad
+    elif program.autograd:
+        objective = program.autograd_grad_and_value
     else:
         objective = grad_and_value(program.objective, has_aux=True)
     theta = _detached(params)
@@ -99,6 +101,8 @@ def meta_grad(
         return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)
     if mode != "loop":
         raise ValueError(f"batching = {mode!r}: allowed values are 'auto', 'vmap', 'loop'")
+    if program.autograd:
+        theta = {k: v.requires_grad_() for k, v in theta.items()}
     total: Params = {k: torch.zeros_like(v) for k, v in theta.items()}
     loss_sum = torch.zeros((), dtype=next(iter(theta.values())).dtype, device=batch.support_x.device)
     met_sum = torch.zeros_like(loss_sum)
@@ -108,7 +112,7 @@ def meta_grad(
             for k in total:
                 total[k].add_(g[k])
             loss_sum += loss.detach()
-            met_sum += met
+            met_sum += met.detach()
     return MetaGradSum(total, loss_sum, met_sum, batch.num_tasks)
 
 

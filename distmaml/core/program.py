@@ -51,6 +51,13 @@ def _detached(p: Params) -> Params:
     return {k: v.detach() for k, v in p.items()}
 
 
+def autograd_grad(f: Any, at: Params, *, create_graph: bool = False) -> Params:
+    """``torch.func.grad(f)(at)`` by ``torch.autograd.grad``; ``at``'s tensors must require grad."""
+    with torch.enable_grad():
+        out = torch.autograd.grad(f(at), list(at.values()), create_graph=create_graph, allow_unused=True)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(at.items(), out)}
+
+
 def _add(a: Params, b: Params) -> Params:
     return {k: a[k] + b[k] for k in a}
 
@@ -58,8 +65,14 @@ def _add(a: Params, b: Params) -> Params:
 class TaskProgram:
     """The loops of ``algorithm`` at meta-step ``meta_step`` for one task (no task dimension)."""
 
-    def __init__(self, model: nn.Module, algorithm: Algorithm, meta_step: int = 0) -> None:
+    def __init__(self, model: nn.Module, algorithm: Algorithm, meta_step: int = 0, *, autograd: bool = False) -> None:
         self.model = model
+        # autograd: inner gradients by torch.autograd.grad on tensors that
+        # require grad, for a caller that differentiates the objective with
+        # torch.autograd too (the per-task loop). Same values as torch.func's
+        # grad, without its per-op transform layer: on the 4-conv net that
+        # layer cost about 10% of the meta-step. Under vmap, torch.func it is.
+        self.autograd = autograd
         self.algorithm = algorithm
         self.lossf = loss_fn(algorithm.inner.loss)
         self.train_steps = algorithm.inner.steps
@@ -129,7 +142,14 @@ class TaskProgram:
         def support(th: Params) -> Tensor:
             return self.lossf(self.forward(slot, th, at_ctx, "s", sx), sy)
 
-        g = grad(support)(at)
+        if self.autograd:
+            g = autograd_grad(
+                support,
+                at if not first_order else {k: v.requires_grad_() for k, v in at.items()},
+                create_graph=not first_order,
+            )
+        else:
+            g = grad(support)(at)
         return {k: v - self._lr(slot, k, ctx) * g[k] for k, v in theta.items()}
 
     def query(self, i: int, theta: Params, ctx: Params, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
@@ -152,6 +172,12 @@ class TaskProgram:
                 total = term if total is None else total + term
         assert total is not None  # the last step's weight is never 0
         return total, (loss.detach(), met)
+
+    def autograd_grad_and_value(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
+        """``grad_and_value(objective, has_aux=True)`` by plain autograd (``autograd=True``; ``params`` require grad)."""
+        with torch.enable_grad():
+            value, aux = self.objective(params, sx, sy, qx, qy)
+        return autograd_grad(lambda _: value, params), (value.detach(), aux)
 
     def recomputed_grad(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
         """``grad_and_value(objective, has_aux=True)`` by reverse-mode with recomputation.
