@@ -167,11 +167,12 @@ def prepare_glyphs(out: str | Path, spec: GlyphSpec | None = None, *, overwrite:
     Classes are i.i.d., so the split is by index: the first for meta-train,
     then ``val_classes``, then ``test_classes``.
     """
-    from distmaml.data.prepare import staged_output
+    from distmaml.data.prepare import check_output, staged_output
     from distmaml.data.store import ClassImages, StoreWriter
 
     spec = spec or GlyphSpec()
     spec.check()
+    check_output(Path(out).expanduser(), overwrite or keep_existing)  # refuse before generating, not after
     began = time.perf_counter()
     images = generate_glyphs(spec)
     n_train = spec.classes - spec.val_classes - spec.test_classes
