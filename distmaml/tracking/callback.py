@@ -193,6 +193,8 @@ class MlflowCallback(Callback):
         }
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in final.items()])
         result["mlflow_run_id"] = self.run_id
+        # Time the training loop waited on tracking (sends overlap the training in a thread).
+        result["tracking_seconds"] = round(self.seconds_logging, 3)
         if trainer.run_dir is not None:
             write_json(storage.join(trainer.run_dir, "result.json"), result)
         self._log_artifacts(trainer, result)
