@@ -13,6 +13,7 @@ def float64():
     yield
     torch.set_default_dtype(previous)
 
+
 # One torch thread per test process: Ray workers started by the tests run beside
 # it on the same two cores, and oversubscribed threads slow conv nets many-fold.
 torch.set_num_threads(1)

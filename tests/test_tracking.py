@@ -64,6 +64,9 @@ def test_run_id_in_result_json_and_params(tracked):
     assert run.data.params["workers"] == "2" and result["workers"] == 2  # the default: 2 Ray worker actors
     assert run.data.params["tracking.uri"] == f"sqlite:///{root / 'mlflow.db'}"
     assert (root / "run" / "mlflow_run_id").read_text().strip() == run.info.run_id
+    # MLflow 3's UI opens an experiment of this kind in its model-training view
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert 0 <= result["tracking_seconds"] < 60
 
 
 def test_metric_histories_match_the_run(tracked):

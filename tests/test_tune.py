@@ -311,3 +311,29 @@ def test_resources_the_cluster_can_never_hold_are_refused(here, capsys):
     with pytest.raises(SpaceError, match=r"a bundle \{'CPU': 3.0\} fits on no single node"):
         check_resources(spec, {"CPU": 4.0}, two_nodes)
     assert _client(here).get_experiment_by_name("huge") is None  # refused before any MLflow run
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_the_same_space_file_samples_the_same_trials(tmp_path, search):
+    """The searcher is seeded by the base config's ``seed``: a sweep can be repeated; another seed differs."""
+    from ray.tune.experiment import Experiment
+
+    from distmaml.tune.sweep import _searcher
+
+    def draw(seed: int) -> list[dict]:
+        path = space_file(tmp_path, f"seeded-{seed}", search=search, num_samples=4)
+        data = yaml.safe_load(path.read_text())
+        data["set"]["seed"] = seed
+        path.write_text(yaml.safe_dump(data))
+        spec = load_space(path)
+        gen = _searcher(spec)
+        if search == "random":
+            gen.add_configurations([Experiment("x", run=lambda c: None, config=spec.param_space(), num_samples=4)])
+            trials = [gen.next_trial().config for _ in range(4)]
+        else:
+            gen.set_search_properties(spec.metric, spec.mode, spec.param_space())
+            trials = [gen.suggest(f"t{i}") for i in range(4)]
+        return [{k: t[k] for k in spec.keys} for t in trials]
+
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)

@@ -38,6 +38,7 @@ from distmaml.tracking.uri import absolute_uri
 from distmaml.trainer import Callback, Trainer
 
 RUN_ID_FILE = "mlflow_run_id"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _MAX_PARAMS = 100  # and of params
 
@@ -52,7 +53,10 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / safe).as_uri()
     try:
-        return str(client.create_experiment(name, artifact_location=location))
+        # The kind tag makes MLflow 3's UI open the experiment in its model-training
+        # view (runs, charts, compare) instead of the GenAI view (traces).
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        return str(client.create_experiment(name, artifact_location=location, tags=tags))
     except Exception:  # created meanwhile by a concurrent trial
         found = client.get_experiment_by_name(name)
         if found is None:

@@ -33,13 +33,15 @@ class SweepResult:
 
 
 def _searcher(spec: SweepSpec) -> Any:
+    """Tune's search algorithm, seeded by the base config's ``seed``: the same space file samples the same trials."""
+    seed = spec.base_config().seed
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=spec.metric, mode=spec.mode)
+        return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(max_concurrent=spec.max_concurrent or 0)
+    return BasicVariantGenerator(max_concurrent=spec.max_concurrent or 0, random_state=seed)
 
 
 def _scheduler(spec: SweepSpec) -> Any:
