@@ -51,10 +51,9 @@ def _detached(p: Params) -> Params:
     return {k: v.detach() for k, v in p.items()}
 
 
-def autograd_grad(f: Any, at: Params, *, create_graph: bool = False) -> Params:
-    """``torch.func.grad(f)(at)`` by ``torch.autograd.grad``; ``at``'s tensors must require grad."""
-    with torch.enable_grad():
-        out = torch.autograd.grad(f(at), list(at.values()), create_graph=create_graph, allow_unused=True)
+def autograd_grad(value: Tensor, at: Params, *, create_graph: bool = False) -> Params:
+    """Gradient of ``value`` with respect to ``at`` (tensors that require grad), as ``torch.func.grad`` gives it."""
+    out = torch.autograd.grad(value, list(at.values()), create_graph=create_graph, allow_unused=True)
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(at.items(), out)}
 
 
@@ -143,11 +142,10 @@ class TaskProgram:
             return self.lossf(self.forward(slot, th, at_ctx, "s", sx), sy)
 
         if self.autograd:
-            g = autograd_grad(
-                support,
-                at if not first_order else {k: v.requires_grad_() for k, v in at.items()},
-                create_graph=not first_order,
-            )
+            if first_order:  # detached copies become leaves of their own small graph
+                at = {k: v.requires_grad_() for k, v in at.items()}
+            with torch.enable_grad():
+                g = autograd_grad(support(at), at, create_graph=not first_order)
         else:
             g = grad(support)(at)
         return {k: v - self._lr(slot, k, ctx) * g[k] for k, v in theta.items()}
@@ -177,7 +175,7 @@ class TaskProgram:
         """``grad_and_value(objective, has_aux=True)`` by plain autograd (``autograd=True``; ``params`` require grad)."""
         with torch.enable_grad():
             value, aux = self.objective(params, sx, sy, qx, qy)
-        return autograd_grad(lambda _: value, params), (value.detach(), aux)
+            return autograd_grad(value, params), (value.detach(), aux)
 
     def recomputed_grad(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
         """``grad_and_value(objective, has_aux=True)`` by reverse-mode with recomputation.
