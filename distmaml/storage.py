@@ -252,6 +252,11 @@ def _fingerprint(fs: pafs.FileSystem, root: str) -> tuple[str, list[pafs.FileInf
     return digest.hexdigest()[:16], files
 
 
+def default_cache_root() -> Path:
+    """This node's cache folder: ``$DISTMAML_CACHE``, else ``~/.cache/distmaml``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "distmaml").expanduser()
+
+
 def cached_dir(path: str | os.PathLike[str], cache_root: str | os.PathLike[str] | None = None) -> Path:
     """A local copy of a folder (a task store), downloaded once per node.
 
@@ -271,7 +276,7 @@ def cached_dir(path: str | os.PathLike[str], cache_root: str | os.PathLike[str] 
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{loc}: no such folder (or nothing under it)")
     key, files = _fingerprint(fs, root)
-    base = Path(cache_root or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "distmaml")
+    base = Path(cache_root) if cache_root is not None else default_cache_root()
     target = base / f"{hashlib.sha256(loc.encode()).hexdigest()[:12]}-{name(loc)}-{key}"
     if target.is_dir():
         return target

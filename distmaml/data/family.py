@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from distmaml import storage
@@ -20,14 +19,10 @@ from distmaml.data.errors import DataError
 from distmaml.data.store import StoreInfo, is_store, open_store
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTMAML_CACHE") or Path.home() / ".cache" / "distmaml").expanduser()
-
-
 def default_glyphs_path() -> Path:
     from distmaml.data.glyphs import GENERATOR_VERSION
 
-    return cache_dir() / f"glyphs-v{GENERATOR_VERSION}"
+    return storage.default_cache_root() / f"glyphs-v{GENERATOR_VERSION}"
 
 
 def store_path(config: Config) -> Path:
@@ -35,7 +30,7 @@ def store_path(config: Config) -> Path:
     data = config.data
     if data.path and storage.is_uri(data.path) and data.family in IMAGE_FAMILIES:
         try:  # a store on S3 or GCS: copied once per node into the cache folder
-            return storage.cached_dir(data.path, cache_dir())
+            return storage.cached_dir(data.path)
         except FileNotFoundError:
             raise DataError(
                 f"data.path = {data.path}: no task store there; create one with "
