@@ -137,16 +137,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best checkpoint: {result.best.checkpoint}")
     print(f"  meta-test it:  distmaml evaluate --checkpoint {result.best.checkpoint}")
     if result.parent_run_id:
-        from mlflow import MlflowClient
-
-        from distmaml.tracking import absolute_uri
-
-        uri = absolute_uri(spec.base_config().tracking.uri)
-        exp = MlflowClient(tracking_uri=uri).get_run(result.parent_run_id).info.experiment_id
         print(f"MLflow parent run {result.parent_run_id} (experiment {spec.name!r}); review it with")
-        print(f"  mlflow ui --backend-store-uri {uri}")
+        print(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
         # workflowType: MLflow 3's UI opens in its GenAI view otherwise
-        print(f"  then open http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning")
+        url = f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
+        print(f"  then open {url}")
     return 0
 
 

@@ -30,6 +30,8 @@ class SweepResult:
     best: TrialRow | None
     parent_run_id: str | None
     storage: Path
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
 
 
 def _searcher(spec: SweepSpec) -> Any:
@@ -60,7 +62,7 @@ def _scheduler(spec: SweepSpec) -> Any:
     return FIFOScheduler()
 
 
-def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str]:
+def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str, str]:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
@@ -82,7 +84,7 @@ def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str]:
     }
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_artifact(run.info.run_id, str(spec.path), "space")
-    return client, run.info.run_id
+    return client, run.info.run_id, exp
 
 
 def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
@@ -169,7 +171,7 @@ def run_sweep(
     alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     check_resources(spec, ray.cluster_resources(), alive)
 
-    client, parent = _open_parent(spec, base.tracking.uri) if base.tracking.enabled else (None, None)
+    client, parent, exp = _open_parent(spec, base.tracking.uri) if base.tracking.enabled else (None, None, None)
     ctx = TrialContext(
         base_data=base_data,
         experiment=spec.name,
@@ -214,4 +216,5 @@ def run_sweep(
     best = rows[0] if rows and math.isfinite(rows[0].metric) else None
     if client is not None and parent is not None:
         _close_parent(client, parent, spec, rows, best)
-    return SweepResult(rows=rows, best=best, parent_run_id=parent, storage=storage)
+    uri = base.tracking.uri if base.tracking.enabled else None
+    return SweepResult(rows=rows, best=best, parent_run_id=parent, storage=storage, tracking_uri=uri, experiment_id=exp)
