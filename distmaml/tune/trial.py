@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distmaml.checkpoint import atomic_write_text
-from distmaml.config import config_from_dict, dump_config
+from distmaml.config import config_from_dict
 from distmaml.storage import Location
 from distmaml.trainer import Callback, Trainer
 
@@ -138,8 +137,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         with restored.as_directory() as folder:
             shutil.copytree(folder, run_dir)
     else:
-        run_dir.mkdir(parents=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        run_dir.mkdir(parents=True)  # Trainer.fit writes config.yaml into it
 
     callbacks: list[Callback] = list(
         tracking_callbacks(
