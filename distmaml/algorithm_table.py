@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distmaml.checkpoint import write_json
 from distmaml.config import ALGORITHMS, load_config
 from distmaml.results import describe
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for algorithm in [a.strip() for a in args.algorithms.split(",") if a.strip()]:
         rows.append(run_one(args.config, algorithm, args.steps, out, args.set))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-        (out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_json(out / "table.json", rows)
     print(format_table(rows))
     return 0
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distmaml.checkpoint import write_json
 from distmaml.config import Config, load_config
 
 BENCH_CONFIGS: dict[str, list[str]] = {
@@ -48,6 +48,10 @@ DEFAULT_STEPS = {"sinusoid": 40, "omniglot": 5}
 
 def bench_config(name: str, *extra: str) -> Config:
     return load_config("sinusoid", [*BENCH_CONFIGS[name], "tracking.enabled=false", *extra])
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}
 
 
 # -- memory of this process (Linux) --------------------------------------------------
@@ -372,7 +376,7 @@ def run(
                     r["scaling_vs_1_worker"] = r["tasks_per_second"] / one["tasks_per_second"]
             rows += engine_rows
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": _machine(),
         "matmul_gflops": matmul,
         "rows": rows,
     }
@@ -419,7 +423,7 @@ def main(args: argparse.Namespace) -> int:
             f"omniglot sampler: {s['tasks_per_second']:.0f} tasks/s on 1 thread{ratio} "
             f"(store of {s['train_images']} meta-train images loaded in {s['load_seconds']:.2f} s)"
         )
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"results written to {args.json}")
     return 0
 
@@ -438,7 +442,6 @@ def algorithms_main(args: argparse.Namespace, configs: list[str]) -> int:
         n = args.steps or DEFAULT_STEPS[name]
         rows += measure_algorithms(name, algorithms, inner_steps, args.recompute, n, args.tasks)
     print(algorithm_table(rows))
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__}}
-    Path(args.json).write_text(json.dumps({**report, "algorithms": rows}, indent=2) + "\n")
+    write_json(args.json, {"machine": _machine(), "algorithms": rows})
     print(f"results written to {args.json}")
     return 0
