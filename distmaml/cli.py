@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distmaml import storage
+from distmaml import interrupt, storage
 from distmaml.config import Config, ConfigError, config_from_dict, load_config
 from distmaml.data.errors import DataError
 from distmaml.results import describe
 from distmaml.storage import Location, StorageError
+from distmaml.tracking.probe import TrackingError, check_tracking
 
 
 class UserError(Exception):
@@ -76,6 +77,7 @@ def _check_data(config: Config) -> None:
         build_family(config)
 
 
+@interrupt.stop_on_signals()  # SIGTERM, SIGINT: checkpoint the last step, one line, exit 143 or 130
 def cmd_train(args: argparse.Namespace) -> int:
     from distmaml.trainer import Trainer
 
@@ -95,6 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
+    check_tracking(config)
     _check_data(config)
     callbacks = tracking_callbacks(config)
     engine = make_engine(config, args.address)
@@ -103,9 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             config, engine, run_dir, callbacks=callbacks, progress=not args.quiet, resume=bool(args.resume)
         )
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         for cb in callbacks:
-            cb.fail()
+            cb.fail("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     finally:
         engine.close()
@@ -129,6 +132,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from distmaml.tune import load_space, render_text, run_sweep, with_overrides
 
     spec = with_overrides(load_space(args.space), num_samples=args.trials, overrides=args.set or [])
+    check_tracking(spec.base_config())
     result = run_sweep(spec, address=args.address, storage=args.storage, verbose=0 if args.quiet else 1)
     print(f"\n{len(result.rows)} trials of {spec.name}, best first by {spec.metric} ({spec.mode}):")
     print(render_text(result.rows, spec))
@@ -336,14 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UserError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"distmaml: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("distmaml: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        stop = interrupt.stop_request(e)
+        if stop is None:
+            print("distmaml: interrupted", file=sys.stderr)
+            return 130
+        if stop.step is None and getattr(args, "resume", None):
+            stop.run_dir = args.resume  # stopped while starting: its checkpoints are as they were
+        print(interrupt.message(stop), file=sys.stderr)
+        return stop.exit_code
     except Exception as e:
         from distmaml.engine.placement import EngineError
         from distmaml.trainer import NonFiniteError
 
-        if isinstance(e, (NonFiniteError, EngineError)):
+        if isinstance(e, (NonFiniteError, EngineError, TrackingError)):
             print(f"distmaml: error: {e}", file=sys.stderr)
             return 3
         raise

@@ -134,11 +134,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
     """
     import ray
 
+    from distmaml import interrupt
+
     if ray.is_initialized():
         return address or "local"
     target = resolve(address)
     if target == "local":
         ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
+        interrupt.reinstall()  # ray.init replaced the SIGTERM handler of a run that stops cleanly
         return "local"
     probe(target)
     enable_token_auth_if_available()
@@ -153,4 +156,5 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
                 "(on the head: 'ray get-auth-token')"
             ) from e
         raise ClusterError(f"--address {target}: could not join the Ray cluster there ({e})") from e
+    interrupt.reinstall()
     return target

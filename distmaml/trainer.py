@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from distmaml import storage
+from distmaml import interrupt, storage
 from distmaml.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
 from distmaml.config import Config, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
@@ -101,6 +101,9 @@ class Trainer:
         self.history = History()
         self.tasks_per_second = 0.0
         self.last_checkpoint: Location | None = None
+        self.checkpoint_step: int | None = None
+        """The step ``last_checkpoint`` holds."""
+        self.resumed = resume
         if resume:
             self._resume()
 
@@ -124,7 +127,7 @@ class Trainer:
             if ckpt.scheduler is None:
                 raise ValueError(f"--resume {self.run_dir}: the checkpoint has no learning-rate schedule state")
             self.scheduler.load_state_dict(ckpt.scheduler)
-        self.step = ckpt.step
+        self.step = self.checkpoint_step = ckpt.step
         self.last_checkpoint = ckpt.path
 
     @property
@@ -134,15 +137,17 @@ class Trainer:
     def checkpoint(self) -> Location | None:
         if self.run_dir is None:
             return None
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.params,
-            self.optimizer.state_dict(),
-            self.config.to_dict(),
-            keep=self.config.meta.keep_checkpoints,
-            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
-        )
+        with interrupt.atomic():  # a stop request waits for the write and the pruning
+            self.last_checkpoint = save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.params,
+                self.optimizer.state_dict(),
+                self.config.to_dict(),
+                keep=self.config.meta.keep_checkpoints,
+                scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            )
+            self.checkpoint_step = self.step
         return self.last_checkpoint
 
     # -- one meta-step --------------------------------------------------------
@@ -162,13 +167,14 @@ class Trainer:
                 f"meta-step {self.step}: the meta-loss or meta-gradient is not finite (loss {loss}); "
                 f"lower inner.lr (now {self.config.inner.lr}) or meta.lr (now {self.config.meta.lr}){where}"
             )
-        for k, g in self.layout.unflatten(grad).items():
-            self.params[k].grad = g.to(self.params[k].dtype)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.step += 1
+        with interrupt.atomic():  # a SIGTERM here waits: the step is applied whole, then counted
+            for k, g in self.layout.unflatten(grad).items():
+                self.params[k].grad = g.to(self.params[k].dtype)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.step += 1
         return {"loss": loss, self.metric: shard.metric / t, "meta_lr": lr}
 
     def validate(self) -> dict[str, float]:
@@ -177,7 +183,23 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Runs to ``meta.steps``, meta-tests, writes ``result.json``; returns it."""
+        """Runs to ``meta.steps``, meta-tests, writes ``result.json``; returns it.
+
+        Stopped by a signal (see ``distmaml.interrupt``), it abandons the step in
+        flight, checkpoints the last completed one and raises ``Interrupted``
+        saying which step that is and where it was saved.
+        """
+        try:
+            return self._fit()
+        except KeyboardInterrupt as e:
+            stop = interrupt.stop_request(e)
+            if stop is None:  # not through our handlers: it may have struck mid-update, save nothing
+                raise
+            stop.step, stop.run_dir = self.step, self.run_dir
+            stop.checkpoint = self.last_checkpoint if self.checkpoint_step == self.step else self.checkpoint()
+            raise stop from None
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         if self.run_dir is not None:
             storage.makedirs(self.run_dir)

@@ -116,7 +116,7 @@ class MlflowCallback(Callback):
         self.trainer = trainer
         self.client = MlflowClient(tracking_uri=self.uri)
         id_file = storage.join(trainer.run_dir, RUN_ID_FILE) if trainer.run_dir is not None else None
-        if trainer.step > 0 and id_file is not None and storage.is_file(id_file):
+        if trainer.resumed and id_file is not None and storage.is_file(id_file):
             self.run_id = storage.read_bytes(id_file).decode().strip()
             self.client.update_run(self.run_id, status="RUNNING")
         else:

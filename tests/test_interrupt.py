@@ -1,0 +1,231 @@
+"""SIGTERM and SIGINT mid-run: a clean stop, one line, no Ray process left; ``--resume`` equals a run never stopped.
+
+Each interrupted run is a real ``python -m distmaml train`` process, started
+with the default handlers of SIGINT and SIGTERM (a background job of a
+non-interactive shell would ignore SIGINT), tracking on (SQLite in the test's
+folder), float64, and ``meta.checkpoint_every`` larger than the run, so the
+only checkpoint near the signal is the one the stop writes. The signal is sent
+once the progress bar shows a few steps. The Ray processes a run starts carry
+a marker in their environment (they inherit it from the driver), so the test
+finds them among new pids whatever other Ray instances run on the machine.
+
+The resume and the uninterrupted run go through the CLI in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import distmaml
+from distmaml.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "DISTMAML_TEST_RUN"
+CRASH_TEXT = ("Traceback", "SIGTERM received", "PC: @", "core dumped", "Aborted", "logging.cc")
+STEPS = 400  # enough that the signal lands mid-run on an idle machine too
+
+
+def sets(*extra: str) -> list[str]:
+    options = [
+        f"meta.steps={STEPS}", "meta.batch_size=4", "meta.val_every=0", "meta.checkpoint_every=100000",
+        "meta.test_tasks=8", "meta.val_tasks=8", "precision=float64", *extra,
+    ]  # fmt: skip
+    return [x for o in options for x in ("--set", o)]
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def run_processes(root: int | None, marker: str, before: set[int]) -> set[tuple[int, int]]:
+    """(pid, start time) of the live processes a run started: descendants of its driver ``root``, and
+    new processes whose environment holds ``MARK=marker``. The environment alone misses Ray's agents:
+    renaming themselves ``ray::...`` overwrites it."""
+    stats = {int(p.name): _stat(int(p.name)) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    live = {pid: st for pid, st in stats.items() if st is not None and st[1] != "Z"}
+    found: set[int] = set()
+    frontier = [root] if root is not None else []
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, st in live.items() if st[0] == parent]
+        found.update(children)
+        frontier.extend(children)
+    needle = f"{MARK}={marker}".encode()
+    for pid in set(live) - before:
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                found.add(pid)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return {(pid, live[pid][2]) for pid in found if pid in live}
+
+
+def still_alive(processes: set[tuple[int, int]]) -> list[str]:
+    """Command lines of those processes still running (same pid and start time, not a zombie)."""
+    alive = []
+    for pid, started in processes:
+        st = _stat(pid)
+        if st is not None and st[1] != "Z" and st[2] == started:
+            try:
+                alive.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+            except FileNotFoundError:
+                continue
+    return alive
+
+
+@dataclass
+class Stopped:
+    code: int
+    stderr: str
+    seconds: float
+    """From the signal to the process's exit."""
+    step_seen: int
+    left: list[str]
+    """Command lines of the run's processes still alive 10 s after it exited."""
+
+    @property
+    def line(self) -> str:
+        return [x for x in re.split(r"[\r\n]", self.stderr) if x.strip()][-1]
+
+
+def stop_mid_run(args: list[str], cwd: Path, sig: int, after_step: int = 3, timeout: float = 300.0) -> Stopped:
+    """Runs ``distmaml train ARGS`` and sends ``sig`` once its progress bar shows ``after_step`` steps."""
+    marker = uuid.uuid4().hex
+    before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: marker}
+    cmd = [sys.executable, "-m", "distmaml", "train", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals
+    )
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")))  # type: ignore[union-attr]
+    reader.start()
+    deadline = time.monotonic() + timeout
+    seen = 0
+    try:
+        while seen < after_step:
+            assert proc.poll() is None, f"the run ended before step {after_step}:\n{b''.join(chunks).decode()[-3000:]}"
+            assert time.monotonic() < deadline, f"no progress past step {seen} after {timeout} s"
+            time.sleep(0.05)
+            steps = re.findall(rb"(\d+)/" + str(STEPS).encode() + rb" \[", b"".join(chunks))
+            seen = max([int(s) for s in steps], default=0)
+        started = run_processes(proc.pid, marker, before)
+        os.kill(proc.pid, sig)
+        sent = time.monotonic()
+        proc.wait(timeout=120)
+        seconds = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join()
+    started |= run_processes(None, marker, before)  # orphans started after the snapshot
+    grace = time.monotonic() + 10
+    while (left := still_alive(started)) and time.monotonic() < grace:
+        time.sleep(0.2)
+    return Stopped(proc.returncode, b"".join(chunks).decode(errors="replace"), seconds, seen, left)
+
+
+def check_clean_stop(stopped: Stopped, sig: int, run_dir: str) -> int:
+    """The exit code, the one line, no traceback or crash dump, nothing left running; returns the step saved."""
+    name = signal.Signals(sig).name
+    assert stopped.code == 128 + sig, stopped.stderr[-3000:]
+    assert stopped.seconds < 30
+    for text in CRASH_TEXT:
+        assert text not in stopped.stderr, stopped.stderr[-3000:]
+    found = re.fullmatch(
+        rf"distmaml: stopped by {name} after meta-step (\d+); saved (\S+); "
+        rf"continue with: distmaml train --resume {re.escape(run_dir)}",
+        stopped.line,
+    )
+    assert found, stopped.line
+    step = int(found.group(1))
+    assert stopped.step_seen <= step < STEPS
+    assert found.group(2) == f"{run_dir}/checkpoints/step_{step:09d}.pt"
+    assert stopped.left == []
+    return step
+
+
+def mlflow_status(uri: str, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(MlflowClient(tracking_uri=uri).get_run(run_id).info.status)
+
+
+def resume_equals_uninterrupted(tmp_path: Path, run: str, args: list[str], uri: str, saved: int) -> None:
+    """``--resume`` ends the same MLflow run, FINISHED, with the parameters of a run never stopped (1e-12)."""
+    run_id = (Path(run) / "mlflow_run_id").read_text().strip()
+    assert mlflow_status(uri, run_id) == "KILLED"
+    assert distmaml.load_checkpoint(run).step == saved
+    assert main(["train", "--quiet", "--resume", run]) == 0
+    assert (Path(run) / "mlflow_run_id").read_text().strip() == run_id
+    assert mlflow_status(uri, run_id) == "FINISHED"
+    whole = str(tmp_path / "whole")
+    assert main(["train", "--quiet", "--out", whole, *args, "--set", "tracking.enabled=false"]) == 0
+    a, b = distmaml.load_checkpoint(run), distmaml.load_checkpoint(whole)
+    assert a.step == b.step == STEPS and sorted(a.params) == sorted(b.params)
+    for k, v in b.params.items():
+        assert v.dtype == torch.float64
+        torch.testing.assert_close(a.params[k], v, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_in_process_engine_stops_cleanly_and_resumes_exactly(sig, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--workers", "0", *sets(f"tracking.uri={uri}")]
+    run = "run"
+    stopped = stop_mid_run(["--out", run, *args], tmp_path, sig)
+    saved = check_clean_stop(stopped, sig, run)
+    resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+
+
+def test_without_out_the_line_says_nothing_was_saved(tmp_path):
+    stopped = stop_mid_run(["--workers", "0", *sets("tracking.enabled=false")], tmp_path, signal.SIGINT)
+    assert stopped.code == 130 and stopped.seconds < 30 and stopped.left == []
+    assert "Traceback" not in stopped.stderr
+    assert re.fullmatch(
+        r"distmaml: stopped by SIGINT after meta-step \d+; nothing saved: without --out the run has no "
+        r"checkpoints \(pass --out RUN_DIR to resume later\)",
+        stopped.line,
+    ), stopped.line
+
+
+@pytest.mark.slow
+def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
+    """``--workers 2`` on the default ``--address local``: the run's own Ray instance ends with it."""
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--workers", "2", *sets(f"tracking.uri={uri}")]
+    run = "run"
+    stopped = stop_mid_run(["--out", run, *args], tmp_path, signal.SIGTERM)
+    saved = check_clean_stop(stopped, signal.SIGTERM, run)
+    # the resume and the reference share one Ray instance; 2 workers in both (sums in the same order)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    try:
+        resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+    finally:
+        ray.shutdown()
