@@ -29,6 +29,7 @@ import pytest
 import torch
 
 import distmaml
+from distmaml import interrupt
 from distmaml.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,8 +111,10 @@ class Stopped:
         return [x for x in re.split(r"[\r\n]", self.stderr) if x.strip()][-1]
 
 
-def stop_mid_run(args: list[str], cwd: Path, sig: int, after_step: int = 3, timeout: float = 300.0) -> Stopped:
-    """Runs ``distmaml train ARGS`` and sends ``sig`` once its progress bar shows ``after_step`` steps."""
+def stop_mid_run(
+    args: list[str], cwd: Path, sig: int, after_step: int = 3, settle: float = 0.0, timeout: float = 300.0
+) -> Stopped:
+    """Runs ``distmaml train ARGS``; sends ``sig`` ``settle`` s after its progress bar shows ``after_step`` steps."""
     marker = uuid.uuid4().hex
     before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: marker}
@@ -123,14 +126,15 @@ def stop_mid_run(args: list[str], cwd: Path, sig: int, after_step: int = 3, time
     reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stderr.read1(4096), b"")))  # type: ignore[union-attr]
     reader.start()
     deadline = time.monotonic() + timeout
-    seen = 0
+    seen = -1
     try:
         while seen < after_step:
             assert proc.poll() is None, f"the run ended before step {after_step}:\n{b''.join(chunks).decode()[-3000:]}"
             assert time.monotonic() < deadline, f"no progress past step {seen} after {timeout} s"
             time.sleep(0.05)
             steps = re.findall(rb"(\d+)/" + str(STEPS).encode() + rb" \[", b"".join(chunks))
-            seen = max([int(s) for s in steps], default=0)
+            seen = max([int(s) for s in steps], default=-1)
+        time.sleep(settle)
         started = run_processes(proc.pid, marker, before)
         os.kill(proc.pid, sig)
         sent = time.monotonic()
@@ -190,6 +194,22 @@ def resume_equals_uninterrupted(tmp_path: Path, run: str, args: list[str], uri: 
         torch.testing.assert_close(a.params[k], v, rtol=0, atol=1e-12)
 
 
+def test_a_signal_inside_atomic_is_raised_when_the_block_ends_and_a_second_is_ignored():
+    previous = signal.getsignal(signal.SIGTERM)
+    done = []
+    with pytest.raises(interrupt.Interrupted) as info:
+        with interrupt.stop_on_signals():
+            with interrupt.atomic():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # both handlers have run by now
+                done.append("the whole block")
+            done.append("past the block")
+    assert done == ["the whole block"]
+    assert (info.value.name, info.value.exit_code) == ("SIGTERM", 143)
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_in_process_engine_stops_cleanly_and_resumes_exactly(sig, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -229,3 +249,31 @@ def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
         resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
+    """The signal lands in a meta-step sized to take over a minute on each Ray worker: the run stops within 30 s
+    with the state before that step (step 0) saved."""
+    from distmaml.config import load_config
+    from distmaml.engine import InProcessEngine
+    from distmaml.engine.shard import ParamLayout, build_network, init_meta_params
+
+    overrides = ["batching=loop", "precision=float64", "tracking.enabled=false"]
+    cfg = load_config("sinusoid", overrides)
+    engine = InProcessEngine(cfg)
+    flat = ParamLayout(params := init_meta_params(cfg, build_network(cfg))).flatten(params)
+    began = time.perf_counter()
+    engine.meta_batch(flat, 0, 100)
+    per_task = (time.perf_counter() - began) / 100
+    batch = 2 * max(1000, int(60 / per_task))  # each of 2 workers: over 60 s of tasks, as timed in this process
+    args = [
+        "--out",
+        "run",
+        "--workers",
+        "2",
+        *sets("batching=loop", "tracking.enabled=false", f"meta.batch_size={batch}"),
+    ]
+    stopped = stop_mid_run(args, tmp_path, signal.SIGTERM, after_step=0, settle=3.0)
+    assert stopped.step_seen == 0
+    assert check_clean_stop(stopped, signal.SIGTERM, "run") == 0
