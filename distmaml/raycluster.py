@@ -28,11 +28,11 @@ A refused token is reported with what to set.
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import time
 from typing import Any
 from urllib.parse import urlparse
+
+from distmaml.reach import unreachable
 
 PROBE_TIMEOUT = 3.0
 """Seconds to wait for a TCP connection to the cluster before giving up."""
@@ -58,17 +58,13 @@ def split_address(address: str) -> tuple[str, int]:
 def probe(address: str, timeout: float = PROBE_TIMEOUT) -> None:
     """Raises ``ClusterError`` unless a TCP connection to ``address`` opens within ``timeout`` seconds."""
     host, port = split_address(address)
-    start = time.monotonic()
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+    why = unreachable(host, port, timeout)
+    if why is not None:
         raise ClusterError(
-            f"--address {address}: no Ray cluster answers at {host}:{port} ({reason} after "
-            f"{time.monotonic() - start:.1f} s); start one with 'ray up cluster/config.yaml' or "
-            f"'ray start --head --port {port}', or pass --address local to run on this machine alone"
-        ) from e
+            f"--address {address}: no Ray cluster answers at {host}:{port} ({why}); start one with "
+            f"'ray up cluster/config.yaml' or 'ray start --head --port {port}', or pass --address local "
+            "to run on this machine alone"
+        )
 
 
 def resolve(address: str | None) -> str:

@@ -14,13 +14,13 @@ A SQLite URI needs neither: there is no server.
 from __future__ import annotations
 
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
 from distmaml.config import Config
+from distmaml.reach import unreachable
 
 CONNECT_TIMEOUT = 3.0
 """Seconds to wait for a TCP connection to the tracking server."""
@@ -78,16 +78,10 @@ def check_server(uri: str) -> None:
         else f"check the address or start one there ('mlflow server --host {host} --port {port}'),"
     )
     where = f"tracking.uri = {uri!r}"
-    if not _uses_proxy(uri):  # through a proxy only the HTTP request below can tell
-        try:
-            with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
-                pass
-        except OSError as e:
-            reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
-            raise TrackingError(
-                f"{where}: no MLflow server answers ({reason} after {time.monotonic() - start:.1f} s); "
-                f"{fix} or --set tracking.enabled=false"
-            ) from None
+    # through a proxy only the HTTP request below can tell
+    why = None if _uses_proxy(uri) else unreachable(host, port, CONNECT_TIMEOUT)
+    if why is not None:
+        raise TrackingError(f"{where}: no MLflow server answers ({why}); {fix} or --set tracking.enabled=false")
     health = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(health, timeout=HEALTH_TIMEOUT):
