@@ -112,12 +112,18 @@ class Stopped:
 
 
 def stop_mid_run(
-    args: list[str], cwd: Path, sig: int, after_step: int = 3, settle: float = 0.0, timeout: float = 300.0
+    args: list[str],
+    cwd: Path,
+    sig: int,
+    after_step: int = 3,
+    settle: float = 0.0,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
 ) -> Stopped:
     """Runs ``distmaml train ARGS``; sends ``sig`` ``settle`` s after its progress bar shows ``after_step`` steps."""
     marker = uuid.uuid4().hex
     before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
-    env = {**os.environ, "PYTHONPATH": str(ROOT), MARK: marker}
+    env = {**(env or os.environ), "PYTHONPATH": str(ROOT), MARK: marker}
     cmd = [sys.executable, "-m", "distmaml", "train", *args]
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_signals
@@ -277,3 +283,34 @@ def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
     stopped = stop_mid_run(args, tmp_path, signal.SIGTERM, after_step=0, settle=3.0)
     assert stopped.step_seen == 0
     assert check_clean_stop(stopped, signal.SIGTERM, "run") == 0
+
+
+@pytest.mark.slow
+def test_on_a_joined_cluster_the_actors_and_the_placement_group_go(tmp_path, monkeypatch):
+    """``--address`` of a running cluster (what ``ray submit`` and ``ray job`` drivers use): the cluster stays up,
+    and the run's worker actors and placement group are gone once it exits (all its CPUs free again)."""
+    import ray
+    from rayhead import start_head
+
+    from distmaml.raycluster import connect
+
+    head = start_head(num_cpus=3)  # the driver's bundle and 2 workers
+    try:
+        args = ["--out", "run", "--workers", "2", "--address", head.address, *sets("tracking.enabled=false")]
+        stopped = stop_mid_run(args, tmp_path, signal.SIGTERM, env=head.env)
+        check_clean_stop(stopped, signal.SIGTERM, "run")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", head.env["RAY_AUTH_TOKEN"])
+        monkeypatch.setenv("RAY_AUTH_MODE", "")  # recorded, so that the token mode connect() sets is undone
+        monkeypatch.delenv("RAY_AUTH_MODE")
+        connect(head.address)  # turns token mode on, as a driver on the cluster does
+        try:
+            deadline = time.monotonic() + 30
+            while ray.available_resources().get("CPU", 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert ray.available_resources().get("CPU", 0) == 3
+            groups = [g for g in ray.util.placement_group_table().values() if g["name"].startswith("distmaml-run-")]
+            assert groups and all(g["state"] == "REMOVED" for g in groups)
+        finally:
+            ray.shutdown()
+    finally:
+        head.stop()
