@@ -340,15 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, UserError, FileNotFoundError, ValueError, StorageError) as e:
         print(f"distmaml: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        stop = interrupt.stop_request(e)
-        if stop is None:
-            print("distmaml: interrupted", file=sys.stderr)
-            return 130
+    except interrupt.Interrupted as stop:
         if stop.step is None and getattr(args, "resume", None):
             stop.run_dir = args.resume  # stopped while starting: its checkpoints are as they were
         print(interrupt.message(stop), file=sys.stderr)
         return stop.exit_code
+    except KeyboardInterrupt:
+        print("distmaml: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         from distmaml.engine.placement import EngineError
         from distmaml.trainer import NonFiniteError

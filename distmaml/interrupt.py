@@ -96,6 +96,20 @@ def reinstall() -> None:
 
 
 @contextmanager
+def around_ray_init() -> Iterator[None]:
+    """Wraps ``ray.init``: puts this module's handlers back after it, and turns a SIGTERM that struck
+    during it (Ray's handler there calls ``sys.exit(15)``) into ``Interrupted``."""
+    try:
+        yield
+    except SystemExit as e:
+        if not _State.installed or e.code != signal.SIGTERM:
+            raise
+        _State.received = signal.SIGTERM
+        raise Interrupted(signal.SIGTERM) from None
+    reinstall()
+
+
+@contextmanager
 def stop_on_signals() -> Iterator[None]:
     """For the block, SIGTERM and SIGINT raise ``Interrupted``; the previous handlers come back after it.
 
@@ -113,8 +127,13 @@ def stop_on_signals() -> Iterator[None]:
     reinstall()
     try:
         yield
+    except KeyboardInterrupt as e:
+        stop = stop_request(e)
+        if stop is None or stop is e:
+            raise
+        raise stop from None  # the plain KeyboardInterrupt of a ray.get, before the trainer ran
     finally:
-        _State.installed = False
+        _State.installed, _State.received = False, None
         for sig, previous in _State.previous.items():
             if previous is not None:  # None: set outside Python, cannot be restored from here
                 signal.signal(sig, previous)
@@ -136,7 +155,8 @@ def atomic() -> Iterator[None]:
 def stop_request(error: BaseException) -> Interrupted | None:
     """The ``Interrupted`` behind ``error`` (as raised, or a plain KeyboardInterrupt from ``ray.get``).
 
-    None when no signal reached this module's handlers: a KeyboardInterrupt
+    Asked inside ``stop_on_signals``. None when no signal reached this
+    module's handlers: a KeyboardInterrupt
     with no handler of ours installed may have struck anywhere (inside an
     optimizer step), so nothing may be saved from it.
     """

@@ -136,13 +136,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
         return address or "local"
     target = resolve(address)
     if target == "local":
-        ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
-        interrupt.reinstall()  # ray.init replaced the SIGTERM handler of a run that stops cleanly
+        with interrupt.around_ray_init():  # ray.init replaces the SIGTERM handler of a run that stops cleanly
+            ray.init(address="local", num_cpus=num_cpus, **init_kwargs)
         return "local"
     probe(target)
     enable_token_auth_if_available()
     try:
-        ray.init(address=target, **init_kwargs)
+        with interrupt.around_ray_init():
+            ray.init(address=target, **init_kwargs)
     except ConnectionError as e:
         text = str(e) + str(e.__cause__ or "")
         if "auth" in text.lower() or "token" in text.lower():
@@ -152,5 +153,4 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
                 "(on the head: 'ray get-auth-token')"
             ) from e
         raise ClusterError(f"--address {target}: could not join the Ray cluster there ({e})") from e
-    interrupt.reinstall()
     return target
