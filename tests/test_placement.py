@@ -1,5 +1,6 @@
-"""Placement on a local multi-node cluster with fake GPUs: one actor per GPU
-across nodes, and a run asking for more GPUs than exist fails fast."""
+"""Placement on a local multi-node cluster with fake GPUs and no autoscaler: one
+actor per GPU across nodes, and a run no node could hold (the driver's bundle
+included) fails fast. The same on an autoscaling cluster: tests/test_autoscale.py."""
 
 from __future__ import annotations
 
@@ -58,9 +59,56 @@ def test_cpu_device_takes_no_gpus(gpu_cluster):
 def test_more_gpus_than_exist_fails_fast(gpu_cluster):
     config = load_config("sinusoid", [*BASE, "workers=5"])
     start = time.time()
-    with pytest.raises(EngineError, match="needs 5 GPUs but the Ray cluster has 4"):
+    with pytest.raises(EngineError, match=r"the run needs 5 GPUs \(5 workers x 1\) but the Ray cluster has at most 4;"):
         RayEngine(config)
     assert time.time() - start < 10
+
+
+def test_the_driver_bundle_counts(gpu_cluster):
+    # 4 workers x 1 CPU fit the 5 CPUs of the cluster; with the driver's 2 they never can
+    config = load_config(
+        "sinusoid", [*BASE, "workers=4", "device=cpu", "engine.cpus_per_worker=1", "engine.driver_cpus=2"]
+    )
+    start = time.time()
+    with pytest.raises(EngineError) as e:
+        RayEngine(config)
+    assert time.time() - start < 10
+    assert str(e.value) == (
+        "the run needs 6 CPUs (driver 2 + 4 workers x 1) but the Ray cluster has at most 5; "
+        "lower workers or engine.cpus_per_worker or engine.driver_cpus, or add nodes"
+    )
+
+
+def test_node_types_reported_to_the_gcs_count(gpu_cluster):
+    # an autoscaler that reports its cluster config to the GCS (KubeRay's) makes its node types launchable
+    from ray._private.state import state
+    from ray.core.generated import autoscaler_pb2
+
+    from distmaml.engine.placement import cluster_shape, launchable_node_types
+
+    reported = autoscaler_pb2.ClusterConfig()
+    group = reported.node_group_configs.add(name="big_gpu", max_count=3)
+    group.resources.update({"CPU": 8, "GPU": 4})
+    reported.node_group_configs.add(name="off", max_count=0).resources.update({"CPU": 64})
+    namespace, key = (
+        ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode(),
+        ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+    )
+    gcs = ray._private.worker.global_worker.gcs_client
+    gcs.internal_kv_put(key, reported.SerializeToString(), True, namespace)
+    try:
+        assert state.get_cluster_config() is not None
+        types, launches = launchable_node_types()
+        assert [(t.name, t.resources, t.count) for t in types] == [("node type big_gpu", {"CPU": 8.0, "GPU": 4.0}, 3)]
+        assert launches == 3
+        config = load_config("sinusoid", [*BASE, "meta.batch_size=12", "workers=12", "engine.gpus_per_worker=1"])
+        from distmaml.engine.placement import check_feasible, worker_resources
+
+        check_feasible(config, worker_resources(config))  # 4 GPUs up + 3 x 4 to launch: 16 >= 12
+        assert len(cluster_shape().nodes) == 4  # 3 nodes up and the one type
+    finally:
+        gcs.internal_kv_del(key, False, namespace)
+    assert launchable_node_types() == ([], 0)
 
 
 def _flat(config):
