@@ -16,7 +16,8 @@ Use (see ``tests/test_autoscale.py``)::
     cluster = start_fake_cluster()          # returns once the head answers; no worker node yet
     try:
         subprocess.run([...], env=cluster.env)   # RAY_ADDRESS and the auth token of this cluster
-        ray.init(address=cluster.address)        # in-process: set RAY_AUTH_MODE/RAY_AUTH_TOKEN from cluster.env first
+        with cluster.joined():                   # this process as a driver of the cluster (ray.init)
+            ...
         cluster.worker_nodes()                   # raylets the autoscaler started so far
     finally:
         cluster.stop()                           # by pid: this cluster's processes only
@@ -44,7 +45,10 @@ Two such clusters on one machine at once: what was checked in Ray 2.60's
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +90,28 @@ class FakeCluster:
         while (n := self.worker_nodes()) < count and time.monotonic() < deadline:
             time.sleep(0.5)
         return n
+
+    @contextmanager
+    def joined(self) -> Iterator[None]:
+        """This process joined to the cluster (``ray.init``) with its token, both undone on exit."""
+        import ray
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({k: self.env[k] for k in keys})
+        Config.initialize("")  # Ray read its auth settings from the environment when it loaded: refresh them
+        try:
+            ray.init(address=self.address, logging_level="WARNING")
+            yield
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            Config.initialize("")
 
     def stop(self) -> None:
         self.head.stop()
