@@ -118,3 +118,28 @@ def _flat(config):
         workers = replacements = 0
 
     return Trainer(config, NoEngine(), progress=False).flat  # type: ignore[arg-type]
+
+
+def test_a_run_that_fits_waits_for_busy_nodes_then_times_out(gpu_cluster, capsys):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    held = placement_group([{"CPU": 2}, {"CPU": 2}], strategy="SPREAD")  # other work: 4 of the 5 CPUs
+    ray.get(held.ready(), timeout=60)
+    try:
+        config = load_config("sinusoid", [*BASE, "workers=2", "device=cpu", "engine.startup_timeout=4"])
+        start = time.time()
+        with pytest.raises(EngineError) as e:
+            RayEngine(config)  # 1.5 CPUs: the cluster could hold it, once the other work ends
+        assert 4 <= time.time() - start < 30
+    finally:
+        remove_placement_group(held)
+    assert str(e.value) == (
+        "the run's placement group 3 x {'CPU': 0.5} (PACK) was not placed within "
+        "engine.startup_timeout = 4s; the cluster has {'CPU': 1, 'GPU': 4} available: lower workers or the "
+        "resources per worker"
+    )
+    waits = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distmaml: waiting")]
+    assert len(waits) == 1 and waits[0].endswith(
+        "s for the run's placement group 3 x {'CPU': 0.5} (PACK): no node type to launch: "
+        "waiting for busy nodes (engine.startup_timeout = 4 s)"
+    )
