@@ -38,6 +38,8 @@ WAIT_FIRST = 2.0
 """Seconds a placement group may take before the first line saying what the run waits for."""
 WAIT_EVERY = 10.0
 """Seconds between those lines while the autoscaler adds nodes."""
+KINDS = ("CPU", "GPU")
+"""The resources a run's bundles ask for; the only ones compared."""
 
 
 class EngineError(RuntimeError):
@@ -102,10 +104,6 @@ def cluster_shape() -> ClusterShape:
     ]
     types, max_launches = launchable_node_types()
     return ClusterShape(up + types, max_launches)
-
-
-KINDS = ("CPU", "GPU")
-"""The resources a run's bundles ask for; the only ones compared."""
 
 
 def launchable_node_types() -> tuple[list[NodeShape], int]:
