@@ -127,6 +127,8 @@ def test_too_many_failures_stop_the_run():
 def test_more_cpus_than_the_cluster_fails_fast():
     config = _config(3, "engine.cpus_per_worker=2")
     start = time.time()
-    with pytest.raises(Exception, match="needs 6 CPUs but the Ray cluster has 4"):
+    with pytest.raises(
+        Exception, match=r"needs 6.5 CPUs \(driver 0.5 \+ 3 workers x 2\) but the Ray cluster has at most 4;"
+    ):
         RayEngine(config)
     assert time.time() - start < 10
