@@ -9,6 +9,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from distmaml.assembly import runner_factory
 from distmaml.config import load_config
 from distmaml.engine.placement import EngineError
 from distmaml.engine.ray_engine import RayEngine
@@ -30,7 +31,7 @@ def gpu_cluster():
 
 def test_one_actor_per_gpu_across_nodes(gpu_cluster):
     config = load_config("sinusoid", [*BASE, "workers=4", "engine.placement=SPREAD"])
-    engine = RayEngine(config)
+    engine = RayEngine(config, runner_factory(config))
     try:
         assert engine.resources.gpus == 1.0  # auto: the cluster has GPUs
         where = engine.describe()
@@ -47,7 +48,7 @@ def test_one_actor_per_gpu_across_nodes(gpu_cluster):
 
 def test_cpu_device_takes_no_gpus(gpu_cluster):
     config = load_config("sinusoid", [*BASE, "workers=2", "device=cpu"])
-    engine = RayEngine(config)
+    engine = RayEngine(config, runner_factory(config))
     try:
         assert engine.resources.gpus == 0.0
         assert all(w["gpu_ids"] == [] for w in engine.describe())
@@ -59,14 +60,13 @@ def test_more_gpus_than_exist_fails_fast(gpu_cluster):
     config = load_config("sinusoid", [*BASE, "workers=5"])
     start = time.time()
     with pytest.raises(EngineError, match="needs 5 GPUs but the Ray cluster has 4"):
-        RayEngine(config)
+        RayEngine(config, runner_factory(config))
     assert time.time() - start < 10
 
 
 def _flat(config):
-    from distmaml.trainer import Trainer
+    from distmaml.assembly import build_network, init_meta_params
+    from distmaml.runner import ParamLayout
 
-    class NoEngine:
-        workers = replacements = 0
-
-    return Trainer(config, NoEngine(), progress=False).flat  # type: ignore[arg-type]
+    params = init_meta_params(config, build_network(config))
+    return ParamLayout(params).flatten(params)

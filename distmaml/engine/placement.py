@@ -22,10 +22,13 @@ from ray.util.placement_group import (
 )
 
 from distmaml.config import Config
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
 
-class EngineError(RuntimeError):
+class EngineError(DistmamlError, RuntimeError):
     """The engine cannot run as configured; the message says what to change."""
+
+    exit_code = CANNOT_GO_ON
 
 
 @dataclass(frozen=True)
