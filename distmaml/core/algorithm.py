@@ -215,6 +215,17 @@ def init_algorithm_params(model: nn.Module, algorithm: Algorithm, params: Params
     return out
 
 
+def network_params(model: nn.Module, algorithm: Algorithm, params: Params, step: int = 0) -> Params:
+    """The model's own parameters in the meta-parameters ``params``, as inner step ``step`` sees them.
+
+    MAML++'s per-step batch-norm (``mamlpp.bn.<p>.<i>``) stands in for the
+    model's batch-norm weight and bias; the other entries are the model's own.
+    """
+    slot = step_slot(step, algorithm.inner.steps)
+    replaced = set(batchnorm_names(model)) if algorithm.per_step_bn else set()
+    return {k: params[f"{MAMLPP_BN_PREFIX}{k}.{slot}" if k in replaced else k] for k, _ in model.named_parameters()}
+
+
 def step_slot(i: int, train_steps: int) -> int:
     """Which per-step parameters inner step ``i`` uses: its own, or past training's steps the last ones."""
     return min(i, train_steps - 1)

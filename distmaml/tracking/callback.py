@@ -264,17 +264,22 @@ class MlflowCallback(Callback):
             self._log_model(trainer)
 
     def _log_model(self, trainer: Trainer) -> None:
-        """The network with the meta-learned parameters, as an MLflow PyTorch model (pickle format)."""
+        """The network with the meta-learned parameters, as an MLflow PyTorch model (pickle format).
+
+        MAML++'s per-step batch-norm goes in as its first step's (the network before adaptation).
+        """
         import mlflow
         import mlflow.pytorch
         import torch
 
         from distmaml import __version__
+        from distmaml.core.algorithm import network_params
 
         model = copy.deepcopy(self.network)
+        weights = network_params(model, self.algorithm, trainer.params)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(trainer.params[name])
+                p.copy_(weights[name])
         mlflow.set_tracking_uri(self.uri)
         # start_run on an existing id resumes it; its exit marks the run FINISHED, as on_end does next.
         with mlflow.start_run(run_id=self.run_id):
