@@ -145,6 +145,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "tags": {"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
     }
     run = assemble(config, ctx.address, tracking=tracking)
+    try:
+        reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
+    except BaseException:
+        run.close()
+        raise
     # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report(): the child run ends KILLED
-    reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
     run.fit(run_dir, progress=False, resume=restored is not None, callbacks=[reporter])
