@@ -98,12 +98,18 @@ class FakeCluster:
     def joined(self) -> Iterator[None]:
         """This process joined to the cluster (``ray.init``) with its token, both undone on exit."""
         import ray
-        from ray._raylet import Config  # type: ignore[attr-defined]
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        def refresh() -> None:
+            # Ray caches its auth settings and the token itself when it loads or first uses them: a
+            # later local instance in this process would otherwise send this cluster's token.
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
 
         keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
         saved = {k: os.environ.get(k) for k in keys}
         os.environ.update({k: self.env[k] for k in keys})
-        Config.initialize("")  # Ray read its auth settings from the environment when it loaded: refresh them
+        refresh()
         try:
             ray.init(address=self.address, logging_level="WARNING")
             yield
@@ -114,7 +120,7 @@ class FakeCluster:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            Config.initialize("")
+            refresh()
 
     def stop(self) -> None:
         self.head.stop()

@@ -20,6 +20,7 @@ import pytest
 import ray
 from fakecluster import start_fake_cluster
 
+from distmaml.assembly import runner_factory
 from distmaml.config import load_config
 from distmaml.engine.placement import EngineError, cluster_shape, worker_resources
 from distmaml.engine.ray_engine import RayEngine
@@ -78,7 +79,7 @@ def test_a_run_no_node_type_can_hold_fails_at_once(cluster, overrides, message):
     config = load_config("sinusoid", [*TINY, *overrides])
     start = time.monotonic()
     with pytest.raises(EngineError) as e:
-        RayEngine(config)
+        RayEngine(config, runner_factory(config))
     assert time.monotonic() - start < 10
     assert str(e.value) == message
     assert cluster.worker_nodes() == 0  # nothing was asked of the autoscaler

@@ -33,6 +33,7 @@ from ray.util.placement_group import (
 
 from distmaml.config import Config
 from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
 WAIT_FIRST = 2.0
 """Seconds a placement group may take before the first line saying what the run waits for."""
@@ -42,8 +43,10 @@ KINDS = ("CPU", "GPU")
 """The resources a run's bundles ask for; the only ones compared."""
 
 
-class EngineError(RuntimeError):
+class EngineError(DistmamlError, RuntimeError):
     """The engine cannot run as configured; the message says what to change."""
+
+    exit_code = CANNOT_GO_ON
 
 
 @dataclass(frozen=True)
