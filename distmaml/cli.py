@@ -8,25 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from distmaml import interrupt, storage
-from distmaml.config import Config, ConfigError, config_from_dict, load_config
+from distmaml.assembly import with_absolute_uri
+from distmaml.config import Config, config_from_dict, load_config
 from distmaml.data.errors import DataError
+from distmaml.errors import DistmamlError
 from distmaml.results import describe
-from distmaml.storage import Location, StorageError
-from distmaml.tracking.probe import TrackingError, check_tracking
+from distmaml.storage import Location
+from distmaml.tracking.probe import check_tracking
 
 
-class UserError(Exception):
+class UserError(DistmamlError):
     """An error in what the user asked for; printed as one line, no traceback."""
-
-
-def make_engine(config: Config, address: str | None = None):  # type: ignore[no-untyped-def]
-    if config.workers == 0:
-        from distmaml.engine import InProcessEngine
-
-        return InProcessEngine(config)
-    from distmaml.engine.ray_engine import RayEngine
-
-    return RayEngine(config, address)
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -34,24 +26,6 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "workers", None) is not None:
         overrides.append(f"workers={args.workers}")
     return with_absolute_uri(load_config(args.config, overrides))
-
-
-def with_absolute_uri(config: Config) -> Config:
-    """Pins a relative ``tracking.uri`` to this directory before any worker or trial sees the config."""
-    if config.tracking.enabled:
-        from distmaml.tracking.uri import absolute_uri
-
-        config.tracking.uri = absolute_uri(config.tracking.uri)
-    return config
-
-
-def tracking_callbacks(config: Config, **kwargs: Any) -> list[Any]:
-    """``[MlflowCallback]`` when ``tracking.enabled``, else ``[]``."""
-    if not config.tracking.enabled:
-        return []
-    from distmaml.tracking import MlflowCallback
-
-    return [MlflowCallback(config, **kwargs)]
 
 
 def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
@@ -63,23 +37,9 @@ def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
         print(f"the same tasks without adaptation:            {describe(before)}", file=out)
 
 
-def _check_data(config: Config) -> None:
-    """Opens the run's task family on the driver, before any worker starts.
-
-    A missing or unfit task store is then reported in one line rather than as
-    a worker that died while starting (a ``glyphs`` store is prepared here,
-    once, instead of by every worker). Image splits load lazily: this reads
-    metadata only.
-    """
-    if config.data.family in ("glyphs", "store"):
-        from distmaml.engine.shard import build_family
-
-        build_family(config)
-
-
 @interrupt.stop_on_signals()  # SIGTERM, SIGINT: checkpoint the last step, one line, exit 143 or 130
 def cmd_train(args: argparse.Namespace) -> int:
-    from distmaml.trainer import Trainer
+    from distmaml.assembly import assemble
 
     run_dir: Location | None
     if args.resume:
@@ -97,21 +57,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
+    # The task family is opened on the driver first: a missing or unfit store is one line, not a
+    # worker that died while starting (and a glyphs store is prepared once, here).
     check_tracking(config)
-    _check_data(config)
-    callbacks = tracking_callbacks(config)
-    engine = make_engine(config, args.address)
-    try:
-        trainer = Trainer(
-            config, engine, run_dir, callbacks=callbacks, progress=not args.quiet, resume=bool(args.resume)
-        )
-        result = trainer.fit()
-    except BaseException as e:
-        for cb in callbacks:
-            cb.fail("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        engine.close()
+    run = assemble(config, args.address)
+    result = run.fit(run_dir, progress=not args.quiet, resume=bool(args.resume))
     print_meta_test(result)
     if run_dir is not None:
         print(f"run written to {run_dir}")
@@ -132,6 +82,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from distmaml.tune import load_space, render_text, run_sweep, with_overrides
 
     spec = with_overrides(load_space(args.space), num_samples=args.trials, overrides=args.set or [])
+    check_tracking(spec.base_config())
     check_tracking(spec.base_config())
     result = run_sweep(spec, address=args.address, storage=args.storage, verbose=0 if args.quiet else 1)
     print(f"\n{len(result.rows)} trials of {spec.name}, best first by {spec.metric} ({spec.mode}):")
@@ -337,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, UserError, FileNotFoundError, ValueError, StorageError) as e:
+    except DistmamlError as e:  # the project's own input errors; anything else keeps its traceback
         print(f"distmaml: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except interrupt.Interrupted as stop:
         if stop.step is None and getattr(args, "resume", None):
             stop.run_dir = args.resume  # stopped while starting: its checkpoints are as they were
@@ -348,14 +299,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distmaml: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from distmaml.engine.placement import EngineError
-        from distmaml.trainer import NonFiniteError
-
-        if isinstance(e, (NonFiniteError, EngineError, TrackingError)):
-            print(f"distmaml: error: {e}", file=sys.stderr)
-            return 3
-        raise
 
 
 if __name__ == "__main__":

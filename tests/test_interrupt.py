@@ -262,16 +262,15 @@ def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
 def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
     """The signal lands in a meta-step sized to take over a minute on each Ray worker: the run stops within 30 s
     with the state before that step (step 0) saved."""
+    from distmaml.assembly import assemble
     from distmaml.config import load_config
-    from distmaml.engine import InProcessEngine
-    from distmaml.engine.shard import ParamLayout, build_network, init_meta_params
+    from distmaml.runner import ParamLayout
 
-    overrides = ["batching=loop", "precision=float64", "tracking.enabled=false"]
-    cfg = load_config("sinusoid", overrides)
-    engine = InProcessEngine(cfg)
-    flat = ParamLayout(params := init_meta_params(cfg, build_network(cfg))).flatten(params)
+    run = assemble(load_config("sinusoid", ["batching=loop", "precision=float64", "tracking.enabled=false", "workers=0"]))
+    flat = ParamLayout(run.params).flatten(run.params)
     began = time.perf_counter()
-    engine.meta_batch(flat, 0, 100)
+    run.engine.meta_batch(flat, 0, 100)
+    run.close()
     per_task = (time.perf_counter() - began) / 100
     batch = 2 * max(1000, int(60 / per_task))  # each of 2 workers: over 60 s of tasks, as timed in this process
     args = [

@@ -20,6 +20,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 from distmaml.config import Config
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
 from distmaml.reach import unreachable
 
 CONNECT_TIMEOUT = 3.0
@@ -35,8 +36,10 @@ HTTP_LIMITS = {
 """MLflow's HTTP client settings for a run (environment variables, MLflow 3); a value the user set wins."""
 
 
-class TrackingError(ConnectionError):
+class TrackingError(DistmamlError, ConnectionError):
     """No MLflow server answers at ``tracking.uri``; the message says what to do."""
+
+    exit_code = CANNOT_GO_ON
 
 
 def check_tracking(config: Config) -> None:
