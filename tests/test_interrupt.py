@@ -266,7 +266,9 @@ def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
     from distmaml.config import load_config
     from distmaml.runner import ParamLayout
 
-    run = assemble(load_config("sinusoid", ["batching=loop", "precision=float64", "tracking.enabled=false", "workers=0"]))
+    run = assemble(
+        load_config("sinusoid", ["batching=loop", "precision=float64", "tracking.enabled=false", "workers=0"])
+    )
     flat = ParamLayout(run.params).flatten(run.params)
     began = time.perf_counter()
     run.engine.meta_batch(flat, 0, 100)
