@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -17,3 +18,22 @@ def float64():
 # One torch thread per test process: Ray workers started by the tests run beside
 # it on the same two cores, and oversubscribed threads slow conv nets many-fold.
 torch.set_num_threads(1)
+
+
+def _ray_loggers() -> dict[str, logging.Logger]:
+    return {
+        name: lg
+        for name, lg in logging.root.manager.loggerDict.items()
+        if (name == "ray" or name.startswith("ray.")) and isinstance(lg, logging.Logger)
+    }
+
+
+@pytest.fixture(autouse=True)
+def _ray_log_handlers_of_a_test_end_with_it():
+    """``ray.init`` inside a test adds a StreamHandler bound to the sys.stderr of that moment, which
+    is the test's capture (capsys) and is closed when the test ends; a later Ray log line would then
+    print a "Logging error" traceback into another test's stderr. Drop what the test added."""
+    before = {name: list(lg.handlers) for name, lg in _ray_loggers().items()}
+    yield
+    for name, lg in _ray_loggers().items():
+        lg.handlers = [h for h in lg.handlers if h in before.get(name, [])]
