@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distmaml.config import config_from_dict, dump_config
+from distmaml import storage as store
+from distmaml.config import ConfigError, config_from_dict, dump_config
+from distmaml.storage import Location
 from distmaml.tune.report import TrialRow, plot_metric_by_key, sort_rows, write_csv, write_markdown
 from distmaml.tune.space import SweepSpec, check_resources
 from distmaml.tune.trial import TrialContext, run_trial
@@ -29,9 +31,84 @@ class SweepResult:
     rows: list[TrialRow]
     best: TrialRow | None
     parent_run_id: str | None
-    storage: Path
+    storage: Location
+    """Tune's storage: a local folder or a bucket URI (``s3://...``)."""
     tracking_uri: str | None = None
     experiment_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TuneStorage:
+    """``--storage`` as Tune's ``RunConfig`` takes it, and how to name what Tune writes there."""
+
+    location: Location
+    path: str
+    """``storage_path``: a local folder, or the path inside ``filesystem`` (``bucket/prefix``)."""
+    filesystem: Any = None
+    """``storage_filesystem``: the ``pyarrow`` filesystem of a URI (None: local)."""
+    scheme: str = ""
+
+    def locate(self, path: str) -> Location:
+        """A path Tune reports (a checkpoint) as ``distmaml.storage`` names it: a folder or a URI."""
+        return f"{self.scheme}://{path}" if self.scheme else path
+
+
+def tune_storage(where: str | Path) -> TuneStorage:
+    """Resolves and probes ``--storage``: a folder, or an ``s3://``/``gs://``/any pyarrow URI shared by all nodes.
+
+    The filesystem comes from ``distmaml.storage`` (so an S3 endpoint set with
+    ``AWS_ENDPOINT_URL`` or ``DISTMAML_S3_ENDPOINT`` applies) and travels with
+    each trial to its node. A location that cannot be written fails here, in
+    one line naming ``--storage``, before any trial starts.
+    """
+    loc = store.location(where)
+    if isinstance(loc, Path):
+        loc = loc.expanduser().resolve()
+        store.check_writable(loc, "--storage")
+        return TuneStorage(loc, str(loc))
+    store.check_writable(loc, "--storage")
+    fs, path = store.resolve(loc)
+    return TuneStorage(loc, path, fs, loc.split("://", 1)[0])
+
+
+def other_machines() -> str | None:
+    """Why trials of a sweep started here may run on another machine than this driver's, or None.
+
+    They may when a node up has another address, or when the autoscaler can
+    launch nodes (a cloud, a lab's machines), except Ray's fake multi-node
+    provider, whose nodes are processes on this machine.
+    """
+    import ray
+
+    from distmaml.engine.placement import _autoscaling_config, launchable_node_types
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    me = ray.get_runtime_context().get_node_id()  # the driver's node, as the cluster addresses it
+    here = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), ray.util.get_node_ip_address())
+    for node in nodes:
+        if node["NodeManagerAddress"] != here:
+            return f"node {node['NodeManagerAddress']} is another machine than this driver's {here}"
+    types, _ = launchable_node_types()
+    if types:
+        config = _autoscaling_config(ray.get_runtime_context().gcs_address) or {}
+        provider = (config.get("provider") or {}).get("type", "unknown")
+        if provider != "fake_multinode":
+            names = ", ".join(t.name.removeprefix("node type ") for t in types)
+            return f"the autoscaler can launch nodes of type {names} (provider {provider})"
+    return None
+
+
+def check_tracking_reach(uri: str, elsewhere: str | None) -> None:
+    """Refuses a ``tracking.uri`` that trials on other machines could not reach, when they may run there."""
+    from distmaml.tracking.uri import machine_local
+
+    why = machine_local(uri)
+    if why and elsewhere:
+        raise ConfigError(
+            f"tracking.uri = {uri!r}: {why}, but trials may run on other machines ({elsewhere}); "
+            "use a tracking server every node reaches: --set tracking.uri=http://HEAD_PRIVATE_IP:5000 "
+            "(cluster/submit.py fills it in), or tracking.enabled=false"
+        )
 
 
 def _searcher(spec: SweepSpec) -> Any:
@@ -87,7 +164,7 @@ def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str, str]:
     return client, run.info.run_id, exp
 
 
-def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
+def _rows(grid: Any, spec: SweepSpec, where: TuneStorage) -> list[TrialRow]:
     steps = spec.base_config().meta.steps
     rows = []
     for i, result in enumerate(grid):
@@ -96,7 +173,7 @@ def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
         metric = float(value) if isinstance(value, (int, float)) else math.nan
         step = int(m.get("step", 0))
         status = "error" if result.error is not None else ("done" if step >= steps else "stopped")
-        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        ckpt = str(where.locate(result.checkpoint.path)) if result.checkpoint is not None else None
         rows.append(
             TrialRow(
                 trial=str(m.get("trial_id", f"trial_{i}")),
@@ -148,18 +225,22 @@ def run_sweep(
 ) -> SweepResult:
     """Runs the sweep ``spec`` on the Ray cluster at ``address`` (started here if none is running).
 
-    ``exit_after_step`` is a test hook (see ``TrialContext``).
+    ``storage`` is Tune's storage for trial checkpoints and results: a local
+    folder on one machine, a bucket URI (``s3://...``) that every node reaches
+    on a cluster. ``exit_after_step`` is a test hook (see ``TrialContext``).
 
     Example:
-        >>> result = run_sweep(load_space("tune_spaces/sinusoid.yaml"))
-        >>> result.best.checkpoint   # a folder that ``distmaml evaluate --checkpoint`` takes
+        >>> result = run_sweep(load_space("tune_spaces/sinusoid.yaml"), storage="s3://bucket/sweeps")
+        >>> result.best.checkpoint   # a run dir that ``distmaml evaluate --checkpoint`` takes
+        's3://bucket/sweeps/sinusoid-.../run_trial_.../checkpoint_000002'
     """
     import ray
     from ray import tune
 
     from distmaml.cli import with_absolute_uri
+    from distmaml.engine.placement import cluster_shape
 
-    storage = Path(storage).resolve()
+    where = tune_storage(storage)
     base = with_absolute_uri(spec.base_config())
     base_data = dict(spec.base_data, tracking=base.to_dict()["tracking"])
     data_path = base.data.path
@@ -168,8 +249,10 @@ def run_sweep(
         base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=verbose > 0)
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_resources(spec, ray.cluster_resources(), alive)
+    cluster = cluster_shape()
+    check_resources(spec, cluster.nodes, cluster.max_launches)
+    if base.tracking.enabled:
+        check_tracking_reach(base.tracking.uri, other_machines())
 
     client, parent, exp = _open_parent(spec, base.tracking.uri) if base.tracking.enabled else (None, None, None)
     ctx = TrialContext(
@@ -182,7 +265,8 @@ def run_sweep(
         exit_after_step=exit_after_step,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), tune.PlacementGroupFactory(spec.resources.bundles())
+        tune.with_parameters(run_trial, ctx=ctx),
+        tune.PlacementGroupFactory(spec.resources.bundles(), strategy=base.engine.placement),
     )
     tuner = tune.Tuner(
         trainable,
@@ -200,7 +284,8 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(storage),
+            storage_path=where.path,
+            storage_filesystem=where.filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
@@ -212,9 +297,11 @@ def run_sweep(
         if client is not None:
             client.set_terminated(parent, status="FAILED")
         raise
-    rows = _rows(grid, spec)
+    rows = _rows(grid, spec, where)
     best = rows[0] if rows and math.isfinite(rows[0].metric) else None
     if client is not None and parent is not None:
         _close_parent(client, parent, spec, rows, best)
     uri = base.tracking.uri if base.tracking.enabled else None
-    return SweepResult(rows=rows, best=best, parent_run_id=parent, storage=storage, tracking_uri=uri, experiment_id=exp)
+    return SweepResult(
+        rows=rows, best=best, parent_run_id=parent, storage=where.location, tracking_uri=uri, experiment_id=exp
+    )
