@@ -62,11 +62,10 @@ def tune_storage(where: str | Path) -> TuneStorage:
     one line naming ``--storage``, before any trial starts.
     """
     loc = store.location(where)
+    store.check_writable(loc, "--storage")  # named as given in the message
     if isinstance(loc, Path):
         loc = loc.expanduser().resolve()
-        store.check_writable(loc, "--storage")
         return TuneStorage(loc, str(loc))
-    store.check_writable(loc, "--storage")
     fs, path = store.resolve(loc)
     return TuneStorage(loc, path, fs, loc.split("://", 1)[0])
 
