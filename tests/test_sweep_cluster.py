@@ -10,6 +10,7 @@ non-loopback address where it has one: the path trials take on a real cluster.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -21,10 +22,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+import ray
 from fakecluster import start_fake_cluster
+from mlflow import MlflowClient
+from ray._private.authentication_test_utils import reset_auth_token_state
 from rayhead import free_port
 from s3server import s3_server
+from test_tune import space_file
+from test_tune_storage import _keys
+
+from distmaml import storage
+from distmaml.tune.sweep import other_machines
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "cluster" / "submit.py"
@@ -90,11 +98,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def joined(cluster):
     """This test process as a client of the cluster (for its node table), with the cluster's token."""
-    import ray
-
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    from ray._private.authentication_test_utils import reset_auth_token_state
-
     os.environ.update(RAY_AUTH_MODE=cluster.env["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"])
     reset_auth_token_state()  # Ray read the auth mode and token when first imported, before this cluster existed
     ray.init(address=cluster.address, logging_level="WARNING")
@@ -111,31 +115,15 @@ def joined(cluster):
 
 
 def _space(folder: Path) -> Path:
-    data = {
-        "name": "cluster-sweep",
-        "base": "sinusoid",
-        "set": {
-            "meta.steps": 4,
-            "meta.batch_size": 4,
-            "meta.val_every": 2,
-            "meta.checkpoint_every": 2,
-            "meta.val_tasks": 8,
-            "meta.test_tasks": 8,
-            "tracking.log_every": 2,
-            "tracking.log_model": False,
-        },
-        "metric": "val_mse",
-        "mode": "min",
-        "num_samples": 2,
-        "max_concurrent": 2,
-        "max_failures": 0,
-        # 2 CPUs: one trial fills one gpu_worker node (2 CPUs); the head (0 CPUs) holds none
-        "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "driver_cpus": 1},
-        "space": {"inner.lr": {"loguniform": [0.001, 0.1]}},
-    }
-    path = folder / "cluster.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    """Two tiny trials at once; 2 CPUs each: one trial fills one gpu_worker node, the head (0 CPUs) holds none."""
+    return space_file(
+        folder,
+        "cluster-sweep",
+        num_samples=2,
+        max_concurrent=2,
+        resources={"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "driver_cpus": 1},
+        space={"inner.lr": {"loguniform": [0.001, 0.1]}},
+    )
 
 
 @pytest.mark.slow
@@ -158,30 +146,15 @@ def test_a_sweep_runs_on_worker_nodes_with_storage_in_s3_and_runs_in_mlflow(clus
     assert best.removeprefix("best checkpoint: ").startswith("s3://sweeps/cluster/cluster-sweep-")
 
     # each trial ran on a worker node, never on the head, and reported it into the bucket
-    import json
-
-    from distmaml import storage
-
-    fs, root = storage.resolve("s3://sweeps/cluster")
-    import pyarrow.fs as pafs
-
-    results = [
-        i.path
-        for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        if i.path.endswith("/result.json") and "/run_trial_" in i.path and "/checkpoint_" not in i.path
-    ]
+    uri = "s3://sweeps/cluster"
+    results = [k for k in _keys(uri) if k.endswith("/result.json") and "/run_trial_" in k and "/checkpoint_" not in k]
     assert len(results) == 2
-    import ray
-
     workers = {n["NodeID"] for n in ray.nodes() if n["NodeID"] != joined}  # alive or since stopped
-    for path in results:
-        with fs.open_input_stream(path) as f:
-            last = json.loads(f.read().decode().splitlines()[-1])
-        assert last["step"] == 4 and last["node_id"] != joined and last["node_id"] in workers
+    for key in results:
+        last = json.loads(storage.read_bytes(storage.join(uri, key)).decode().splitlines()[-1])
+        assert last["step"] == 6 and last["node_id"] != joined and last["node_id"] in workers
 
     # both trials are child runs of the sweep's parent in the HTTP tracking server, finished
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=mlflow_server)
     exp = client.get_experiment_by_name("cluster-sweep")
     runs = client.search_runs([exp.experiment_id])
@@ -192,7 +165,7 @@ def test_a_sweep_runs_on_worker_nodes_with_storage_in_s3_and_runs_in_mlflow(clus
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["tracking.uri"] == mlflow_server
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_mse")] == [2, 4]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_mse")] == [2, 4, 6]
         assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}  # through the server
 
 
@@ -209,10 +182,6 @@ def test_submit_fills_in_the_heads_mlflow_server_and_a_one_machine_cluster_keeps
     joined, tmp_path, monkeypatch, capsys
 ):
     """submit.py: the head's address from Ray and a probe; the sweep's rule on a one-machine cluster."""
-    import ray
-
-    from distmaml.tune.sweep import other_machines
-
     submit = _submit_module()
     head = submit._head_ip()
     assert head == next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == joined)
