@@ -32,7 +32,7 @@ from test_tune import space_file
 from test_tune_storage import _keys
 
 from distmaml import storage
-from distmaml.tune.sweep import other_machines
+from distmaml.tune.shared import other_machines
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "cluster" / "submit.py"

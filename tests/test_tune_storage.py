@@ -18,7 +18,7 @@ from test_tune import _children, _client, _steps, space_file
 from distmaml import storage
 from distmaml.cli import main
 from distmaml.tune import load_space, run_sweep
-from distmaml.tune.sweep import check_tracking_reach, tune_storage
+from distmaml.tune.shared import check_tracking_reach, tune_storage
 
 
 @pytest.fixture(scope="module")

@@ -388,7 +388,7 @@ def _with_fixed_resources(where: str, raw: Any, fixed: dict[str, Any]) -> Any:
 
 
 def resources_of(config: Config, driver_gpus: float = 0.0) -> Resources:
-    """The bundles a trial of ``config`` needs: its ``workers`` and ``engine`` amounts (GPUs left to Ray: 0)."""
+    """The bundles a trial of ``config`` needs: its ``workers`` and ``engine`` amounts (GPUs unset: none)."""
     e = config.engine
     return Resources(
         workers=config.workers,
