@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from distmaml.checkpoint import write_json
-from distmaml.config import Config, load_config
+from distmaml.config import Config, ConfigError, load_config
 
 BENCH_CONFIGS: dict[str, list[str]] = {
     # MAML paper sinusoid: meta-batch 25, K=10, 1 inner step, MLP 1-40-40-1.
@@ -93,12 +93,12 @@ def _matmul_gflops(threads: int) -> float:
 
 def _step_fn(name: str, impl: str) -> tuple[Config, Any]:
     """The config and a zero-argument function computing one meta-step's gradient with ``impl``."""
+    from distmaml.assembly import build_runner
     from distmaml.baseline import baseline_meta_gradient, native_twin
     from distmaml.core import meta_grad
-    from distmaml.engine.shard import TaskRunner
 
     config = bench_config(name, "workers=0")
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
     params: dict[str, Tensor] = dict(runner.model.named_parameters())
     inner = runner.inner
@@ -181,18 +181,20 @@ def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, 
     """
     import ray
 
+    from distmaml.assembly import Run, assemble
     from distmaml.engine.ray_engine import RayEngine
     from distmaml.trainer import Trainer
 
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=sum(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
-    engines: dict[int, tuple[Config, RayEngine, Trainer]] = {}
+    engines: dict[int, tuple[Run, RayEngine, Trainer]] = {}
     try:
         for w in workers:
             config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
-            engine = RayEngine(config)
-            engines[w] = (config, engine, Trainer(config, engine, progress=False))
+            run = assemble(config)
+            assert isinstance(run.engine, RayEngine)
+            engines[w] = (run, run.engine, run.trainer(progress=False))
         torch.set_num_threads(2)
         base_config, baseline = _step_fn(name, "baseline")
         walls: dict[int, list[float]] = {w: [] for w in workers}
@@ -257,13 +259,13 @@ def measure_config(config_dict: dict[str, Any], threads: int, steps: int) -> dic
     rise of the first full meta-step over the RSS before it: its own working
     memory (with batching ``loop``, one task's graph at a time).
     """
+    from distmaml.assembly import build_runner, init_meta_params
     from distmaml.config import config_from_dict
     from distmaml.core import meta_grad
-    from distmaml.engine.shard import TaskRunner, init_meta_params
 
     torch.set_num_threads(threads)
     config = config_from_dict(config_dict)
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
     params = init_meta_params(config, runner.model)
 
@@ -400,7 +402,7 @@ def main(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in BENCH_CONFIGS]
     if unknown:
-        raise ValueError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
+        raise ConfigError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
     if getattr(args, "algorithms", ""):
         return algorithms_main(args, configs)
     threads = [int(t) for t in str(args.threads).split(",")]
@@ -435,7 +437,7 @@ def algorithms_main(args: argparse.Namespace, configs: list[str]) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
-        raise ValueError(f"--algorithms {','.join(unknown)}: allowed values are {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"--algorithms {','.join(unknown)}: allowed values are {', '.join(ALGORITHMS)}")
     inner_steps = [int(n) for n in str(args.inner_steps).split(",")]
     rows: list[dict[str, Any]] = []
     for name in configs:

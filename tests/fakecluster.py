@@ -16,7 +16,8 @@ Use (see ``tests/test_autoscale.py``)::
     cluster = start_fake_cluster()          # returns once the head answers; no worker node yet
     try:
         subprocess.run([...], env=cluster.env)   # RAY_ADDRESS and the auth token of this cluster
-        ray.init(address=cluster.address)        # in-process: set RAY_AUTH_MODE/RAY_AUTH_TOKEN from cluster.env first
+        with cluster.joined():                   # this process as a driver of the cluster (ray.init)
+            ...
         cluster.worker_nodes()                   # raylets the autoscaler started so far
     finally:
         cluster.stop()                           # by pid: this cluster's processes only
@@ -39,12 +40,18 @@ Two such clusters on one machine at once: what was checked in Ray 2.60's
   so two clusters do not clash, but do not compare node ids across clusters.
 - The worker raylets are started by the head's autoscaler process, so they
   live in the head's session and ``stop()`` ends them with the head.
+- Tried: two clusters started at once, each asked by its own driver for two
+  ``gpu_worker`` nodes, each got its own two, and neither wrote under
+  ``/tmp/ray`` (nodes come up in about 10 s on this 2-core machine).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +93,34 @@ class FakeCluster:
         while (n := self.worker_nodes()) < count and time.monotonic() < deadline:
             time.sleep(0.5)
         return n
+
+    @contextmanager
+    def joined(self) -> Iterator[None]:
+        """This process joined to the cluster (``ray.init``) with its token, both undone on exit."""
+        import ray
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+        def refresh() -> None:
+            # Ray caches its auth settings and the token itself when it loads or first uses them: a
+            # later local instance in this process would otherwise send this cluster's token.
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+
+        keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({k: self.env[k] for k in keys})
+        refresh()
+        try:
+            ray.init(address=self.address, logging_level="WARNING")
+            yield
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            refresh()
 
     def stop(self) -> None:
         self.head.stop()

@@ -25,7 +25,6 @@ import pytest
 import ray
 from fakecluster import start_fake_cluster
 from mlflow import MlflowClient
-from ray._private.authentication_test_utils import reset_auth_token_state
 from rayhead import free_port
 from s3server import s3_server
 from test_tune import space_file
@@ -97,21 +96,9 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def joined(cluster):
-    """This test process as a client of the cluster (for its node table), with the cluster's token."""
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE=cluster.env["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=cluster.env["RAY_AUTH_TOKEN"])
-    reset_auth_token_state()  # Ray read the auth mode and token when first imported, before this cluster existed
-    ray.init(address=cluster.address, logging_level="WARNING")
-    try:
+    """This test process as a client of the cluster (for its node table); yields the head's node id."""
+    with cluster.joined():
         yield next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        reset_auth_token_state()
 
 
 def _space(folder: Path) -> Path:

@@ -151,8 +151,9 @@ def nodes_needed(bundles: Sequence[Bundle], strategy: str, node: dict[str, float
         return None
     if strategy == "STRICT_SPREAD":
         return len(bundles)
+    kinds = sorted({k for b in bundles for k in b.resources})
     free: list[dict[str, float]] = []
-    for b in sorted(bundles, key=lambda b: [-v for _, v in sorted(b.resources.items())]):
+    for b in sorted(bundles, key=lambda b: [-b.resources.get(k, 0.0) for k in kinds]):
         slot = next((f for f in free if fits(b.resources, f)), None)
         if slot is None:
             if strategy == "STRICT_PACK" and free:

@@ -33,15 +33,20 @@ from ray.util.placement_group import (
 
 from distmaml.config import Config
 from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
 WAIT_FIRST = 2.0
 """Seconds a placement group may take before the first line saying what the run waits for."""
 WAIT_EVERY = 10.0
 """Seconds between those lines while the autoscaler adds nodes."""
+KINDS = ("CPU", "GPU")
+"""The resources a run's bundles ask for; the only ones compared."""
 
 
-class EngineError(RuntimeError):
+class EngineError(DistmamlError, RuntimeError):
     """The engine cannot run as configured; the message says what to change."""
+
+    exit_code = CANNOT_GO_ON
 
 
 @dataclass(frozen=True)
@@ -94,16 +99,14 @@ class ClusterShape:
 
 def cluster_shape() -> ClusterShape:
     up = [
-        NodeShape(f"node {n['NodeManagerAddress']}", {k: float(v) for k, v in n["Resources"].items() if k in KINDS})
+        NodeShape(
+            f"node {n['NodeManagerAddress']}", {k: float(n["Resources"][k]) for k in KINDS if k in n["Resources"]}
+        )
         for n in ray.nodes()
         if n.get("Alive")
     ]
     types, max_launches = launchable_node_types()
     return ClusterShape(up + types, max_launches)
-
-
-KINDS = ("CPU", "GPU")
-"""The resources a run's bundles ask for; the only ones compared."""
 
 
 def launchable_node_types() -> tuple[list[NodeShape], int]:
@@ -249,25 +252,27 @@ def _wait_until_placed(group: PlacementGroup, wanted: list[Bundle], config: Conf
     asked = f"{describe(wanted)} ({strategy})"
     ready = group.ready()
     start = time.monotonic()
-    pause = WAIT_FIRST
+    deadline, next_line = start + limit, start + WAIT_FIRST
     while True:
-        done, _ = ray.wait([ready], timeout=max(0.0, min(pause, limit - (time.monotonic() - start))))
+        done, _ = ray.wait([ready], timeout=max(0.0, min(next_line, deadline) - time.monotonic()))
         if done:
             ray.get(ready)
             return
-        waited = time.monotonic() - start
-        if waited >= limit:
-            free = {k: v for k, v in ray.available_resources().items() if k in KINDS}
+        now = time.monotonic()
+        if now >= deadline - 0.1:  # ray.wait may return a little early
+            available = ray.available_resources()
+            free = {k: available[k] for k in KINDS if k in available}
             raise EngineError(
                 f"the run's placement group {asked} was not placed within engine.startup_timeout = {limit:g}s; "
                 f"the cluster has {show(free)} available: lower workers or the resources per worker"
             )
-        where = holders(wanted, strategy, cluster.nodes)
-        why = f"the autoscaler can add {where}" if where else "no node type to launch: waiting for busy nodes"
-        print(
-            f"distmaml: waiting {waited:.0f} s for the run's placement group {asked}: {why} "
-            f"(engine.startup_timeout = {limit:g} s)",
-            file=sys.stderr,
-            flush=True,
-        )
-        pause = WAIT_EVERY
+        if now >= next_line - 0.1:
+            where = holders(wanted, strategy, cluster.nodes)
+            why = f"the autoscaler can add {where}" if where else "no node type to launch: waiting for busy nodes"
+            print(
+                f"distmaml: waiting {now - start:.0f} s for the run's placement group {asked}: {why} "
+                f"(engine.startup_timeout = {limit:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            next_line = now + WAIT_EVERY

@@ -163,7 +163,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from distmaml.cli import with_absolute_uri
+    from distmaml.assembly import with_absolute_uri
     from distmaml.engine.placement import cluster_shape
 
     where = tune_storage(storage)

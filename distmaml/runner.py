@@ -1,0 +1,112 @@
+"""The task program of a run: one shard of tasks computed where it runs.
+
+``TaskRunner`` holds a ready network, algorithm and task family (the
+assembly, ``distmaml.assembly``, builds them from the config) and computes,
+for the task ids it is given, the summed meta-gradient (one flat tensor) or
+the per-task scores. It samples its own tasks from (seed, step, id), so no
+data travels, and returns sums, so shards add up to the whole batch whatever
+the split. The engine calls it and knows nothing else of the algorithm; a
+Ray worker rebuilds it from the config (``assembly.runner_factory``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from distmaml.core import Algorithm, meta_grad, score_tasks
+from distmaml.core.algorithm import init_algorithm_params
+from distmaml.tasks import TaskFamily
+from distmaml.typing import Params, TaskBatch
+
+
+class GradShard(NamedTuple):
+    """Sums over a shard's tasks: flat gradient, query loss, metric; and the count."""
+
+    grad: Tensor
+    loss: float
+    metric: float
+    tasks: int
+    seconds: float = 0.0
+    """Compute time of the shard where it ran (for the benchmark's overhead share)."""
+
+
+class EvalShard(NamedTuple):
+    """Per-task query metric before and after adaptation, in task-id order."""
+
+    before: Tensor
+    after: Tensor
+
+
+class ParamLayout:
+    """Names and shapes of the meta-parameters, to flatten them into one tensor and back."""
+
+    def __init__(self, params: Params) -> None:
+        self.names = list(params)
+        self.shapes = [tuple(params[k].shape) for k in self.names]
+        self.sizes = [params[k].numel() for k in self.names]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Params) -> Tensor:
+        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+
+    def unflatten(self, flat: Tensor) -> Params:
+        parts = torch.split(flat, self.sizes)
+        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
+
+
+class TaskRunner:
+    """Computes shards of meta-gradients and evaluations of one run.
+
+    Args:
+        model: the network (structure and dtype; its parameters are not used).
+        algorithm: the algorithm with its inner loop.
+        family: samples the tasks (``sample(split, step, ids)``).
+        device: where the shard is computed (the network is moved there).
+        batching: ``auto`` | ``vmap`` | ``loop`` (``core.batching``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        family: TaskFamily,
+        *,
+        device: torch.device | str = "cpu",
+        batching: str = "auto",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.algorithm = algorithm
+        self.inner = algorithm.inner
+        self.family = family
+        self.batching = batching
+        self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
+
+    def _params(self, flat: Tensor) -> Params:
+        return self.layout.unflatten(flat.to(self.device, self.dtype))
+
+    def _tasks(self, split: str, step: int, ids: Sequence[int]) -> TaskBatch:
+        return self.family.sample(split, step, ids).to(self.device, self.dtype)
+
+    def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int]) -> GradShard:
+        """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor."""
+        s = meta_grad(
+            self.model, self._params(flat), self._tasks("train", step, ids), self.algorithm, batching=self.batching, step=step
+        )
+        grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
+        return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
+
+    def evaluate(self, flat: Tensor, split: str, ids: Sequence[int], steps: int) -> EvalShard:
+        """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps."""
+        scores = score_tasks(
+            self.model, self._params(flat), self._tasks(split, 0, ids), self.algorithm, steps, batching=self.batching
+        )
+        return EvalShard(scores.before.cpu(), scores.after.cpu())
