@@ -1,7 +1,7 @@
 """Runs a distmaml command on a Ray cluster: the entry script for ``ray submit``.
 
     ray submit cluster/config.yaml cluster/submit.py -- train --config sinusoid --workers 4 \\
-        --out s3://YOUR-BUCKET/runs/a --set tracking.uri=http://127.0.0.1:5000
+        --out s3://YOUR-BUCKET/runs/a
 
 ``ray submit`` copies this one file to the head node and runs it there with
 the arguments after ``--``, so it stands alone: distmaml comes from the package
@@ -12,12 +12,24 @@ It joins the running cluster first (``RAY_ADDRESS`` where set, else
 seconds with one line if none answers; then it runs exactly what
 ``distmaml train|tune|evaluate ...`` would run, passing ``--address`` on to the
 subcommands that take one, so their engines join the same cluster.
+
+Tracking: for ``train`` and ``tune`` without a ``tracking.uri`` of the user's
+(and with tracking on), it looks for the MLflow server that the cluster YAML
+starts on the head, on the head's private address (from Ray) and port 5000
+(``DISTMAML_MLFLOW_PORT``), and passes ``--set tracking.uri=http://HEAD_IP:5000``:
+an address that the driver and trials on every node reach. If none answers
+within a second or two, it says so and keeps the default (a SQLite file, which
+a sweep across machines then refuses).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+
+MLFLOW_PORT_ENV = "DISTMAML_MLFLOW_PORT"
+PROBE_TIMEOUT = 2.0
 
 
 def _with_address(argv: list[str], address: str) -> list[str]:
@@ -32,6 +44,58 @@ def _with_address(argv: list[str], address: str) -> list[str]:
     if sub is None or "--address" not in sub._option_string_actions:
         return argv
     return [argv[0], "--address", address, *argv[1:]]
+
+
+def _default_tracking(argv: list[str]) -> bool:
+    """True when ``train``/``tune`` ``argv`` tracks to MLflow at the default URI: the user named none."""
+    from distmaml.cli import build_parser
+    from distmaml.config import TrackingConfig, load_config
+
+    if any(a.startswith(("tracking.uri=", "--set=tracking.uri=")) for a in argv):
+        return False  # named, even if it is the default
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train" and not args.resume:
+            config = load_config(args.config, list(args.set or []))
+        elif args.command == "tune":
+            from distmaml.tune import load_space, with_overrides
+
+            config = with_overrides(load_space(args.space), overrides=list(args.set or [])).base_config()
+        else:
+            return False
+    except (Exception, SystemExit):  # a bad command line: distmaml reports it below, in its own words
+        return False
+    return config.tracking.enabled and config.tracking.uri == TrackingConfig().uri
+
+
+def _head_ip() -> str:
+    """The head node's address in the cluster (its private IP on a cloud), as Ray knows it."""
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeManagerAddress"])
+    return str(ray.util.get_node_ip_address())  # submit.py runs on the head under ray submit
+
+
+def _with_head_tracking(argv: list[str]) -> list[str]:
+    """``argv`` with ``--set tracking.uri=http://HEAD_IP:PORT`` when the head's MLflow server answers there."""
+    if argv[:1] not in (["train"], ["tune"]) or not _default_tracking(argv):
+        return argv
+    host, port = _head_ip(), int(os.environ.get(MLFLOW_PORT_ENV) or 5000)
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+    except OSError as e:
+        print(
+            f"submit.py: no MLflow server answers at {host}:{port} ({e.strerror or e}); tracking stays at the "
+            "default sqlite:///mlflow.db on this node (start one as cluster/config.yaml's head_start_ray_commands "
+            f"do, or pass --set tracking.uri=...)",
+            flush=True,
+        )
+        return argv
+    uri = f"http://{host}:{port}"
+    print(f"submit.py: tracking to the head's MLflow server: --set tracking.uri={uri}", flush=True)
+    return [*argv, "--set", f"tracking.uri={uri}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
         resources = {k: v for k, v in sorted(ray.cluster_resources().items()) if "node:" not in k}
         print(f"submit.py: joined the Ray cluster at {joined}: {resources}", flush=True)
-        argv = _with_address(argv, address)
+        argv = _with_head_tracking(_with_address(argv, address))
     return distmaml.cli.main(argv)
 
 

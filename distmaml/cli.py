@@ -83,7 +83,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     spec = with_overrides(load_space(args.space), num_samples=args.trials, overrides=args.set or [])
     check_tracking(spec.base_config())
-    check_tracking(spec.base_config())
     result = run_sweep(spec, address=args.address, storage=args.storage, verbose=0 if args.quiet else 1)
     print(f"\n{len(result.rows)} trials of {spec.name}, best first by {spec.metric} ({spec.mode}):")
     print(render_text(result.rows, spec))
@@ -92,11 +91,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best checkpoint: {result.best.checkpoint}")
     print(f"  meta-test it:  distmaml evaluate --checkpoint {result.best.checkpoint}")
     if result.parent_run_id:
-        print(f"MLflow parent run {result.parent_run_id} (experiment {spec.name!r}); review it with")
-        print(f"  mlflow ui --backend-store-uri {result.tracking_uri}")
         # workflowType: MLflow 3's UI opens in its GenAI view otherwise
-        url = f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
-        print(f"  then open {url}")
+        page = f"#/experiments/{result.experiment_id}/runs?workflowType=machine_learning"
+        uri = str(result.tracking_uri)
+        print(f"MLflow parent run {result.parent_run_id} (experiment {spec.name!r}); review it", end="")
+        if uri.startswith(("http://", "https://")):  # a tracking server: its own UI (on a cluster, through SSH)
+            print(f" at {uri.rstrip('/')}/{page}")
+        else:
+            print(f" with\n  mlflow ui --backend-store-uri {uri}\n  then open http://127.0.0.1:5000/{page}")
     return 0
 
 
@@ -260,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
     tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override of the base config; repeatable")
     tn.add_argument("--address", help="Ray address: auto, ray://host:port (default: start Ray here)")
-    tn.add_argument("--storage", default="ray_results", help="Tune storage folder for trial checkpoints")
+    tn.add_argument(
+        "--storage",
+        default="ray_results",
+        help="Tune's storage for trial checkpoints and results: a folder, or s3://... / gs://... on a cluster",
+    )
     tn.add_argument("--quiet", action="store_true", help="no Tune progress table")
     tn.set_defaults(func=cmd_tune)
 

@@ -28,7 +28,8 @@ FILES = {
     "wrong-metric.yaml": "base: sinusoid\nmetric: val_accuracy\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
     "normal.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {normal: [0.01, 0.003]}}\n",
     "bad-value.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.steps: {choice: [1, 0]}}\n",
-    "sweep.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
+    "lr.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
+    "workers.yaml": "base: sinusoid\nmetric: val_mse\nspace: {workers: {choice: [1, 2]}}\n",
 }
 
 

@@ -52,7 +52,10 @@ def _check_common(config: dict) -> None:
     assert any("-e ~/distmaml" in c for c in config["setup_commands"])  # ... and is installed there
     head_cmds = " ".join(config["head_start_ray_commands"])
     assert "--num-cpus=0" in head_cmds
-    assert "mlflow server --host 127.0.0.1 --port 5000" in head_cmds  # MLflow bound to loopback
+    # MLflow bound to the head's private address (not loopback: trials on other nodes log to it; not 0.0.0.0)
+    assert "IP=$(hostname -I | awk '{print $1}');" in head_cmds
+    assert 'mlflow server --host $IP --port 5000 --allowed-hosts "$IP:5000,localhost:5000' in head_cmds
+    assert "--serve-artifacts" in head_cmds
     assert "--dashboard-host=127.0.0.1" in head_cmds and "0.0.0.0" not in head_cmds
 
 

@@ -15,6 +15,8 @@ import ray
 import yaml
 
 from distmaml.cli import main
+from distmaml.config import config_from_dict
+from distmaml.engine.capacity import NodeShape
 from distmaml.tune import SpaceError, load_space, run_sweep, with_overrides
 from distmaml.tune.space import Resources, check_resources
 
@@ -304,13 +306,58 @@ def test_resources_the_cluster_can_never_hold_are_refused(here, capsys):
     path = space_file(here, "huge", resources={"workers": 4, "cpus_per_worker": 1, "driver_cpus": 1})
     assert main(["tune", "--space", str(path), "--quiet", "--storage", str(here / "results-huge")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "one trial needs 5 CPU (driver_cpus 1 + workers 4 x cpus_per_worker 1) but the cluster has 2" in err
-    assert "\n" not in err
+    assert "resources of one trial: the run needs 5 CPUs (driver 1 + 4 workers x 1) but the Ray cluster has" in err
+    assert "lower workers or resources.cpus_per_worker or resources.driver_cpus" in err and "\n" not in err
     spec = load_space(space_file(here, "wide", resources={"workers": 1, "cpus_per_worker": 3, "driver_cpus": 1}))
-    two_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
-    with pytest.raises(SpaceError, match=r"a bundle \{'CPU': 3.0\} fits on no single node"):
-        check_resources(spec, {"CPU": 4.0}, two_nodes)
+    two_nodes = [NodeShape("node a", {"CPU": 2.0}), NodeShape("node b", {"CPU": 2.0})]
+    with pytest.raises(
+        SpaceError, match=r"the worker bundle \{'CPU': 3\} fits no node .*resources.cpus_per_worker to 2"
+    ):
+        check_resources(spec, two_nodes)
+    # a node type the autoscaler can launch holds it: the trial waits for that node instead
+    gpu_type = NodeShape("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, count=2, launchable=True)
+    check_resources(spec, [NodeShape("head", {"CPU": 0.0}), gpu_type], max_launches=2)
     assert _client(here).get_experiment_by_name("huge") is None  # refused before any MLflow run
+
+
+def test_set_keys_shape_every_trial_and_its_bundles_alike(here):
+    """``--set workers`` and ``engine.*`` change the trials' config and their placement group together."""
+    path = space_file(here, "shaped", resources={"workers": 2, "cpus_per_worker": 0.25, "driver_cpus": 0.5})
+    spec = load_space(path)
+    assert spec.resources.bundles() == [{"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}]
+    sets = ["workers=3", "engine.cpus_per_worker=0.5", "engine.gpus_per_worker=1", "engine.driver_cpus=1"]
+    shaped = with_overrides(spec, overrides=sets)
+    assert shaped.resources.bundles() == [{"CPU": 1.0}] + 3 * [{"CPU": 0.5, "GPU": 1.0}]
+    trial = config_from_dict(shaped.trial_data({"inner.lr": 0.01, "inner.steps": 1, "data.shots": 5}))
+    assert (trial.workers, trial.engine.cpus_per_worker, trial.engine.gpus_per_worker) == (3, 0.5, 1.0)
+    assert trial.engine.driver_cpus == 1.0
+    # and the cluster check reads the new bundles: 3 GPUs on a node type with 1 GPU, 2 nodes at most
+    gpu_type = NodeShape("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, count=2, launchable=True)
+    with pytest.raises(SpaceError, match=r"needs 3 GPUs \(3 workers x 1\)"):
+        check_resources(shaped, [NodeShape("head", {"CPU": 2.0}), gpu_type], max_launches=2)
+    # the space file's own set: agrees with resources, or is refused; searched resource keys are refused
+    same = load_space(space_file(here, "set-workers", set={"workers": 1, "meta.batch_size": 4}, resources=None))
+    assert same.resources.workers == 1 and same.base_config().workers == 1
+    with pytest.raises(SpaceError, match=r"set.workers = 1 disagrees with resources.workers = 2; give it once"):
+        load_space(space_file(here, "clash", set={"workers": 1}, resources={"workers": 2}))
+    with pytest.raises(SpaceError, match=r"space.workers: a trial's resources are not searched"):
+        load_space(space_file(here, "searched", space={"workers": {"choice": [1, 2]}}))
+    with pytest.raises(SpaceError, match=r"--set inner.lr=0.1: inner.lr is searched by"):
+        with_overrides(spec, overrides=["inner.lr=0.1"])
+
+
+@pytest.mark.slow
+def test_set_workers_reaches_the_trial_and_its_placement_group(here):
+    """A real trial: ``--set workers=2`` on a space of 1 worker gives 2 workers in a group of 3 bundles."""
+    path = space_file(here, "set-run", resources={"workers": 1, "cpus_per_worker": 0.25, "driver_cpus": 0.5})
+    spec = with_overrides(load_space(path), overrides=["workers=2"])
+    storage = here / "results-set-run"
+    result = run_sweep(spec, storage=storage, verbose=0)
+    assert result.rows[0].status == "done"
+    (r,) = _trial_results(storage)
+    assert r["workers"] == 2 and r["engine_placement_group"] == r["trial_placement_group"]
+    group = ray.util.placement_group_table()[r["trial_placement_group"]]
+    assert list(group["bundles"].values()) == [{"CPU": 0.5}, {"CPU": 0.25}, {"CPU": 0.25}]
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])

@@ -36,3 +36,29 @@ def absolute_uri(uri: str, cwd: Path | None = None) -> str:
         f"tracking.uri = {uri!r}: MLflow 3 does not accept file stores; "
         "use sqlite:///mlflow.db (a database file) or an http://host:port tracking server"
     )
+
+
+_LOOPBACK_HOSTS = ("localhost", "ip6-localhost", "::1", "0.0.0.0")
+
+
+def machine_local(uri: str) -> str | None:
+    """Why ``uri`` reaches a tracking store on this machine only, or None if other machines may reach it.
+
+    A SQLite file lives on one machine's disk, and a server on a loopback address
+    (``127.0.0.0/8``, ``localhost``, ``::1``) is, from another machine, that
+    machine's own loopback, where nothing listens.
+
+    Example:
+        >>> machine_local("http://127.0.0.1:5000")
+        'its host 127.0.0.1 is the loopback address of each machine'
+        >>> machine_local("http://10.0.0.10:5000") is None
+        True
+    """
+    from urllib.parse import urlparse
+
+    if uri.startswith("sqlite:"):
+        return "it is a SQLite file on this machine's disk"
+    host = (urlparse(uri).hostname or "").lower()
+    if host in _LOOPBACK_HOSTS or host.startswith("127."):
+        return f"its host {host} is the loopback address of each machine"
+    return None

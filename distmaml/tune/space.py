@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe, set_dotted
+from distmaml.engine.capacity import Bundle, NodeShape, why_not
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -55,6 +56,13 @@ _TOP_KEYS = (
     "space",
 )
 _RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "driver_cpus", "driver_gpus")
+RESOURCE_KEYS = {
+    "workers": "workers",
+    "engine.cpus_per_worker": "cpus_per_worker",
+    "engine.gpus_per_worker": "gpus_per_worker",
+    "engine.driver_cpus": "driver_cpus",
+}
+"""Config keys that set a trial's placement-group bundles, and the ``resources`` entry of each."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,11 @@ class Dimension:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one trial reserves: a driver bundle and one bundle per worker actor."""
+    """What one trial reserves: a driver bundle and one bundle per worker actor.
+
+    The same numbers are the trial's config keys (``RESOURCE_KEYS``): its
+    engine places its actors in exactly these bundles, so the two must agree.
+    """
 
     workers: int = 0
     cpus_per_worker: float = 1.0
@@ -246,7 +258,7 @@ def load_space(path: str | Path) -> SweepSpec:
         raise SpaceError(f"{where}: set must be a mapping of dotted config keys to values")
     for key, value in fixed.items():
         set_dotted(base_data, str(key), value)
-    resources = _resources(where, raw.get("resources"))
+    resources = _resources(where, _with_fixed_resources(where, raw.get("resources"), fixed))
     _apply_resources(base_data, resources)
     try:
         base_config = config_from_dict(copy.deepcopy(base_data))
@@ -259,6 +271,12 @@ def load_space(path: str | Path) -> SweepSpec:
             f"{where}: space must map dotted config keys to distributions, e.g. inner.lr: {{loguniform: [0.001, 0.1]}}"
         )
     dims = tuple(_dimension(f"{where}: space.{k}", str(k), v) for k, v in space.items())
+    for dim in dims:
+        if dim.key in RESOURCE_KEYS:
+            raise SpaceError(
+                f"{where}: space.{dim.key}: a trial's resources are not searched (every trial reserves the same "
+                f"bundles); set resources.{RESOURCE_KEYS[dim.key]} instead, or run one sweep per value"
+            )
     for dim in dims:
         for value in dim.representatives():
             data = copy.deepcopy(base_data)
@@ -343,6 +361,36 @@ def load_space(path: str | Path) -> SweepSpec:
     )
 
 
+def _with_fixed_resources(where: str, raw: Any, fixed: dict[str, Any]) -> Any:
+    """``resources`` with the resource keys that ``set`` names (``workers``, ``engine.*``) filled in.
+
+    A key given in both places must agree: the trial's bundles and its config are one thing.
+    """
+    named = {RESOURCE_KEYS[str(k)]: (str(k), v) for k, v in fixed.items() if str(k) in RESOURCE_KEYS}
+    if not named or not (raw is None or isinstance(raw, dict)):
+        return raw
+    merged = dict(raw or {})
+    for entry, (key, value) in named.items():
+        if entry in merged and merged[entry] != value:
+            raise SpaceError(
+                f"{where}: set.{key} = {value!r} disagrees with resources.{entry} = {merged[entry]!r}; give it once"
+            )
+        merged[entry] = value
+    return merged
+
+
+def resources_of(config: Config, driver_gpus: float = 0.0) -> Resources:
+    """The bundles a trial of ``config`` needs: its ``workers`` and ``engine`` amounts (GPUs unset: none)."""
+    e = config.engine
+    return Resources(
+        workers=config.workers,
+        cpus_per_worker=e.cpus_per_worker,
+        gpus_per_worker=e.gpus_per_worker or 0.0,
+        driver_cpus=e.driver_cpus,
+        driver_gpus=driver_gpus,
+    )
+
+
 def _apply_resources(data: dict[str, Any], resources: Resources) -> None:
     """Sets ``workers`` and the ``engine`` amounts so that the trial's actors ask for exactly their bundles."""
     data["workers"] = resources.workers
@@ -358,13 +406,21 @@ def with_overrides(
     overrides: list[str] | None = None,
     resources: Resources | None = None,
 ) -> SweepSpec:
-    """The spec with a new trial budget, extra fixed ``--set`` overrides and other resources (checked again)."""
+    """The spec with a new trial budget, extra fixed ``--set`` overrides and other resources (checked again).
+
+    ``--set`` comes last and wins: ``workers`` and the ``engine`` amounts it
+    names change every trial's config and its placement-group bundles alike.
+    """
     data = copy.deepcopy(spec.base_data)
     if resources is not None:
         _apply_resources(data, resources)
     for assignment in overrides or []:
         apply_override(data, assignment)
-    config_from_dict(copy.deepcopy(data))
+        key = assignment.partition("=")[0].strip()
+        if any(d.key == key for d in spec.dimensions):
+            raise SpaceError(f"--set {assignment}: {key} is searched by {spec.path}; drop it from --set or the space")
+    final = resources_of(config_from_dict(copy.deepcopy(data)), (resources or spec.resources).driver_gpus)
+    _apply_resources(data, final)  # an unset engine.gpus_per_worker becomes the 0 the bundles hold
     for dim in spec.dimensions:
         for value in dim.representatives():
             trial = copy.deepcopy(data)
@@ -372,32 +428,25 @@ def with_overrides(
             config_from_dict(trial)
     if num_samples is not None and num_samples < 1:
         raise SpaceError(f"--trials {num_samples}: must be at least 1")
-    return dataclasses.replace(
-        spec, base_data=data, num_samples=num_samples or spec.num_samples, resources=resources or spec.resources
-    )
+    return dataclasses.replace(spec, base_data=data, num_samples=num_samples or spec.num_samples, resources=final)
 
 
-def check_resources(spec: SweepSpec, cluster: dict[str, float], nodes: list[dict[str, float]]) -> None:
-    """Refuses a trial the cluster can never place: more CPUs/GPUs than it has, or a bundle bigger than any node.
+def trial_bundles(resources: Resources) -> list[Bundle]:
+    """A trial's bundles for ``capacity.why_not``, naming the ``resources`` entries that set them."""
+    keys = {"CPU": "resources.cpus_per_worker", "GPU": "resources.gpus_per_worker"}
+    driver = Bundle("driver", resources.bundles()[0], {"CPU": "resources.driver_cpus", "GPU": "resources.driver_gpus"})
+    return [driver] + [Bundle("worker", b, keys) for b in resources.bundles()[1:]]
 
-    ``cluster`` is ``ray.cluster_resources()``; ``nodes`` the resources of each alive node.
+
+def check_resources(spec: SweepSpec, nodes: list[NodeShape], max_launches: int = 0) -> None:
+    """Refuses a trial no node the cluster has or can launch could ever hold, before any trial waits.
+
+    ``nodes`` are the nodes up and the node types the autoscaler may launch (up
+    to ``max_launches`` new nodes), as ``distmaml.engine.placement.cluster_shape``
+    reads them: on a cluster whose head offers no CPUs, trials wait for worker
+    nodes instead of being refused.
     """
-    r = spec.resources
-    need = r.totals()
-    what = {
-        "CPU": f"driver_cpus {r.driver_cpus:g} + workers {r.workers} x cpus_per_worker {r.cpus_per_worker:g}",
-        "GPU": f"driver_gpus {r.driver_gpus:g} + workers {r.workers} x gpus_per_worker {r.gpus_per_worker:g}",
-    }
-    for res, amount in need.items():
-        have = cluster.get(res, 0.0)
-        if amount > have + 1e-9:
-            raise SpaceError(
-                f"{spec.path}: resources: one trial needs {amount:g} {res} ({what[res]}) but the cluster has {have:g}; "
-                "lower resources.workers or the per-worker amounts, or add nodes"
-            )
-    for bundle in r.bundles():
-        if not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for node in nodes):
-            raise SpaceError(
-                f"{spec.path}: resources: a bundle {bundle} fits on no single node of the cluster; "
-                "lower cpus_per_worker/gpus_per_worker or driver_cpus"
-            )
+    strategy = spec.base_config().engine.placement
+    reason = why_not(trial_bundles(spec.resources), strategy, nodes, max_launches)
+    if reason:
+        raise SpaceError(f"{spec.path}: resources of one trial: {reason}")

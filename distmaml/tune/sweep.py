@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from distmaml.config import config_from_dict, dump_config
+from distmaml.storage import Location
 from distmaml.tune.report import TrialRow, plot_metric_by_key, sort_rows, write_csv, write_markdown
+from distmaml.tune.shared import TuneStorage, check_tracking_reach, other_machines, tune_storage
 from distmaml.tune.space import SweepSpec, check_resources
 from distmaml.tune.trial import TrialContext, run_trial
 
@@ -29,7 +31,8 @@ class SweepResult:
     rows: list[TrialRow]
     best: TrialRow | None
     parent_run_id: str | None
-    storage: Path
+    storage: Location
+    """Tune's storage: a local folder or a bucket URI (``s3://...``)."""
     tracking_uri: str | None = None
     experiment_id: str | None = None
 
@@ -87,7 +90,7 @@ def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str, str]:
     return client, run.info.run_id, exp
 
 
-def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
+def _rows(grid: Any, spec: SweepSpec, where: TuneStorage) -> list[TrialRow]:
     steps = spec.base_config().meta.steps
     rows = []
     for i, result in enumerate(grid):
@@ -96,7 +99,7 @@ def _rows(grid: Any, spec: SweepSpec) -> list[TrialRow]:
         metric = float(value) if isinstance(value, (int, float)) else math.nan
         step = int(m.get("step", 0))
         status = "error" if result.error is not None else ("done" if step >= steps else "stopped")
-        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        ckpt = str(where.locate(result.checkpoint.path)) if result.checkpoint is not None else None
         rows.append(
             TrialRow(
                 trial=str(m.get("trial_id", f"trial_{i}")),
@@ -148,18 +151,22 @@ def run_sweep(
 ) -> SweepResult:
     """Runs the sweep ``spec`` on the Ray cluster at ``address`` (started here if none is running).
 
-    ``exit_after_step`` is a test hook (see ``TrialContext``).
+    ``storage`` is Tune's storage for trial checkpoints and results: a local
+    folder on one machine, a bucket URI (``s3://...``) that every node reaches
+    on a cluster. ``exit_after_step`` is a test hook (see ``TrialContext``).
 
     Example:
-        >>> result = run_sweep(load_space("tune_spaces/sinusoid.yaml"))
-        >>> result.best.checkpoint   # a folder that ``distmaml evaluate --checkpoint`` takes
+        >>> result = run_sweep(load_space("tune_spaces/sinusoid.yaml"), storage="s3://bucket/sweeps")
+        >>> result.best.checkpoint   # a run dir that ``distmaml evaluate --checkpoint`` takes
+        's3://bucket/sweeps/sinusoid-.../run_trial_.../checkpoint_000002'
     """
     import ray
     from ray import tune
 
     from distmaml.assembly import with_absolute_uri
+    from distmaml.engine.placement import cluster_shape
 
-    storage = Path(storage).resolve()
+    where = tune_storage(storage)
     base = with_absolute_uri(spec.base_config())
     base_data = dict(spec.base_data, tracking=base.to_dict()["tracking"])
     data_path = base.data.path
@@ -168,8 +175,10 @@ def run_sweep(
         base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=verbose > 0)
-    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    check_resources(spec, ray.cluster_resources(), alive)
+    cluster = cluster_shape()
+    check_resources(spec, cluster.nodes, cluster.max_launches)
+    if base.tracking.enabled:
+        check_tracking_reach(base.tracking.uri, other_machines())
 
     client, parent, exp = _open_parent(spec, base.tracking.uri) if base.tracking.enabled else (None, None, None)
     ctx = TrialContext(
@@ -182,7 +191,8 @@ def run_sweep(
         exit_after_step=exit_after_step,
     )
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx), tune.PlacementGroupFactory(spec.resources.bundles())
+        tune.with_parameters(run_trial, ctx=ctx),
+        tune.PlacementGroupFactory(spec.resources.bundles(), strategy=base.engine.placement),
     )
     tuner = tune.Tuner(
         trainable,
@@ -200,7 +210,8 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(storage),
+            storage_path=where.path,
+            storage_filesystem=where.filesystem,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
@@ -212,9 +223,11 @@ def run_sweep(
         if client is not None:
             client.set_terminated(parent, status="FAILED")
         raise
-    rows = _rows(grid, spec)
+    rows = _rows(grid, spec, where)
     best = rows[0] if rows and math.isfinite(rows[0].metric) else None
     if client is not None and parent is not None:
         _close_parent(client, parent, spec, rows, best)
     uri = base.tracking.uri if base.tracking.enabled else None
-    return SweepResult(rows=rows, best=best, parent_run_id=parent, storage=storage, tracking_uri=uri, experiment_id=exp)
+    return SweepResult(
+        rows=rows, best=best, parent_run_id=parent, storage=where.location, tracking_uri=uri, experiment_id=exp
+    )

@@ -6,9 +6,12 @@ sampled values, assembles its run with ``distmaml.assembly.assemble`` (worker
 actors join the trial's placement group), and trains with two callbacks:
 ``MlflowCallback`` (a nested child run of the sweep's parent run) and
 ``TuneReporter``, which at every validation hands Tune the metric and a
-checkpoint directory. A restarted trial (``FailureConfig``) copies the
-checkpoint Tune gives it back into its run directory and resumes from that
-step, continuing the same MLflow child run.
+checkpoint directory. A restarted trial (``FailureConfig``), on this node or
+another, copies the checkpoint Tune gives it (from the sweep's ``--storage``,
+a bucket on a cluster) into a fresh run directory and resumes from that step,
+continuing the same MLflow child run. The run directory is a temporary folder
+of the node the attempt runs on: nothing in it outlives the attempt except
+what ``tune.report`` copied to the storage.
 
 A Tune checkpoint directory is itself a run directory (``checkpoints/``,
 ``config.yaml``, ``mlflow_run_id``), so ``distmaml evaluate --checkpoint``
@@ -42,8 +45,9 @@ class TrialContext:
     address: str | None = None
     threads: int = 1
     exit_after_step: int | None = None
-    """Test hook: the first attempt of each trial ends its process with ``os._exit`` after the
-    first report at or past this step, a real crash that Tune must recover from."""
+    """Test hook: the first attempt of each trial deletes its run directory and ends its process
+    with ``os._exit`` after the first report at or past this step, as a lost node would: a real
+    crash that Tune must recover from, with nothing left on the node's disk."""
 
 
 class TuneReporter(Callback):
@@ -71,6 +75,7 @@ class TuneReporter(Callback):
             return
         self._report(step, metrics, checkpoint, {})
         if self.first_attempt and self.ctx.exit_after_step is not None and step >= self.ctx.exit_after_step:
+            shutil.rmtree(Path(str(self.trainer.run_dir)).parent, ignore_errors=True)  # the attempt's temporary folder
             os._exit(17)
 
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
@@ -102,12 +107,15 @@ class TuneReporter(Callback):
 
 
 def _placement_report(engine: Any) -> dict[str, Any]:
-    """The trial's placement group and the one its worker actors run in (the same one, bundles 1..N)."""
+    """The trial's placement group and the one its worker actors run in (the same one, bundles 1..N),
+    and the node the trial's own process runs on."""
+    import ray
     from ray.util import get_current_placement_group
 
     trial_group = get_current_placement_group()
     placement = getattr(engine, "placement", None)
     return {
+        "node_id": ray.get_runtime_context().get_node_id(),
         "workers": engine.workers,
         "trial_placement_group": trial_group.id.hex() if trial_group is not None else "",
         "engine_placement_group": placement.group.id.hex() if placement is not None else "",
@@ -128,16 +136,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     config = config_from_dict(data)
 
     context = tune.get_context()
-    run_dir = Path(context.get_trial_dir()) / "run"
     restored = tune.get_checkpoint()
-    if run_dir.exists():  # leftovers of a crashed attempt: Tune's checkpoint is the truth
-        shutil.rmtree(run_dir)
-    if restored is not None:
-        with restored.as_directory() as folder:
-            shutil.copytree(folder, run_dir)
-    else:
-        run_dir.mkdir(parents=True)  # Trainer.fit writes config.yaml into it
-
     tracking = {
         "experiment": ctx.experiment,
         "parent_run_id": ctx.parent_run_id,
@@ -145,10 +144,22 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "tags": {"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
     }
     run = assemble(config, ctx.address, tracking=tracking)
+    # Not Tune's trial folder: on another node, or after a node was lost, it is not there;
+    # Tune's checkpoint, downloaded from the sweep's storage, is the truth.
+    folder = Path(tempfile.mkdtemp(prefix=f"distmaml-{context.get_trial_id()}-"))
+    run_dir = folder / "run"
     try:
-        reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
-    except BaseException:
-        run.close()
-        raise
-    # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report(): the child run ends KILLED
-    run.fit(run_dir, progress=False, resume=restored is not None, callbacks=[reporter])
+        try:
+            if restored is not None:
+                with restored.as_directory() as saved:
+                    shutil.copytree(saved, run_dir)
+            else:
+                run_dir.mkdir()  # Trainer.fit writes config.yaml into it
+            reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
+        except BaseException:
+            run.close()
+            raise
+        # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report(): the child run ends KILLED
+        run.fit(run_dir, progress=False, resume=restored is not None, callbacks=[reporter])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
