@@ -188,6 +188,8 @@ class EngineConfig:
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
 """The same tuple as ``distmaml.core.algorithm.ALGORITHMS`` (kept here so the config loads without torch)."""
+BATCHINGS = ("loop", "loop_channels_last", "vmap")
+"""The same tuple as ``distmaml.core.batching.BATCHINGS``, for the same reason."""
 
 
 @dataclass(kw_only=True)
@@ -227,7 +229,8 @@ class Config:
     device: str = "auto"
     """``auto`` (CUDA where present), ``cpu`` or ``cuda``."""
     batching: str = "auto"
-    """How tasks are batched in the core: ``auto`` (measured choice), ``vmap`` or ``loop``."""
+    """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
+    device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets) or ``vmap``."""
     workers: int = 0
     """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -242,7 +245,7 @@ class Config:
         _one_of("precision", self.precision, ("float32", "float64"))
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("batching", self.batching, ("auto", "vmap", "loop"))
+        _one_of("batching", self.batching, ("auto", *BATCHINGS))
         _at_least("workers", self.workers, 0)
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()

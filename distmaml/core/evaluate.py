@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from distmaml.core.algorithm import Algorithm, as_algorithm
-from distmaml.core.batching import choose_batching
+from distmaml.core.batching import BATCHINGS, choose_batching
 from distmaml.core.batchnorm import batchnorm_implementation
 from distmaml.core.inner import InnerLoop
 from distmaml.core.program import TaskProgram
@@ -45,13 +45,15 @@ def score_tasks(
             training steps.
         chunk: tasks per ``vmap`` call, bounding memory on long evaluations.
     """
-    program = TaskProgram(model, as_algorithm(inner))
+    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
+    if mode not in BATCHINGS:
+        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
+    program = TaskProgram(model, as_algorithm(inner), channels_last=mode == "loop_channels_last")
     theta = {k: v.detach() for k, v in params.items()}
 
     def score(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         return program.scores(p, sx, sy, qx, qy, steps)
 
-    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
     befores, afters = [], []
     if mode == "vmap":
         with batchnorm_implementation("explicit"):

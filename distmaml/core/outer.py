@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from distmaml.core.algorithm import Algorithm, MamlppOptions, as_algorithm, init_algorithm_params
-from distmaml.core.batching import choose_batching
+from distmaml.core.batching import BATCHINGS, choose_batching
 from distmaml.core.batchnorm import batchnorm_implementation
 from distmaml.core.inner import InnerLoop, adapt
 from distmaml.core.losses import loss_fn, metric
@@ -77,8 +77,9 @@ def meta_grad(
         batch: T tasks, task dimension first.
         inner: the algorithm (an ``InnerLoop`` alone means MAML).
         batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
-            time: memory of one task's graph) or ``"auto"`` (the measured
-            choice for this model and device, see ``core.batching``).
+            time: memory of one task's graph), ``"loop_channels_last"`` (the
+            loop with NHWC images) or ``"auto"`` (``choose_batching``'s
+            unmeasured rule; workers time the candidates, see ``core.batching``).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.
 
     Returns:
@@ -87,7 +88,12 @@ def meta_grad(
     """
     algorithm = as_algorithm(inner)
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    program = TaskProgram(model, algorithm, step, autograd=mode == "loop" and not algorithm.recompute)
+    if mode not in BATCHINGS:
+        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
+    loop = mode != "vmap"
+    program = TaskProgram(
+        model, algorithm, step, autograd=loop and not algorithm.recompute, channels_last=mode == "loop_channels_last"
+    )
     if algorithm.recompute:
         objective = program.recomputed_grad
     elif program.autograd:
@@ -99,8 +105,6 @@ def meta_grad(
         with batchnorm_implementation("explicit"):
             g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
         return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)
-    if mode != "loop":
-        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', 'vmap', 'loop'")
     if program.autograd:
         theta = {k: v.requires_grad_() for k, v in theta.items()}
     total: Params = {k: torch.zeros_like(v) for k, v in theta.items()}

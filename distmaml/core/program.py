@@ -64,7 +64,15 @@ def _add(a: Params, b: Params) -> Params:
 class TaskProgram:
     """The loops of ``algorithm`` at meta-step ``meta_step`` for one task (no task dimension)."""
 
-    def __init__(self, model: nn.Module, algorithm: Algorithm, meta_step: int = 0, *, autograd: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        meta_step: int = 0,
+        *,
+        autograd: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         self.model = model
         # autograd: inner gradients by torch.autograd.grad on tensors that
         # require grad, for a caller that differentiates the objective with
@@ -72,6 +80,10 @@ class TaskProgram:
         # grad, without its per-op transform layer: on the 4-conv net that
         # layer cost about 10% of the meta-step. Under vmap, torch.func it is.
         self.autograd = autograd
+        # channels_last: image inputs (4-d) enter the network in NHWC layout,
+        # and every layer keeps it (see core.batching). Not under vmap, whose
+        # batched tensors have no layout of their own.
+        self.channels_last = channels_last
         self.algorithm = algorithm
         self.lossf = loss_fn(algorithm.inner.loss)
         self.train_steps = algorithm.inner.steps
@@ -91,6 +103,12 @@ class TaskProgram:
         phi = {k: v for k, v in params.items() if k not in theta}
         return theta, phi
 
+    def _layout(self, x: Tensor) -> Tensor:
+        # .to, not .contiguous: with one input channel NCHW strides already
+        # count as channels-last, and only .to sets the strides that make the
+        # convolution produce NHWC.
+        return x.to(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def _features(self, phi: Params, x: Tensor) -> Tensor:
         head = self.model.get_submodule(self.head)
 
@@ -99,7 +117,7 @@ class TaskProgram:
 
         handle = head.register_forward_pre_hook(stop)
         try:
-            functional_call(self.model, phi, (x,))
+            functional_call(self.model, phi, (self._layout(x),))
         except _StopForward as e:
             return e.features
         finally:
@@ -124,7 +142,7 @@ class TaskProgram:
         params.update(theta)
         for k in self.bn:
             params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
-        return functional_call(self.model, params, (x,))
+        return functional_call(self.model, params, (self._layout(x),))
 
     def _lr(self, slot: int, name: str, ctx: Params) -> Tensor | float:
         if self.algorithm.name == "metasgd":

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
+from distmaml.core.batching import describe_batching
 from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
 from distmaml.engine.shard import EvalShard, GradShard, balanced_ranges
 from distmaml.engine.worker import ShardWorker
@@ -52,7 +53,10 @@ class RayEngine:
             self.resources: WorkerResources = worker_resources(config)
             self.placement: Placement = reserve(config, self.resources)
             self.actors = [self._start(i) for i in range(self.workers)]
-            ray.get([a.describe.remote() for a in self.actors])  # surface start-up errors now
+            # surfaces start-up errors now; each worker has timed its batching candidates by then
+            self._batching = [d["batching"] for d in ray.get([a.describe.remote() for a in self.actors])]
+            for i, b in enumerate(self._batching):
+                log.info("worker %d: %s", i, describe_batching(b))
         except BaseException:
             self.close()
             raise
@@ -135,6 +139,11 @@ class RayEngine:
             f"{split} evaluation",
         )
         return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
+
+    def batching(self) -> dict[str, Any]:
+        """Each worker's batching as it chose it at start-up, and the choice if they agree (else None)."""
+        choices = {b["choice"] for b in self._batching}
+        return {"choice": choices.pop() if len(choices) == 1 else None, "workers": self._batching}
 
     def describe(self) -> list[dict[str, Any]]:
         """Per worker: pid, node id, GPU ids, device, threads."""

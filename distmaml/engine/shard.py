@@ -8,8 +8,9 @@ returns sums, so shards add up to the whole batch whatever the split.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,11 +18,19 @@ from torch import Tensor
 from distmaml.config import IMAGE_FAMILIES, Config, config_from_dict
 from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.algorithm import Algorithm, MamlppOptions, init_algorithm_params
+from distmaml.core.batching import BatchingChoice, candidates, describe_batching, time_candidates
 from distmaml.core.evaluate import score_tasks
 from distmaml.models import build_model
 from distmaml.tasks import SinusoidTasks, TaskFamily
 from distmaml.tasks.noise import NoiseImageTasks
 from distmaml.typing import Params
+
+log = logging.getLogger("distmaml.engine")
+
+AUTO_TASKS = 8
+"""Tasks per timed meta-step when ``batching: auto`` times the candidates (at most the shard's)."""
+AUTO_STEPS = 2
+"""Timed meta-steps per candidate (after one untimed)."""
 
 
 class GradShard(NamedTuple):
@@ -158,6 +167,38 @@ class TaskRunner:
         self.algorithm = build_algorithm(self.config)
         self.inner = self.algorithm.inner
         self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
+        self.batching: BatchingChoice | None = None
+        """With ``batching: auto``, the measured choice (``choose_batching``), else None."""
+
+    def choose_batching(self, tasks: int) -> str:
+        """This runner's batching: the config's, or with ``auto`` the fastest candidate on this device.
+
+        The first call with ``auto`` times a meta-step of every candidate on
+        ``min(tasks, AUTO_TASKS)`` tasks of step 0 (``tasks``: the shard size
+        this runner will see), with the initial meta-parameters, logs the
+        timings in one line and keeps the choice for the rest of the run.
+        """
+        if self.config.batching != "auto":
+            return self.config.batching
+        if self.batching is None:
+            n = max(1, min(tasks, AUTO_TASKS))
+            params = init_algorithm_params(self.model, self.algorithm)
+            batch = self._tasks("train", 0, range(n))
+
+            def run(name: str) -> None:
+                meta_grad(self.model, params, batch, self.algorithm, batching=name)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # time the device's work, not the launches
+
+            self.batching = time_candidates(run, candidates(self.model), steps=AUTO_STEPS, tasks=n)
+            log.info("%s on %s", describe_batching(self.batching.as_dict()), self.device)
+        return self.batching.choice
+
+    def batching_report(self) -> dict[str, Any]:
+        """For ``result.json``: the choice and, if measured, each candidate's seconds per meta-step."""
+        if self.batching is None:
+            return {"choice": self.config.batching, "seconds": {}, "tasks": 0}
+        return self.batching.as_dict()
 
     def _params(self, flat: Tensor) -> Params:
         return self.layout.unflatten(flat.to(self.device, self.dtype))
@@ -172,7 +213,7 @@ class TaskRunner:
             self._params(flat),
             self._tasks("train", step, ids),
             self.algorithm,
-            batching=self.config.batching,
+            batching=self.choose_batching(len(ids)),
             step=step,
         )
         grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
@@ -186,6 +227,6 @@ class TaskRunner:
             self._tasks(split, 0, ids),
             self.algorithm,
             steps,
-            batching=self.config.batching,
+            batching=self.batching.choice if self.batching is not None else self.config.batching,
         )
         return EvalShard(scores.before.cpu(), scores.after.cpu())

@@ -24,6 +24,10 @@ class ShardWorker:
         # process (1.97x vs 1.4x for two on this machine's 2 cores).
         torch.set_num_threads(max(1, threads))
         self.runner = TaskRunner(config)
+        # batching: auto is timed here, at start-up, on this actor's device and
+        # threads, with its shard size (the largest of the balanced split).
+        c = self.runner.config
+        self.runner.choose_batching(-(-c.meta.batch_size // max(1, c.workers)))
 
     def meta_grad(self, flat: Tensor, step: int, start: int, stop: int) -> GradShard:
         t0 = time.perf_counter()
@@ -34,7 +38,7 @@ class ShardWorker:
         return self.runner.evaluate(flat, split, range(start, stop), steps)
 
     def describe(self) -> dict[str, Any]:
-        """Where this actor runs: pid, node, visible GPUs, torch device and threads."""
+        """Where this actor runs (pid, node, visible GPUs, torch device, threads) and its batching."""
         import ray
 
         return {
@@ -44,4 +48,5 @@ class ShardWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.runner.device),
             "threads": torch.get_num_threads(),
+            "batching": self.runner.batching_report(),
         }
