@@ -66,7 +66,14 @@ def in_process():
 def test_workers_match_in_process(in_process, workers):
     ref_trainer, ref_grads, ref_scores = in_process
     config = _config(workers)
-    trainer, grads, scores = _train(RayEngine(config), config)
+    engine = RayEngine(config)
+    trainer, grads, scores = _train(engine, config)
+    # each worker timed the candidates at start-up on its own device and kept its fastest
+    reports = engine.batching()["workers"]
+    assert len(reports) == workers
+    for b in reports:
+        assert set(b["seconds"]) == {"loop", "vmap"} and b["tasks"] == -(-7 // workers)
+        assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
     assert len(grads) == len(ref_grads) == 5
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)

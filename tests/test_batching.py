@@ -1,0 +1,97 @@
+"""``batching: auto``: candidates timed on the device at hand, the fastest kept and recorded."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_core import _conv, _image_batch
+
+from distmaml.config import BATCHINGS as CONFIG_BATCHINGS
+from distmaml.config import load_config
+from distmaml.core import InnerLoop, meta_grad
+from distmaml.core.batching import BATCHINGS, candidates, choose_batching, describe_batching, time_candidates
+from distmaml.engine import InProcessEngine
+from distmaml.engine.shard import AUTO_TASKS, TaskRunner
+from distmaml.models import sinusoid_mlp
+from distmaml.trainer import Trainer
+
+CONV_INNER = InnerLoop(lr=0.1, steps=1)
+
+
+def test_config_and_core_name_the_same_batchings():
+    assert CONFIG_BATCHINGS == BATCHINGS
+    assert candidates(sinusoid_mlp()) == ("loop", "vmap") and candidates(_conv()) == BATCHINGS
+    assert choose_batching(sinusoid_mlp(), "cpu") == "vmap" and choose_batching(_conv(), "cpu") == "loop_channels_last"
+
+
+def test_a_forced_slow_candidate_loses_in_real_time():
+    """Real meta-steps on this CPU: the same loop, once and four times over; the single one wins."""
+    model, batch = _conv(), _image_batch(tasks=2)
+    params = dict(model.named_parameters())
+    calls: list[str] = []
+
+    def run(name: str) -> None:
+        calls.append(name)
+        for _ in range(4 if name == "slow" else 1):
+            meta_grad(model, params, batch, CONV_INNER, batching="loop")
+
+    got = time_candidates(run, ["slow", "loop"], steps=3, tasks=2)
+    assert got.choice == "loop" and got.tasks == 2
+    assert set(got.seconds) == {"slow", "loop"} and got.seconds["slow"] > got.seconds["loop"] > 0
+    # one untimed round, then turns: slow, loop, slow, loop... (until slow is out at > 3x the best)
+    assert calls[:4] == ["slow", "loop", "slow", "loop"]
+    assert "batching loop (seconds per meta-step of 2 tasks: slow " in describe_batching(got.as_dict())
+
+
+def test_timing_rounds_are_interleaved_and_out_of_memory_disqualifies():
+    """An injected clock: each run advances it by the candidate's cost; 'big' runs out of memory."""
+    now = itertools.count()
+    cost = {"a": 5, "b": 2, "c": 3}
+    clock_value = [0.0]
+
+    def clock() -> float:
+        return clock_value[0]
+
+    def run(name: str) -> None:
+        next(now)
+        if name == "big":
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        clock_value[0] += cost[name]
+
+    got = time_candidates(run, ["a", "b", "big", "c"], steps=2, clock=clock)
+    assert got.choice == "b"
+    assert got.seconds == {"a": 5.0, "b": 2.0, "big": float("inf"), "c": 3.0}
+    with pytest.raises(RuntimeError, match="every batching ran out of device memory"):
+        time_candidates(run, ["big"], clock=clock)
+
+
+def test_task_runner_times_every_candidate_keeps_the_fastest_and_uses_it():
+    config = load_config("sinusoid", ["precision=float64", "meta.batch_size=12", "tracking.enabled=false"])
+    runner = TaskRunner(config, device="cpu")
+    assert runner.batching_report() == {"choice": "auto", "seconds": {}, "tasks": 0}
+    flat = runner.layout.flatten(dict(runner.model.named_parameters()))
+    shard = runner.meta_grad(flat, 0, range(12))
+    chosen = runner.batching
+    assert chosen is not None and chosen.tasks == min(12, AUTO_TASKS)
+    assert set(chosen.seconds) == set(candidates(runner.model))
+    assert chosen.choice == min(chosen.seconds, key=lambda k: chosen.seconds[k])
+    assert runner.batching_report() == chosen.as_dict()
+    runner.meta_grad(flat, 1, range(12))
+    assert runner.batching is chosen  # timed once, at the first meta-step
+    for name in candidates(runner.model):  # whichever won, the gradient is the same
+        runner.config = load_config("sinusoid", ["precision=float64", "meta.batch_size=12", f"batching={name}"])
+        torch.testing.assert_close(runner.meta_grad(flat, 0, range(12)).grad, shard.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_result_json_records_the_choice(tmp_path):
+    config = load_config(
+        "sinusoid", ["meta.steps=2", "meta.test_tasks=4", "meta.val_every=0", "tracking.enabled=false"]
+    )
+    result = Trainer(config, InProcessEngine(config), run_dir=tmp_path, progress=False).fit()
+    b = result["batching"]
+    assert set(b) == {"choice", "seconds", "tasks"} and set(b["seconds"]) == {"loop", "vmap"}
+    assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
+    fixed = load_config("sinusoid", ["meta.steps=1", "meta.test_tasks=2", "tracking.enabled=false", "batching=loop"])
+    assert Trainer(fixed, InProcessEngine(fixed), progress=False).fit()["batching"]["choice"] == "loop"
