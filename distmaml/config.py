@@ -188,7 +188,7 @@ class EngineConfig:
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
 """The same tuple as ``distmaml.core.algorithm.ALGORITHMS`` (kept here so the config loads without torch)."""
-BATCHINGS = ("loop", "loop_channels_last", "vmap")
+BATCHINGS = ("loop", "loop_channels_last", "vmap", "batched")
 """The same tuple as ``distmaml.core.batching.BATCHINGS``, for the same reason."""
 
 

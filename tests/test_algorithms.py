@@ -65,9 +65,11 @@ def _close(actual, expected, tol=1e-10):
 CASES = [  # every batching candidate of core.batching, on the models it is a candidate for
     pytest.param(_mlp, _regression_batch, "vmap", id="mlp-vmap"),
     pytest.param(_mlp, _regression_batch, "loop", id="mlp-loop"),
+    pytest.param(_mlp, _regression_batch, "batched", id="mlp-batched"),
     pytest.param(_conv, _image_batch, "loop", id="conv-loop"),
     pytest.param(_conv, _image_batch, "loop_channels_last", id="conv-loop_channels_last"),
     pytest.param(_conv, _image_batch, "vmap", id="conv-vmap"),
+    pytest.param(_conv, _image_batch, "batched", id="conv-batched"),
 ]
 
 

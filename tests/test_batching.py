@@ -22,7 +22,7 @@ CONV_INNER = InnerLoop(lr=0.1, steps=1)
 
 def test_config_and_core_name_the_same_batchings():
     assert CONFIG_BATCHINGS == BATCHINGS
-    assert candidates(sinusoid_mlp()) == ("loop", "vmap") and candidates(_conv()) == BATCHINGS
+    assert candidates(sinusoid_mlp()) == ("loop", "vmap", "batched") and candidates(_conv()) == BATCHINGS
     assert choose_batching(sinusoid_mlp(), "cpu") == "vmap" and choose_batching(_conv(), "cpu") == "loop_channels_last"
 
 
@@ -91,7 +91,24 @@ def test_result_json_records_the_choice(tmp_path):
     )
     result = Trainer(config, InProcessEngine(config), run_dir=tmp_path, progress=False).fit()
     b = result["batching"]
-    assert set(b) == {"choice", "seconds", "tasks"} and set(b["seconds"]) == {"loop", "vmap"}
+    assert set(b) == {"choice", "seconds", "tasks"} and set(b["seconds"]) == {"loop", "vmap", "batched"}
     assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
     fixed = load_config("sinusoid", ["meta.steps=1", "meta.test_tasks=2", "tracking.enabled=false", "batching=loop"])
     assert Trainer(fixed, InProcessEngine(fixed), progress=False).fit()["batching"]["choice"] == "loop"
+
+
+@pytest.mark.parametrize("name", ["maml", "anil", "mamlpp"])
+def test_every_candidate_scores_the_same(name):
+    """Evaluation (first-order adaptation, per-task scores) through each batching agrees too."""
+    from test_algorithms import _algo, _meta
+
+    from distmaml.core.evaluate import score_tasks
+
+    model, batch = _conv(), _image_batch(tasks=4)
+    algo = _algo(name, model, steps=2)
+    meta = _meta(model, algo)
+    ref = score_tasks(model, meta, batch, algo, 2, batching="loop")
+    for b in candidates(model):
+        got = score_tasks(model, meta, batch, algo, 2, batching=b, chunk=3)
+        torch.testing.assert_close(got.after, ref.after, rtol=0, atol=1e-12, msg=b)
+        torch.testing.assert_close(got.before, ref.before, rtol=0, atol=1e-12, msg=b)

@@ -61,7 +61,7 @@ BATCHED_CASES = [pytest.param(_mlp, _regression_batch, "mse", b, id=f"mlp-mse-{b
 
 
 def test_the_cases_cover_every_candidate():
-    assert candidates(_mlp()) == ("loop", "vmap") and candidates(_conv()) == BATCHINGS
+    assert candidates(_mlp()) == ("loop", "vmap", "batched") and candidates(_conv()) == BATCHINGS
 
 
 @pytest.mark.parametrize("make_model, make_batch, loss, batching", BATCHED_CASES)

@@ -72,7 +72,7 @@ def test_workers_match_in_process(in_process, workers):
     reports = engine.batching()["workers"]
     assert len(reports) == workers
     for b in reports:
-        assert set(b["seconds"]) == {"loop", "vmap"} and b["tasks"] == -(-7 // workers)
+        assert set(b["seconds"]) == {"loop", "vmap", "batched"} and b["tasks"] == -(-7 // workers)
         assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
     assert len(grads) == len(ref_grads) == 5
     for g, ref in zip(grads, ref_grads):

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-BATCHINGS = ("loop", "loop_channels_last", "vmap")
+BATCHINGS = ("loop", "loop_channels_last", "vmap", "batched")
 
 
 def _has_conv2d(model: nn.Module) -> bool:
@@ -52,7 +52,7 @@ def candidates(model: nn.Module) -> tuple[str, ...]:
     """The batchings worth timing for ``model``: channels-last only for 2-d convolutional nets."""
     if _has_conv2d(model):
         return BATCHINGS
-    return ("loop", "vmap")
+    return ("loop", "vmap", "batched")
 
 
 def choose_batching(model: nn.Module, device: torch.device | str) -> str:

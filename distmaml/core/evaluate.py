@@ -48,14 +48,22 @@ def score_tasks(
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
     if mode not in BATCHINGS:
         raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
-    program = TaskProgram(model, as_algorithm(inner), channels_last=mode == "loop_channels_last")
+    program = TaskProgram(
+        model, as_algorithm(inner), channels_last=mode == "loop_channels_last", batched=mode == "batched"
+    )
     theta = {k: v.detach() for k, v in params.items()}
 
     def score(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         return program.scores(p, sx, sy, qx, qy, steps)
 
     befores, afters = [], []
-    if mode == "vmap":
+    if mode == "batched":
+        with batchnorm_implementation("explicit"):
+            for start in range(0, batch.num_tasks, chunk):
+                b, a = score(theta, *batch.slice(start, start + chunk))
+                befores.append(b)
+                afters.append(a)
+    elif mode == "vmap":
         with batchnorm_implementation("explicit"):
             for start in range(0, batch.num_tasks, chunk):
                 part = batch.slice(start, start + chunk)

@@ -78,7 +78,8 @@ def meta_grad(
         inner: the algorithm (an ``InnerLoop`` alone means MAML).
         batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
             time: memory of one task's graph), ``"loop_channels_last"`` (the
-            loop with NHWC images) or ``"auto"`` (``choose_batching``'s
+            loop with NHWC images), ``"batched"`` (all tasks at once by plain
+            autograd over vmap'ed forward passes) or ``"auto"`` (``choose_batching``'s
             unmeasured rule; workers time the candidates, see ``core.batching``).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.
 
@@ -90,9 +91,15 @@ def meta_grad(
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
     if mode not in BATCHINGS:
         raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
-    loop = mode != "vmap"
+    if mode == "batched" and algorithm.recompute:
+        mode = "vmap"  # recomputation is written with torch.func (vjp per step); vmap carries it
     program = TaskProgram(
-        model, algorithm, step, autograd=loop and not algorithm.recompute, channels_last=mode == "loop_channels_last"
+        model,
+        algorithm,
+        step,
+        autograd=mode != "vmap" and not algorithm.recompute,
+        channels_last=mode == "loop_channels_last",
+        batched=mode == "batched",
     )
     if algorithm.recompute:
         objective = program.recomputed_grad
@@ -101,6 +108,11 @@ def meta_grad(
     else:
         objective = grad_and_value(program.objective, has_aux=True)
     theta = _detached(params)
+    if mode == "batched":
+        theta = {k: v.requires_grad_() for k, v in theta.items()}
+        with batchnorm_implementation("explicit"):  # native batch-norm's gradients under vmap: see module docstring
+            g, (_, (loss, met)) = program.autograd_grad_and_value(theta, *batch)
+        return MetaGradSum(g, loss, met, batch.num_tasks)
     if mode == "vmap":
         with batchnorm_implementation("explicit"):
             g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
