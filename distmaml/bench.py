@@ -32,7 +32,7 @@ from torch import Tensor
 
 from distmaml.checkpoint import write_json
 from distmaml.config import Config, load_config
-from distmaml.core.batching import BATCHINGS, describe_batching
+from distmaml.core.batching import BATCHINGS, candidates, describe_batching
 from distmaml.typing import TaskBatch
 
 BENCH_CONFIGS: dict[str, list[str]] = {
@@ -414,7 +414,7 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
         lines.append(
             f"{r['config']:<9} {impl:<23} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
             f"{r['tasks_per_second']:>9.1f} {ratio(r.get('vs_baseline'), 8)} {ratio(r.get('vs_learn2learn'), 7)} "
-            f"{(f'{peak:.0f}' if peak is not None else '-'):>8} {ratio(r.get('memory_vs_learn2learn'), 7)} "
+            f"{(f'{peak:.1f}' if peak is not None else '-'):>8} {ratio(r.get('memory_vs_learn2learn'), 7)} "
             f"{(f'{gf:.2f}' if gf is not None else '-'):>8} "
             f"{(f'{pct:.0f}%' if pct is not None else '-'):>8} {(f'{100 * out:.1f}%' if out is not None else '-'):>8}"
         )
@@ -424,7 +424,10 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
 def run(
     configs: list[str], threads: list[int], steps: int, impls: list[str], workers: list[int], engine_steps: int
 ) -> dict[str, Any]:
-    """``impls``: ``core`` and any ``core-<batching>``; the baseline, and learn2learn where installed, are added."""
+    """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
+    the baseline, and learn2learn where installed, are added."""
+    from distmaml.engine.shard import build_network
+
     matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
     rows: list[dict[str, Any]] = []
     auto: dict[str, dict[int, dict[str, Any]]] = {}
@@ -433,10 +436,11 @@ def run(
     for name in configs:
         n = steps or DEFAULT_STEPS[name]
         batch_size = bench_config(name).meta.batch_size
+        usable = candidates(build_network(bench_config(name)))
         for t in threads:
             auto.setdefault(name, {})[t] = choice = _in_subprocess(auto_batching, name, t)
             batching = choice["choice"]
-            impls_t = ["baseline", *impls]
+            impls_t = ["baseline", *(i for i in impls if i == "core" or i.removeprefix("core-") in usable)]
             if with_l2l:
                 if name not in agreement:
                     agreement[name] = _in_subprocess(learn2learn_agreement, name, batching)
@@ -461,7 +465,8 @@ def run(
                 r["memory_vs_baseline"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
                 if l2l is not None:
                     r["vs_learn2learn"] = r["tasks_per_second"] / l2l["tasks_per_second"]
-                    r["memory_vs_learn2learn"] = r["peak_mb"] / l2l["peak_mb"] if l2l["peak_mb"] else None
+                    # below 1 MB the RSS high-water mark (kB pages) is noise: no ratio
+                    r["memory_vs_learn2learn"] = r["peak_mb"] / l2l["peak_mb"] if l2l["peak_mb"] >= 1 else None
             rows += measured
         if workers:
             engine_rows = _in_subprocess(measure_engine, name, workers, engine_steps or n)
