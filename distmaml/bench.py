@@ -235,9 +235,26 @@ def _measure(name: str, impl: str, batching: str, threads: int, steps: int) -> d
     }
 
 
-def _in_subprocess(fn: Any, *args: Any) -> Any:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+def _in_subprocess(fn: Any, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``fn(*args)`` in a fresh process, with ``env`` added to its environment."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# For peak memory: glibc then serves every allocation of 64 kB or more with its own
+# mmap and returns it on free, so the RSS follows the live tensors instead of what
+# the allocator happens to keep cached (which made repeated peaks differ by 1.5x).
+# Its timings are not reported (the interleaved run's are).
+EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # -- the Ray engine: tasks/s per worker count --------------------------------------------------
@@ -450,7 +467,7 @@ def run(
                             "(relative, float64): not the same function, so no timing"
                         )
                 impls_t.append("learn2learn")
-            measured = [_in_subprocess(_measure, name, impl, batching, t, 1) for impl in impls_t]
+            measured = [_in_subprocess(_measure, name, impl, batching, t, 1, env=EXACT_RSS) for impl in impls_t]
             seconds = _in_subprocess(_time_interleaved, name, impls_t, batching, t, n)
             for r in measured:
                 r["gflops"] *= r["seconds_per_step"] / seconds[r["impl"]]
