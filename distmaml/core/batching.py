@@ -1,34 +1,41 @@
-"""How the tasks of a batch are computed: a loop, a loop in channels-last layout, or ``vmap``.
+"""How the tasks of a batch are computed: four candidates, and how a worker picks one.
 
-Three candidates compute the same meta-gradient (tests: 1e-10 in float64
-against plain autograd, every algorithm):
+Every candidate computes the same meta-gradient (tests: 1e-10 in float64
+against plain autograd, for every algorithm, first and second order):
 
 * ``loop``: one task at a time, plain autograd; memory of one task's graph.
 * ``loop_channels_last``: the same loop with image inputs in channels-last
-  (NHWC) layout, so every convolution, batch-norm and max-pool of the conv
-  net runs on NHWC tensors. For networks with 2-d convolutions only.
-* ``vmap``: all tasks at once (``torch.func.vmap``; a convolution with
-  weights per task becomes one grouped convolution); memory of every task's
-  graph at once. Batch-norm is written out there (torch 2.14's native one gave
-  a wrong second-order gradient under ``vmap``).
+  (NHWC) layout, so every convolution, batch-norm and max-pool of a conv net
+  runs on NHWC tensors. A candidate for networks with 2-d convolutions.
+* ``vmap``: ``torch.func.grad`` of one task's objective under ``vmap`` over
+  tasks (a convolution with weights per task becomes one grouped
+  convolution); memory of every task's graph at once.
+* ``batched``: all tasks at once by plain autograd: the adapted parameters
+  get one copy per task, each forward pass is ``vmap``'ed over tasks, and
+  autograd differentiates the sum of the task losses (each copy receives
+  its own task's gradient). ``vmap`` without ``torch.func``'s grad layer.
+
+Under ``vmap`` and ``batched``, batch-norm is written out (torch 2.14's
+native one gave a wrong second-order gradient under ``vmap``).
 
 Which is fastest depends on the model and the device, so with ``batching:
 auto`` each worker measures: ``time_candidates`` takes turns running a
 meta-step of each candidate on a few of the worker's own tasks, on its own
-device, and keeps the fastest (``engine.shard.TaskRunner`` calls it once at
+device, and keeps the fastest (``engine.shard.TaskRunner`` does it once at
 start-up, logs the timings and reports them in ``result.json``). On the
-2-core CPU this project is developed on (torch 2.14, 1 thread, ``distmaml
-bench``):
+2-core CPU this project is developed on (torch 2.14, 1 thread, meta-steps of
+8 tasks as ``auto`` times them):
 
-* sinusoid MLP 1-40-40-1, 25 tasks: ``vmap`` about 10x the tasks/s of ``loop``.
+* sinusoid MLP 1-40-40-1: ``batched`` about 1.5x the tasks/s of ``vmap``,
+  3x ``loop``.
 * conv4-64, Omniglot 5-way 1-shot, 15 queries: ``loop_channels_last`` about
-  1.3x ``loop`` with half its peak memory (max-pool on NCHW float tensors ran
-  about 20x slower than on NHWC, batch-norm 6x), ``vmap`` about 3x slower than
-  ``loop`` with over 10x the memory.
+  1.4x ``loop`` (torch's CPU max-pool ran about 20x slower on NCHW float
+  tensors than on NHWC, its batch-norm 6x); ``vmap`` and ``batched`` about 3x
+  slower than ``loop``, with over 10x the memory.
 
 A GPU may well order them differently; that is why the choice is timed where
-it runs. ``choose_batching`` is the unmeasured rule (the CPU's winner) used
-by the library's ``batching="auto"``, where nothing is timed.
+it runs. ``choose_batching`` is the unmeasured rule (this CPU's winners),
+used by the library's ``batching="auto"``, where nothing is timed.
 """
 
 from __future__ import annotations
@@ -56,12 +63,12 @@ def candidates(model: nn.Module) -> tuple[str, ...]:
 
 
 def choose_batching(model: nn.Module, device: torch.device | str) -> str:
-    """The unmeasured rule: ``"loop_channels_last"`` for 2-d conv nets, ``"vmap"`` otherwise.
+    """The unmeasured rule: ``"loop_channels_last"`` for 2-d conv nets, ``"batched"`` otherwise.
 
     What this CPU measured (module docstring); workers time the candidates instead.
     """
     del device  # unmeasured: the CPU's choice; workers measure theirs (time_candidates)
-    return "loop_channels_last" if _has_conv2d(model) else "vmap"
+    return "loop_channels_last" if _has_conv2d(model) else "batched"
 
 
 class BatchingChoice(NamedTuple):
