@@ -414,7 +414,7 @@ def algorithm_table(rows: list[dict[str, Any]]) -> str:
 # -- report ---------------------------------------------------------------------------
 def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
     head = (
-        f"{'config':<9} {'implementation':<23} {'thr/wk':>6} {'s/step':>9} {'tasks/s':>9} {'vs base':>8} "
+        f"{'config':<9} {'implementation':<26} {'thr/wk':>6} {'s/step':>9} {'tasks/s':>9} {'vs base':>8} "
         f"{'vs l2l':>7} {'peak MB':>8} {'mem/l2l':>7} {'GFLOP/s':>8} {'% matmul':>8} {'outside':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -429,7 +429,7 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
         out = r.get("outside_compute_share")
         impl = f"core ({r['batching']})" if r["impl"] == "core" else r["impl"]
         lines.append(
-            f"{r['config']:<9} {impl:<23} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
+            f"{r['config']:<9} {impl:<26} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
             f"{r['tasks_per_second']:>9.1f} {ratio(r.get('vs_baseline'), 8)} {ratio(r.get('vs_learn2learn'), 7)} "
             f"{(f'{peak:.1f}' if peak is not None else '-'):>8} {ratio(r.get('memory_vs_learn2learn'), 7)} "
             f"{(f'{gf:.2f}' if gf is not None else '-'):>8} "

@@ -23,7 +23,9 @@ CONV_INNER = InnerLoop(lr=0.1, steps=1)
 def test_config_and_core_name_the_same_batchings():
     assert CONFIG_BATCHINGS == BATCHINGS
     assert candidates(sinusoid_mlp()) == ("loop", "vmap", "batched") and candidates(_conv()) == BATCHINGS
-    assert choose_batching(sinusoid_mlp(), "cpu") == "batched" and choose_batching(_conv(), "cpu") == "loop_channels_last"
+    assert (
+        choose_batching(sinusoid_mlp(), "cpu") == "batched" and choose_batching(_conv(), "cpu") == "loop_channels_last"
+    )
 
 
 def test_a_forced_slow_candidate_loses_in_real_time():

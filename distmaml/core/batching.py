@@ -26,12 +26,12 @@ start-up, logs the timings and reports them in ``result.json``). On the
 2-core CPU this project is developed on (torch 2.14, 1 thread, meta-steps of
 8 tasks as ``auto`` times them):
 
-* sinusoid MLP 1-40-40-1: ``batched`` about 1.5x the tasks/s of ``vmap``,
-  3x ``loop``.
+* sinusoid MLP 1-40-40-1: ``batched`` 1.0-1.7x the tasks/s of ``vmap``
+  (runs differ), 3-6x ``loop``.
 * conv4-64, Omniglot 5-way 1-shot, 15 queries: ``loop_channels_last`` about
-  1.4x ``loop`` (torch's CPU max-pool ran about 20x slower on NCHW float
-  tensors than on NHWC, its batch-norm 6x); ``vmap`` and ``batched`` about 3x
-  slower than ``loop``, with over 10x the memory.
+  1.35x ``loop`` (torch's CPU max-pool ran about 20x slower on NCHW float
+  tensors than on NHWC, its batch-norm 6x), with no more memory; ``batched``
+  2.2x and ``vmap`` 3.4x slower than ``loop``, with over 10x its memory.
 
 A GPU may well order them differently; that is why the choice is timed where
 it runs. ``choose_batching`` is the unmeasured rule (this CPU's winners),
