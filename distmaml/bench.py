@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from distmaml.checkpoint import write_json
-from distmaml.config import Config, load_config
+from distmaml.config import Config, ConfigError, load_config
 from distmaml.core.batching import BATCHINGS, candidates, describe_batching
 from distmaml.typing import TaskBatch
 
@@ -133,11 +133,11 @@ def _learn2learn_step(model: torch.nn.Module, batch: TaskBatch, inner: Any) -> t
 def learn2learn_agreement(name: str, batching: str, tasks: int = 3) -> float:
     """Largest difference between learn2learn's and the core's meta-gradient, in float64, relative
     to the largest gradient entry (run before learn2learn is timed)."""
+    from distmaml.assembly import build_runner
     from distmaml.core import meta_grad
-    from distmaml.engine.shard import TaskRunner
 
     config = bench_config(name, "workers=0", "precision=float64")
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     batch = runner.family.sample("train", 0, range(tasks)).to(dtype=runner.dtype)
     params = {k: v.detach() for k, v in runner.model.named_parameters()}
     core = meta_grad(runner.model, params, batch, runner.inner, batching=batching).grads
@@ -150,11 +150,11 @@ def learn2learn_agreement(name: str, batching: str, tasks: int = 3) -> float:
 
 def auto_batching(name: str, threads: int) -> dict[str, Any]:
     """What ``batching: auto`` picks for this config on this machine (a worker's start-up timing)."""
-    from distmaml.engine.shard import TaskRunner
+    from distmaml.assembly import build_runner
 
     torch.set_num_threads(threads)
     config = bench_config(name, "workers=0", "batching=auto")
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     runner.choose_batching(config.meta.batch_size)
     return runner.batching_report()
 
@@ -162,12 +162,12 @@ def auto_batching(name: str, threads: int) -> dict[str, Any]:
 def _step_fn(name: str, impl: str, batching: str) -> tuple[Config, Any]:
     """The config and a zero-argument function computing one meta-step's gradient with ``impl``
     (``core`` uses ``batching``; ``core-<batching>`` names its own)."""
+    from distmaml.assembly import build_runner
     from distmaml.baseline import baseline_meta_gradient, native_twin
     from distmaml.core import meta_grad
-    from distmaml.engine.shard import TaskRunner
 
     config = bench_config(name, "workers=0")
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
     params: dict[str, Tensor] = dict(runner.model.named_parameters())
     inner = runner.inner
@@ -269,18 +269,20 @@ def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, 
     """
     import ray
 
+    from distmaml.assembly import Run, assemble
     from distmaml.engine.ray_engine import RayEngine
     from distmaml.trainer import Trainer
 
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=sum(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
-    engines: dict[int, tuple[Config, RayEngine, Trainer]] = {}
+    engines: dict[int, tuple[Run, RayEngine, Trainer]] = {}
     try:
         for w in workers:
             config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
-            engine = RayEngine(config)
-            engines[w] = (config, engine, Trainer(config, engine, progress=False))
+            run = assemble(config)
+            assert isinstance(run.engine, RayEngine)
+            engines[w] = (run, run.engine, run.trainer(progress=False))
         torch.set_num_threads(2)
         base_config, baseline = _step_fn(name, "baseline", "auto")
         walls: dict[int, list[float]] = {w: [] for w in workers}
@@ -345,13 +347,13 @@ def measure_config(config_dict: dict[str, Any], threads: int, steps: int) -> dic
     rise of the first full meta-step over the RSS before it: its own working
     memory (with batching ``loop``, one task's graph at a time).
     """
+    from distmaml.assembly import build_runner, init_meta_params
     from distmaml.config import config_from_dict
     from distmaml.core import meta_grad
-    from distmaml.engine.shard import TaskRunner, init_meta_params
 
     torch.set_num_threads(threads)
     config = config_from_dict(config_dict)
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     batch = runner.family.sample("train", 0, range(config.meta.batch_size)).to(dtype=runner.dtype)
     params = init_meta_params(config, runner.model)
 
@@ -443,7 +445,7 @@ def run(
 ) -> dict[str, Any]:
     """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
     the baseline, and learn2learn where installed, are added."""
-    from distmaml.engine.shard import build_network
+    from distmaml.assembly import build_network
 
     matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
     rows: list[dict[str, Any]] = []
@@ -521,7 +523,7 @@ def main(args: argparse.Namespace) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in BENCH_CONFIGS]
     if unknown:
-        raise ValueError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
+        raise ConfigError(f"--configs {','.join(unknown)}: allowed values are {', '.join(BENCH_CONFIGS)}")
     if getattr(args, "algorithms", ""):
         return algorithms_main(args, configs)
     threads = [int(t) for t in str(args.threads).split(",")]
@@ -565,7 +567,7 @@ def algorithms_main(args: argparse.Namespace, configs: list[str]) -> int:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
-        raise ValueError(f"--algorithms {','.join(unknown)}: allowed values are {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"--algorithms {','.join(unknown)}: allowed values are {', '.join(ALGORITHMS)}")
     inner_steps = [int(n) for n in str(args.inner_steps).split(",")]
     rows: list[dict[str, Any]] = []
     for name in configs:

@@ -22,12 +22,17 @@ from typing import Any
 import torch
 
 from distmaml import storage
+from distmaml.errors import DistmamlError
 from distmaml.storage import Location
 from distmaml.typing import Params
 
 _NAME = re.compile(r"^step_(\d{9})\.pt$")
 
 PathLike = str | os.PathLike[str]
+
+
+class CheckpointError(DistmamlError, FileNotFoundError):
+    """A run directory without a readable checkpoint; the message says what to pass instead."""
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -121,7 +126,7 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
         return _read(target)
     candidates = list_checkpoints(target)
     if not candidates:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{target}: no checkpoints found under {checkpoint_dir(target)}; "
             "pass the RUN_DIR given to 'distmaml train --out'"
         )
@@ -133,4 +138,4 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint:
                 f"distmaml: checkpoint {path} is unreadable ({type(e).__name__}); using the one before it",
                 file=sys.stderr,
             )
-    raise FileNotFoundError(f"{target}: every checkpoint is unreadable")
+    raise CheckpointError(f"{target}: every checkpoint is unreadable")

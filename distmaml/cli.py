@@ -8,24 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from distmaml import storage
-from distmaml.config import Config, ConfigError, config_from_dict, load_config
+from distmaml.assembly import with_absolute_uri
+from distmaml.config import Config, config_from_dict, load_config
 from distmaml.data.errors import DataError
+from distmaml.errors import DistmamlError
 from distmaml.results import describe
-from distmaml.storage import Location, StorageError
+from distmaml.storage import Location
 
 
-class UserError(Exception):
+class UserError(DistmamlError):
     """An error in what the user asked for; printed as one line, no traceback."""
-
-
-def make_engine(config: Config, address: str | None = None):  # type: ignore[no-untyped-def]
-    if config.workers == 0:
-        from distmaml.engine import InProcessEngine
-
-        return InProcessEngine(config)
-    from distmaml.engine.ray_engine import RayEngine
-
-    return RayEngine(config, address)
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
@@ -33,24 +25,6 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     if getattr(args, "workers", None) is not None:
         overrides.append(f"workers={args.workers}")
     return with_absolute_uri(load_config(args.config, overrides))
-
-
-def with_absolute_uri(config: Config) -> Config:
-    """Pins a relative ``tracking.uri`` to this directory before any worker or trial sees the config."""
-    if config.tracking.enabled:
-        from distmaml.tracking.uri import absolute_uri
-
-        config.tracking.uri = absolute_uri(config.tracking.uri)
-    return config
-
-
-def tracking_callbacks(config: Config, **kwargs: Any) -> list[Any]:
-    """``[MlflowCallback]`` when ``tracking.enabled``, else ``[]``."""
-    if not config.tracking.enabled:
-        return []
-    from distmaml.tracking import MlflowCallback
-
-    return [MlflowCallback(config, **kwargs)]
 
 
 def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
@@ -62,22 +36,8 @@ def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
         print(f"the same tasks without adaptation:            {describe(before)}", file=out)
 
 
-def _check_data(config: Config) -> None:
-    """Opens the run's task family on the driver, before any worker starts.
-
-    A missing or unfit task store is then reported in one line rather than as
-    a worker that died while starting (a ``glyphs`` store is prepared here,
-    once, instead of by every worker). Image splits load lazily: this reads
-    metadata only.
-    """
-    if config.data.family in ("glyphs", "store"):
-        from distmaml.engine.shard import build_family
-
-        build_family(config)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from distmaml.trainer import Trainer
+    from distmaml.assembly import assemble
 
     run_dir: Location | None
     if args.resume:
@@ -95,20 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
-    _check_data(config)
-    callbacks = tracking_callbacks(config)
-    engine = make_engine(config, args.address)
-    try:
-        trainer = Trainer(
-            config, engine, run_dir, callbacks=callbacks, progress=not args.quiet, resume=bool(args.resume)
-        )
-        result = trainer.fit()
-    except BaseException:
-        for cb in callbacks:
-            cb.fail()
-        raise
-    finally:
-        engine.close()
+    # The task family is opened on the driver first: a missing or unfit store is one line, not a
+    # worker that died while starting (and a glyphs store is prepared once, here).
+    run = assemble(config, args.address)
+    result = run.fit(run_dir, progress=not args.quiet, resume=bool(args.resume))
     print_meta_test(result)
     if run_dir is not None:
         print(f"run written to {run_dir}")
@@ -333,20 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, UserError, FileNotFoundError, ValueError, StorageError) as e:
+    except DistmamlError as e:  # the project's own input errors; anything else keeps its traceback
         print(f"distmaml: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("distmaml: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
-        from distmaml.engine.placement import EngineError
-        from distmaml.trainer import NonFiniteError
-
-        if isinstance(e, (NonFiniteError, EngineError)):
-            print(f"distmaml: error: {e}", file=sys.stderr)
-            return 3
-        raise
 
 
 if __name__ == "__main__":

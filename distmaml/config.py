@@ -19,10 +19,14 @@ from typing import Any
 
 import yaml
 
+from distmaml.core.algorithm import ALGORITHMS, LEARNED_STEP_RATES, MamlppOptions
+from distmaml.core.batching import BATCHINGS
+from distmaml.errors import DistmamlError
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
 
-class ConfigError(ValueError):
+class ConfigError(DistmamlError, ValueError):
     """A bad configuration value; the message is one line that says what to change."""
 
 
@@ -79,8 +83,10 @@ class InnerConfig:
     """Inner (task) learning rate, alpha."""
     steps: int = 1
     """Inner gradient steps during meta-training."""
-    test_steps: int = 10
-    """Inner gradient steps at meta-validation and meta-test time."""
+    test_steps: int | None = None
+    """Inner gradient steps at meta-validation and meta-test time. None (the default): the
+    algorithm's own, resolved when the config is made: ``inner.steps`` for algorithms whose rates
+    are learned for those steps (metasgd, mamlpp), else ``MAML_TEST_STEPS``."""
     first_order: bool = False
     """First-order MAML: inner gradients treated as constants."""
     recompute: bool = False
@@ -90,7 +96,8 @@ class InnerConfig:
     def validate(self) -> None:
         _positive("inner.lr", self.lr)
         _at_least("inner.steps", self.steps, 1)
-        _at_least("inner.test_steps", self.test_steps, 0)
+        if self.test_steps is not None:
+            _at_least("inner.test_steps", self.test_steps, 0)
 
 
 DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
@@ -121,6 +128,10 @@ class DataConfig:
         _at_least("data.ways", self.ways, 2)
         _at_least("data.shots", self.shots, 1)
         _at_least("data.queries", self.queries, 1)
+        _check(
+            "data.image_size", self.image_size, self.image_size >= 16, "must be at least 16 (conv4 halves it 4 times)"
+        )
+        _at_least("data.channels", self.channels, 1)
 
 
 @dataclass(kw_only=True)
@@ -186,26 +197,20 @@ class EngineConfig:
         _positive("engine.startup_timeout", self.startup_timeout)
 
 
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
-"""The same tuple as ``distmaml.core.algorithm.ALGORITHMS`` (kept here so the config loads without torch)."""
-BATCHINGS = ("loop", "loop_channels_last", "vmap", "batched")
-"""The same tuple as ``distmaml.core.batching.BATCHINGS``, for the same reason."""
+MAML_TEST_STEPS = 10
+"""``inner.test_steps`` of algorithms with a fixed inner rate when the config leaves it unset:
+the MAML paper's sinusoid evaluation (its image recipes set their own, 3 to 10)."""
 
 
-@dataclass(kw_only=True)
-class MamlppConfig:
-    """MAML++ (Antoniou et al., 2019): each part switchable; read only when ``algorithm: mamlpp``."""
+@dataclass(frozen=True, kw_only=True)
+class MamlppConfig(MamlppOptions):
+    """MAML++ (Antoniou et al., 2019): each part switchable; read only when ``algorithm: mamlpp``.
 
-    multi_step_loss: bool = True
-    """Query loss after every inner step, weights annealed towards the last step."""
-    msl_anneal_steps: int = 5000
-    """Meta-steps over which the multi-step loss anneals; after them only the last step counts."""
-    learned_lrs: bool = True
-    """A learned inner learning rate per parameter tensor and inner step, initialised from inner.lr."""
-    per_step_bn: bool = True
-    """Separate batch-norm weight and bias for each inner step (no effect without batch-norm)."""
-    first_order_steps: int = 0
-    """Derivative-order annealing: first order for this many meta-steps, then second order."""
+    The inner loop's options and their defaults are ``core.algorithm.MamlppOptions``
+    (``multi_step_loss``, ``msl_anneal_steps``, ``learned_lrs``, ``per_step_bn``,
+    ``first_order_steps``); this section adds the outer loop's schedule.
+    """
+
     cosine_lr: bool = True
     """Cosine annealing of meta.lr to min_lr over meta.steps."""
     min_lr: float = 1e-5
@@ -230,7 +235,8 @@ class Config:
     """``auto`` (CUDA where present), ``cpu`` or ``cuda``."""
     batching: str = "auto"
     """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
-    device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets) or ``vmap``."""
+    device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
+    ``batched`` (``core.batching``)."""
     workers: int = 0
     """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -249,6 +255,9 @@ class Config:
         _at_least("workers", self.workers, 0)
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()
+        if self.inner.test_steps is None:  # the algorithm's default, written into the resolved config
+            learned = self.algorithm in LEARNED_STEP_RATES
+            self.inner.test_steps = self.inner.steps if learned else MAML_TEST_STEPS
         if self.algorithm == "mamlpp" and self.mamlpp.cosine_lr and self.mamlpp.min_lr >= self.meta.lr:
             raise ConfigError(
                 f"mamlpp.min_lr = {self.mamlpp.min_lr} is not below meta.lr = {self.meta.lr}: "
@@ -269,6 +278,12 @@ class Config:
     @property
     def loss(self) -> str:
         return "mse" if self.data.family == "sinusoid" else "cross_entropy"
+
+    @property
+    def test_steps(self) -> int:
+        """``inner.test_steps``, resolved (never None once the config is made)."""
+        assert self.inner.test_steps is not None
+        return self.inner.test_steps
 
     @property
     def first_order(self) -> bool:
@@ -388,14 +403,26 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
+    try:
+        set_dotted(data, key, value)
+    except ConfigError as e:
+        raise ConfigError(f"--set {assignment!r}: {e}") from None
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data[a][b][c] = value`` for ``key`` ``a.b.c``, in place, making sections as needed.
+
+    The one setter of dotted keys (``--set``, sweep spaces, sampled trial
+    values); numpy scalars from samplers become Python numbers.
+    """
     node = data
     *parents, leaf = key.strip().split(".")
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
+            raise ConfigError(f"{part!r} is not a section")
         node = child
-    node[leaf] = value
+    node[leaf] = value.item() if hasattr(value, "item") else value
 
 
 def load_config(name_or_path: str = "sinusoid", overrides: list[str] | tuple[str, ...] = ()) -> Config:

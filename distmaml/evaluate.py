@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 from distmaml import storage
+from distmaml.assembly import build_runner
 from distmaml.checkpoint import load_checkpoint, write_json
-from distmaml.config import apply_override, config_from_dict
+from distmaml.config import ConfigError, apply_override, config_from_dict
 from distmaml.core.losses import METRIC_NAME
-from distmaml.engine import InProcessEngine, ParamLayout
 from distmaml.results import summarize
+from distmaml.runner import ParamLayout
+from distmaml.trainer import check_scores
 
 
 def evaluate_checkpoint(
@@ -28,15 +30,16 @@ def evaluate_checkpoint(
     config = config_from_dict(data)
     n = tasks or config.meta.test_tasks
     if n < 1:
-        raise ValueError(f"--tasks {n}: must be at least 1")
-    engine = InProcessEngine(config)
+        raise ConfigError(f"--tasks {n}: must be at least 1")
+    runner = build_runner(config)
     flat = ParamLayout(ckpt.params).flatten(ckpt.params)
-    scores = engine.evaluate(flat, "test", n, config.inner.test_steps)
+    scores = runner.evaluate(flat, "test", range(n), config.test_steps)
+    check_scores(scores, config, f"meta-test of {ckpt.path}", config.test_steps)
     metric = METRIC_NAME[config.loss]
     result = {
         "step": ckpt.step,
         "checkpoint": str(ckpt.path),
-        "inner_test_steps": config.inner.test_steps,
+        "inner_test_steps": config.test_steps,
         "meta_test": summarize(scores.after, metric),
         "meta_test_unadapted": summarize(scores.before, metric),
     }

@@ -34,12 +34,16 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
+
 PROBE_TIMEOUT = 3.0
 """Seconds to wait for a TCP connection to the cluster before giving up."""
 
 
-class ClusterError(ConnectionError):
+class ClusterError(DistmamlError, ConnectionError):
     """No Ray cluster could be reached at the address given; the message says what to do."""
+
+    exit_code = CANNOT_GO_ON
 
 
 def split_address(address: str) -> tuple[str, int]:

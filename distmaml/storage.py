@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from distmaml.errors import DistmamlError
+
 Location = Path | str
 """A local path (``Path``) or an object-store URI (``str``)."""
 
@@ -37,7 +39,7 @@ ENDPOINT_ENV = "DISTMAML_S3_ENDPOINT"
 CACHE_ENV = "DISTMAML_CACHE"
 
 
-class StorageError(OSError):
+class StorageError(DistmamlError, OSError):
     """A location that cannot be read or written as asked; the message says which and why."""
 
 

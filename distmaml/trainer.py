@@ -18,15 +18,19 @@ from torch import Tensor
 from tqdm import tqdm
 
 from distmaml import storage
-from distmaml.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, write_json
-from distmaml.config import Config, config_from_dict, dump_config
+from distmaml.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from distmaml.config import Config, ConfigError, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
-from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, build_network, init_meta_params
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
 from distmaml.results import summarize
+from distmaml.runner import EvalShard, GradShard, ParamLayout
 from distmaml.storage import Location
+from distmaml.typing import Params
 
 
 class Engine(Protocol):
+    """What the trainer asks of an engine (``engine.InProcessEngine``, ``engine.ray_engine.RayEngine``)."""
+
     workers: int
     replacements: int
 
@@ -54,8 +58,29 @@ class Callback:
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
 
 
-class NonFiniteError(RuntimeError):
-    """The meta-loss or meta-gradient stopped being finite; the last good state is checkpointed."""
+class NonFiniteError(DistmamlError, RuntimeError):
+    """The meta-loss, the meta-gradient or an evaluation stopped being finite; the last good state is checkpointed."""
+
+    exit_code = CANNOT_GO_ON
+
+
+def check_scores(scores: EvalShard, config: Config, what: str, steps: int, saved: Location | None = None) -> None:
+    """Raises ``NonFiniteError`` naming the settings to change if any adapted score is NaN or infinite.
+
+    Learned inner rates fitted to ``inner.steps`` steps, or a large
+    ``inner.lr``, can diverge over more evaluation steps.
+    """
+    bad = int((~torch.isfinite(scores.after)).sum())
+    if not bad:
+        return
+    n = int(scores.after.numel())
+    fix = f"set inner.test_steps={config.inner.steps} (now {steps})" if steps > config.inner.steps else ""
+    fix = f"{fix} or " if fix else ""
+    where = f"; the parameters are saved in {saved}" if saved is not None else ""
+    raise NonFiniteError(
+        f"{what}: adaptation turned {bad} of {n} tasks non-finite after {steps} inner steps; "
+        f"{fix}lower inner.lr (now {config.inner.lr}){where}"
+    )
 
 
 @dataclass
@@ -70,9 +95,12 @@ class Trainer:
     ``run_dir`` is a local folder or a URI (``s3://bucket/runs/a``, see
     ``distmaml.storage``); it is checked writable before anything else happens.
 
+    ``params`` are the initial meta-parameters (``assembly.assemble`` builds
+    them with the engine; the trainer optimises them in place).
+
     Example:
-        >>> cfg = load_config("sinusoid", ["meta.steps=200"])
-        >>> result = Trainer(cfg, InProcessEngine(cfg), run_dir=Path("runs/s")).fit()
+        >>> run = assemble(load_config("sinusoid", ["meta.steps=200", "workers=0"]))
+        >>> result = Trainer(run.config, run.engine, "runs/s", params=run.params).fit()
     """
 
     def __init__(
@@ -81,6 +109,7 @@ class Trainer:
         engine: Engine,
         run_dir: str | Path | None = None,
         *,
+        params: Params,
         callbacks: list[Callback] | None = None,
         progress: bool = True,
         resume: bool = False,
@@ -93,8 +122,7 @@ class Trainer:
         self.callbacks = callbacks or []
         self.progress = progress
         self.metric = METRIC_NAME[config.loss]
-        model = build_network(config)
-        self.params = init_meta_params(config, model)
+        self.params = params
         self.layout = ParamLayout(self.params)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=config.meta.lr)
         self.scheduler = make_scheduler(config, self.optimizer)
@@ -113,7 +141,7 @@ class Trainer:
         saved = config_from_dict(ckpt.config)
         if saved.to_dict() != self.config.to_dict():
             changed = sorted(k for k, v in saved.flat().items() if self.config.flat().get(k) != v)
-            raise ValueError(
+            raise ConfigError(
                 f"--resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(changed)}; "
                 "resume with the run's own config (omit --config and --set)"
             )
@@ -123,7 +151,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         if self.scheduler is not None:
             if ckpt.scheduler is None:
-                raise ValueError(f"--resume {self.run_dir}: the checkpoint has no learning-rate schedule state")
+                raise CheckpointError(f"--resume {self.run_dir}: the checkpoint has no learning-rate schedule state")
             self.scheduler.load_state_dict(ckpt.scheduler)
         self.step = ckpt.step
         self.last_checkpoint = ckpt.path
@@ -173,7 +201,9 @@ class Trainer:
         return {"loss": loss, self.metric: shard.metric / t, "meta_lr": lr}
 
     def validate(self) -> dict[str, float]:
-        scores = self.engine.evaluate(self.flat, "val", self.config.meta.val_tasks, self.config.inner.test_steps)
+        steps = self.config.test_steps
+        scores = self.engine.evaluate(self.flat, "val", self.config.meta.val_tasks, steps)
+        check_scores(scores, self.config, f"validation at meta-step {self.step}", steps, self.last_checkpoint)
         return {f"val_{self.metric}": float(scores.after.double().mean())}
 
     # -- the run ----------------------------------------------------------------
@@ -226,7 +256,9 @@ class Trainer:
 
     def meta_test(self, tasks: int | None = None) -> EvalShard:
         n = tasks or self.config.meta.test_tasks
-        return self.engine.evaluate(self.flat, "test", n, self.config.inner.test_steps)
+        scores = self.engine.evaluate(self.flat, "test", n, self.config.test_steps)
+        check_scores(scores, self.config, "meta-test", self.config.test_steps, self.last_checkpoint)
+        return scores
 
     def result(self, scores: EvalShard) -> dict[str, Any]:
         return {
@@ -235,7 +267,7 @@ class Trainer:
             "tasks_per_second": self.tasks_per_second,
             "meta_test": summarize(scores.after, self.metric),
             "meta_test_unadapted": summarize(scores.before, self.metric),
-            "inner_test_steps": self.config.inner.test_steps,
+            "inner_test_steps": self.config.test_steps,
             "worker_replacements": self.engine.replacements,
             "batching": self.engine.batching(),
             "validation": [{"step": s, "metric": v} for s, v in self.history.val],

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,14 +78,33 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def new_temp_dir() -> Path:
+    """A private folder for one head; short, because Ray's socket paths under it must fit 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+
+
 def start_head(
-    num_cpus: int = 2, resources: str | None = None, token_auth: bool = True, timeout: float = 120.0
+    num_cpus: int = 2,
+    resources: str | None = None,
+    token_auth: bool = True,
+    timeout: float = 120.0,
+    *,
+    port: int | None = None,
+    temp_dir: Path | None = None,
+    extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
 ) -> RayHead:
-    """``ray start --head`` on 127.0.0.1 with free ports, a private temp dir and (by default) token auth."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    port = free_port()
+    """``ray start --head`` on 127.0.0.1 with free ports, a private temp dir and (by default) token auth.
+
+    ``port`` and ``temp_dir`` (from ``free_port`` and ``new_temp_dir``) may be
+    chosen beforehand, when a file passed in ``extra_args`` must name them;
+    ``extra_env`` is added to the head's environment (and the clients').
+    """
+    temp_dir = temp_dir or new_temp_dir()
+    port = port or free_port()
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.update(extra_env or {})
     if not token_auth:
         env["RAY_AUTH_MODE"] = "disabled"
         env.pop("RAY_AUTH_TOKEN")
@@ -100,6 +120,7 @@ def start_head(
     ]  # fmt: skip
     if resources:
         cmd += ["--resources", resources]
+    cmd += list(extra_args)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     head = RayHead(f"127.0.0.1:{port}", temp_dir, proc.pid, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
     try:

@@ -38,6 +38,33 @@ def query_loss_after_adaptation(model, params, batch, *, lr, steps, loss):
     return total / sx.shape[0]
 
 
+def _algorithm(model, meta, *, name, lr, train_steps, head, bn):
+    """(adapted names, rate(name, step), full(adapted, step) -> every model parameter) of an algorithm,
+    reading rates and per-step batch-norm from ``meta`` in distmaml's naming (the last slot past training)."""
+    model_names = [k for k, _ in model.named_parameters()]
+    if name == "anil":
+        adapted = [k for k in model_names if k.startswith(head + ".")]
+    else:
+        adapted = [k for k in model_names if k not in bn]
+    frozen = [k for k in model_names if k not in adapted and k not in bn]
+
+    def rate(k, i):
+        if name == "metasgd":
+            return meta["lrs." + k]
+        if f"mamlpp.lr.{k}.0" in meta:
+            return meta[f"mamlpp.lr.{k}.{min(i, train_steps - 1)}"]
+        return lr
+
+    def full(p, i):
+        out = {k: meta[k] for k in frozen}
+        out.update(p)
+        for k in bn:
+            out[k] = meta[f"mamlpp.bn.{k}.{min(i, train_steps - 1)}"]
+        return out
+
+    return adapted, rate, full
+
+
 def reference_algorithm_gradient(
     model, meta, batch, *, name, lr, steps, first_order, loss, weights, head=None, bn=(), steps_per_slot=None
 ):
@@ -54,26 +81,7 @@ def reference_algorithm_gradient(
     lossf = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}[loss]
     twin = native_twin(model)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in meta.items()}
-    model_names = [k for k, _ in model.named_parameters()]
-    if name == "anil":
-        adapted = [k for k in model_names if k.startswith(head + ".")]
-    else:
-        adapted = [k for k in model_names if k not in bn]
-    frozen = [k for k in model_names if k not in adapted and k not in bn]
-
-    def rate(k, i):
-        if name == "metasgd":
-            return leaves["lrs." + k]
-        if f"mamlpp.lr.{k}.0" in leaves:
-            return leaves[f"mamlpp.lr.{k}.{min(i, steps - 1)}"]
-        return lr
-
-    def full(p, i):
-        out = {k: leaves[k] for k in frozen}
-        out.update(p)
-        for k in bn:
-            out[k] = leaves[f"mamlpp.bn.{k}.{min(i, steps - 1)}"]
-        return out
+    adapted, rate, full = _algorithm(model, leaves, name=name, lr=lr, train_steps=steps, head=head, bn=bn)
 
     sx, sy, qx, qy = batch
     total = 0.0
@@ -94,3 +102,41 @@ def reference_algorithm_gradient(
 def forward_with(model, params, x):
     """``model(x)`` with ``params`` (some or all of its parameters) swapped in, differentiably."""
     return clone_module(model, params)(x)
+
+
+def reference_adaptation(model, meta, sx, sy, x, *, name, lr, steps, train_steps, loss, head=None, bn=()):
+    """Evaluation's adaptation of one task with plain autograd: outputs on ``x`` before and after.
+
+    ``steps`` graph-free inner steps of any algorithm of the family (rates
+    ``lrs.<p>`` or ``mamlpp.lr.<p>.<i>``, per-step batch-norm ``mamlpp.bn``,
+    the last training step's slot past ``train_steps``); shares no code with
+    ``distmaml.core``.
+    """
+    lossf = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}[loss]
+    twin = native_twin(model)
+    meta = {k: v.detach() for k, v in meta.items()}
+    adapted, rate, full = _algorithm(model, meta, name=name, lr=lr, train_steps=train_steps, head=head, bn=bn)
+    p = {k: meta[k].clone() for k in adapted}
+    with torch.no_grad():
+        before = clone_module(twin, full(p, 0))(x)
+    for i in range(steps):
+        leaves = {k: v.requires_grad_(True) for k, v in p.items()}
+        grads = torch.autograd.grad(lossf(clone_module(twin, full(leaves, i))(sx), sy), list(leaves.values()))
+        p = {k: (v - rate(k, i) * g).detach() for (k, v), g in zip(leaves.items(), grads)}
+    with torch.no_grad():
+        after = clone_module(twin, full(p, max(steps - 1, 0)))(x)
+    return before, after
+
+
+def reference_scores(model, meta, batch, **kw):
+    """Per-task query metric (MSE or accuracy) before and after ``reference_adaptation``, shape ``[T]``."""
+    loss = kw["loss"]
+    befores, afters = [], []
+    for t in range(batch.support_x.shape[0]):
+        b, a = reference_adaptation(model, meta, batch.support_x[t], batch.support_y[t], batch.query_x[t], **kw)
+        for out, acc in ((b, befores), (a, afters)):
+            if loss == "mse":
+                acc.append(F.mse_loss(out, batch.query_y[t]))
+            else:
+                acc.append((out.argmax(-1) == batch.query_y[t]).to(out.dtype).mean())
+    return torch.stack(befores), torch.stack(afters)

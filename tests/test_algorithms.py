@@ -7,12 +7,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import forward_with, native_twin, reference_algorithm_gradient
+from reference import forward_with, native_twin, reference_adaptation, reference_algorithm_gradient, reference_scores
 from test_core import _conv, _image_batch, _mlp, _regression_batch
 
 import distmaml
-from distmaml.core import Algorithm, InnerLoop, MamlppOptions, init_algorithm_params, meta_grad
-from distmaml.core import algorithm as algorithm_module
+from distmaml.core import Algorithm, InnerLoop, MamlppOptions, TaskProgram, init_algorithm_params, meta_grad
 from distmaml.core.algorithm import batchnorm_names, head_prefix, multi_step_weights
 from distmaml.core.evaluate import score_tasks
 
@@ -138,11 +137,69 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(name):
     _close(got.grads, expected)
 
 
+def _reference_scores(model, meta, batch, algo, steps):
+    return reference_scores(
+        model,
+        meta,
+        batch,
+        name=algo.name,
+        lr=LR,
+        steps=steps,
+        train_steps=algo.inner.steps,
+        loss=algo.inner.loss,
+        head=head_prefix(model) if algo.name == "anil" else None,
+        bn=batchnorm_names(model) if algo.per_step_bn else (),
+    )
+
+
+@pytest.mark.parametrize("make_model, make_batch, batching", CASES)
+@pytest.mark.parametrize("name", ALGOS)
+@pytest.mark.parametrize("steps", [STEPS, STEPS + 2])
+def test_evaluation_adapts_with_the_algorithm(make_model, make_batch, batching, name, steps):
+    """Validation and meta-test adapt as the algorithm does (its rates, head, per-step slots), by plain autograd."""
+    model, batch = make_model(), make_batch()
+    algo = _algo(name, model)
+    meta = _meta(model, algo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # steps past the training steps warn (see the test below)
+        got = score_tasks(model, meta, batch, algo, steps, batching=batching)
+    before, after = _reference_scores(model, meta, batch, algo, steps)
+    torch.testing.assert_close(got.before, before, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.after, after, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_plot_predictions_are_the_evaluated_adaptation(name):
+    """``TaskProgram.predictions`` (the sinusoid plot) adapts as the meta-test does, for every algorithm."""
+    model, batch = _mlp(), _regression_batch()
+    algo = _algo(name, model)
+    meta = _meta(model, algo)
+    sx, sy, qx, _ = (x[1] for x in batch)
+    grid = torch.linspace(-3, 3, 11, dtype=torch.float64).unsqueeze(-1).expand(11, 3).contiguous()
+    got = TaskProgram(model, algo).predictions(meta, sx, sy, grid, STEPS)
+    head = head_prefix(model) if name == "anil" else None
+    want = reference_adaptation(
+        model, meta, sx, sy, grid, name=name, lr=LR, steps=STEPS, train_steps=STEPS, loss="mse", head=head
+    )
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 def test_anil_adapts_only_the_head_and_its_body_gets_gradient():
     model, batch = _conv(), _image_batch()
     assert head_prefix(model) == "head" and head_prefix(_mlp()) == "net.4"
     algo = _algo("anil", model)
-    before, after = score_tasks(model, init_algorithm_params(model, algo), batch, algo, STEPS)
+    meta = init_algorithm_params(model, algo)
+    before, after = score_tasks(model, meta, batch, algo, STEPS)
+    ref_before, ref_after = _reference_scores(model, meta, batch, algo, STEPS)
+    torch.testing.assert_close(before, ref_before, rtol=0, atol=1e-12)
+    torch.testing.assert_close(after, ref_after, rtol=0, atol=1e-12)
+    # not MAML's adaptation: with the body adapting too, the same tasks score differently
+    mlp, regression = _mlp(), _regression_batch()
+    anil, maml = _algo("anil", mlp), _algo("maml", mlp)
+    p = init_algorithm_params(mlp, anil)
+    anil_after = score_tasks(mlp, p, regression, anil, STEPS).after
+    assert float((anil_after - score_tasks(mlp, p, regression, maml, STEPS).after).abs().max()) > 1e-6
     got = meta_grad(model, init_algorithm_params(model, algo), batch, algo)
     assert float(got.grads["features.0.weight"].abs().sum()) > 0  # the body is meta-learned
     # second-order ANIL differs from first-order ANIL in the body (the path through the head's adaptation)
@@ -255,14 +312,12 @@ def test_derivative_order_annealing_switches_at_the_configured_step():
         _close({k: v / got.tasks for k, v in got.grads.items()}, expected)
 
 
-def test_more_test_steps_reuse_the_last_slot_with_one_warning(monkeypatch):
+def test_more_test_steps_reuse_the_last_slot_with_a_warning():
     model, batch = _conv(), _image_batch()
     algo = _algo("mamlpp", model, steps=2)
     meta = _meta(model, algo)
-    monkeypatch.setattr(algorithm_module, "_warned", set())
-    with pytest.warns(UserWarning, match="exceeds the 2 inner steps") as record:
+    with pytest.warns(UserWarning, match="inner.test_steps = 4 exceeds the 2 inner steps") as record:
         got = score_tasks(model, meta, batch, algo, 4)
-        score_tasks(model, meta, batch, algo, 4)
     assert len(record) == 1
     # the same as a 4-step algorithm whose slots 2 and 3 are copies of slot 1
     longer = _algo("mamlpp", model, steps=4)
@@ -280,8 +335,8 @@ def test_more_test_steps_reuse_the_last_slot_with_one_warning(monkeypatch):
 @pytest.mark.parametrize("name", ["maml", "mamlpp"])
 def test_inner_recompute_config_key_gives_the_same_shard(name):
     """``inner.recompute`` from the config reaches the core: the same flat meta-gradient to 1e-10."""
+    from distmaml.assembly import build_runner
     from distmaml.config import load_config
-    from distmaml.engine.shard import TaskRunner
 
     base = [
         "precision=float64",
@@ -290,7 +345,9 @@ def test_inner_recompute_config_key_gives_the_same_shard(name):
         f"algorithm={name}",
         "mamlpp.msl_anneal_steps=9",
     ]
-    plain, recomputed = (TaskRunner(load_config("sinusoid", [*base, f"inner.recompute={rc}"])) for rc in (False, True))
+    plain, recomputed = (
+        build_runner(load_config("sinusoid", [*base, f"inner.recompute={rc}"])) for rc in (False, True)
+    )
     assert recomputed.algorithm.recompute and not plain.algorithm.recompute
     flat = plain.layout.flatten(init_algorithm_params(plain.model, plain.algorithm))
     a, b = plain.meta_grad(flat, 3, range(4)), recomputed.meta_grad(flat, 3, range(4))

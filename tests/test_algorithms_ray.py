@@ -6,10 +6,8 @@ import pytest
 import ray
 import torch
 
+from distmaml.assembly import assemble
 from distmaml.config import load_config
-from distmaml.engine import InProcessEngine
-from distmaml.engine.ray_engine import RayEngine
-from distmaml.trainer import Trainer
 
 BASE = [
     "precision=float64",
@@ -43,8 +41,9 @@ def ray_instance():
     ray.shutdown()
 
 
-def _run(engine, config):
-    trainer = Trainer(config, engine, progress=False)
+def _run(run):
+    config, engine = run.config, run.engine
+    trainer = run.trainer(progress=False)
     try:
         while trainer.step < config.meta.steps:
             trainer.train_step()
@@ -57,13 +56,13 @@ def _run(engine, config):
 @pytest.mark.parametrize("algorithm, extra", CASES)
 def test_two_workers_match_in_process(algorithm, extra):
     configs = [load_config("sinusoid", [*BASE, *extra, f"algorithm={algorithm}", f"workers={w}"]) for w in (0, 2)]
-    ref_params, ref_scores = _run(InProcessEngine(configs[0]), configs[0])
-    params, scores = _run(RayEngine(configs[1]), configs[1])
+    ref_params, ref_scores = _run(assemble(configs[0]))
+    params, scores = _run(assemble(configs[1]))
     assert params.keys() == ref_params.keys()
     own = {"metasgd": "lrs.", "mamlpp": "mamlpp."}.get(algorithm)
     if own:  # the algorithm's own meta-parameters travel and are learned too
         assert any(k.startswith(own) for k in params)
-    init = Trainer(configs[0], InProcessEngine(configs[0]), progress=False).params
+    init = assemble(configs[0]).params
     # every tensor moves, except a conv bias before batch-norm (and its rates): its gradient is exactly zero
     still = {k for k, v in ref_params.items() if torch.equal(v, init[k])}
     assert all(".bias" in k and "features." in k for k in still), f"did not move: {sorted(still)}"

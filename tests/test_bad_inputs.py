@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,21 @@ def test_bad_input_gets_its_message(area, wrong, command, code, message, store, 
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == message
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path):
+    """A bug (here a ValueError raised inside the task program, as torch or pyarrow might) is not a bad input:
+    ``distmaml`` ends with the traceback and a non-zero exit, not a one-line ``distmaml: error``."""
+    code = (
+        "import sys, distmaml.runner, distmaml.cli\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('deliberate internal error')\n"
+        "distmaml.runner.meta_grad = broken\n"
+        "sys.exit(distmaml.cli.main(sys.argv[1:]))\n"
+    )
+    argv = ["train", "--quiet", "--workers", "0", "--set", "meta.steps=2", "--set", "tracking.enabled=false"]
+    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "ValueError: deliberate internal error"
+    assert "distmaml: error" not in done.stderr

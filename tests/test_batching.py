@@ -8,20 +8,17 @@ import pytest
 import torch
 from test_core import _conv, _image_batch
 
-from distmaml.config import BATCHINGS as CONFIG_BATCHINGS
+from distmaml.assembly import assemble, build_runner
 from distmaml.config import load_config
 from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.batching import BATCHINGS, candidates, choose_batching, describe_batching, time_candidates
-from distmaml.engine import InProcessEngine
-from distmaml.engine.shard import AUTO_TASKS, TaskRunner
 from distmaml.models import sinusoid_mlp
-from distmaml.trainer import Trainer
+from distmaml.runner import AUTO_TASKS
 
 CONV_INNER = InnerLoop(lr=0.1, steps=1)
 
 
-def test_config_and_core_name_the_same_batchings():
-    assert CONFIG_BATCHINGS == BATCHINGS
+def test_candidates_and_the_unmeasured_rule():
     assert candidates(sinusoid_mlp()) == ("loop", "vmap", "batched") and candidates(_conv()) == BATCHINGS
     assert (
         choose_batching(sinusoid_mlp(), "cpu") == "batched" and choose_batching(_conv(), "cpu") == "loop_channels_last"
@@ -71,32 +68,34 @@ def test_timing_rounds_are_interleaved_and_out_of_memory_disqualifies():
 
 def test_task_runner_times_every_candidate_keeps_the_fastest_and_uses_it():
     config = load_config("sinusoid", ["precision=float64", "meta.batch_size=12", "tracking.enabled=false"])
-    runner = TaskRunner(config, device="cpu")
+    runner = build_runner(config, device="cpu")
     assert runner.batching_report() == {"choice": "auto", "seconds": {}, "tasks": 0}
     flat = runner.layout.flatten(dict(runner.model.named_parameters()))
     shard = runner.meta_grad(flat, 0, range(12))
-    chosen = runner.batching
+    chosen = runner.measured
     assert chosen is not None and chosen.tasks == min(12, AUTO_TASKS)
     assert set(chosen.seconds) == set(candidates(runner.model))
     assert chosen.choice == min(chosen.seconds, key=lambda k: chosen.seconds[k])
     assert runner.batching_report() == chosen.as_dict()
     runner.meta_grad(flat, 1, range(12))
-    assert runner.batching is chosen  # timed once, at the first meta-step
+    assert runner.measured is chosen  # timed once, at the first meta-step
     for name in candidates(runner.model):  # whichever won, the gradient is the same
-        runner.config = load_config("sinusoid", ["precision=float64", "meta.batch_size=12", f"batching={name}"])
+        runner.batching = name
         torch.testing.assert_close(runner.meta_grad(flat, 0, range(12)).grad, shard.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_result_json_records_the_choice(tmp_path):
     config = load_config(
-        "sinusoid", ["meta.steps=2", "meta.test_tasks=4", "meta.val_every=0", "tracking.enabled=false"]
+        "sinusoid", ["workers=0", "meta.steps=2", "meta.test_tasks=4", "meta.val_every=0", "tracking.enabled=false"]
     )
-    result = Trainer(config, InProcessEngine(config), run_dir=tmp_path, progress=False).fit()
+    result = assemble(config).fit(tmp_path, progress=False)
     b = result["batching"]
     assert set(b) == {"choice", "seconds", "tasks"} and set(b["seconds"]) == {"loop", "vmap", "batched"}
     assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
-    fixed = load_config("sinusoid", ["meta.steps=1", "meta.test_tasks=2", "tracking.enabled=false", "batching=loop"])
-    assert Trainer(fixed, InProcessEngine(fixed), progress=False).fit()["batching"]["choice"] == "loop"
+    fixed = load_config(
+        "sinusoid", ["workers=0", "meta.steps=1", "meta.test_tasks=2", "tracking.enabled=false", "batching=loop"]
+    )
+    assert assemble(fixed).fit(progress=False)["batching"]["choice"] == "loop"
 
 
 @pytest.mark.parametrize("name", ["maml", "anil", "mamlpp"])

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,24 @@ def test_submit_runs_train_on_the_cluster(head, tmp_path):
     assert mlrun.data.params["workers"] == str(WORKERS) and mlrun.data.params["meta.steps"] == str(STEPS)
     assert mlrun.data.metrics["test_mse"] == pytest.approx(result["meta_test"]["mean"])
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "train_loss")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_the_driver_bundle_counts_on_a_head_without_an_autoscaler(head, tmp_path):
+    # 3 workers x 1 CPU would fit the head's 3 CPUs; with the driver's bundle they never can
+    script = tmp_path / "submit.py"
+    shutil.copy(SUBMIT, script)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), "train", "--quiet", "--workers", "3"], cwd=tmp_path, env=head.env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "distmaml: error: the run needs 4 CPUs (driver 1 + 3 workers x 1) but the Ray cluster has at most 3; "
+        "lower workers or engine.cpus_per_worker or engine.driver_cpus, or add nodes"
+    )
+    assert time.monotonic() - start < 60  # start-up included; waiting would have taken engine.startup_timeout = 120 s
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distmaml.cli import main
-from distmaml.config import ConfigError, load_config, recipe_names
+from distmaml.config import ConfigError, dump_config, load_config, recipe_names
 
 BAD = [
     ("inner.lr=-0.1", "inner.lr = -0.1: must be greater than 0"),
@@ -72,3 +72,21 @@ def test_exponent_without_a_dot_is_a_number():
     assert cfg.meta.lr == 3e-4 and cfg.inner.lr == 1e30
     with pytest.raises(ConfigError, match="inner.lr = 'e3': must be a number"):
         load_config("sinusoid", ["inner.lr=e3"])
+
+
+@pytest.mark.parametrize(
+    "overrides, steps",
+    [
+        ([], 10),  # the sinusoid recipe leaves it null: MAML's 10
+        (["algorithm=anil"], 10),
+        (["algorithm=metasgd"], 1),  # learned rates: the training steps
+        (["algorithm=mamlpp", "inner.steps=3"], 3),
+        (["algorithm=metasgd", "inner.test_steps=7"], 7),  # set by the user: kept
+        (["algorithm=maml", "inner.test_steps=0"], 0),
+    ],
+)
+def test_test_steps_default_to_the_algorithms_own(overrides, steps):
+    config = load_config("sinusoid", overrides)
+    assert config.inner.test_steps == config.test_steps == steps
+    assert f"test_steps: {steps}\n" in dump_config(config)  # the resolved number, in config.yaml
+    assert load_config("omniglot_5w1s").inner.test_steps == 3  # the paper's protocol, explicit in its recipe

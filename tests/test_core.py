@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from reference import query_loss_after_adaptation, reference_meta_gradient
+from reference import query_loss_after_adaptation, reference_meta_gradient, reference_scores
 
 import distmaml
-from distmaml.core import InnerLoop, adapt, meta_grad
+from distmaml.core import Algorithm, InnerLoop, TaskProgram, meta_grad, score_tasks
 from distmaml.core.batching import BATCHINGS, candidates
 from distmaml.models import MLP, Conv4
 from distmaml.typing import TaskBatch
@@ -110,11 +110,16 @@ def test_second_order_differs_from_first_order():
 
 
 def test_first_order_builds_no_second_order_graph():
-    """Adapted parameters depend on the meta-parameters through the identity only."""
+    """Training's inner step, first order: adapted parameters depend on the meta-parameters through the identity only."""
     model, batch = _mlp(), _regression_batch()
     theta = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    inner = InnerLoop(lr=0.1, steps=3, first_order=True, loss="mse")
-    adapted = adapt(model, theta, batch.support_x[0], batch.support_y[0], inner)
+    program = TaskProgram(model, Algorithm(name="fomaml", inner=InnerLoop(lr=0.1, steps=3, loss="mse")))
+    assert program.first_order
+    sx, sy, qx, _ = (x[0] for x in batch)
+    adapted, phi = program.split(theta)
+    ctx = program.context(phi, sx, qx)
+    for i in range(3):
+        adapted = program.step(i, adapted, ctx, sx, sy, program.first_order)
     for k, v in adapted.items():
         # v = ((theta - c1) - c2) - c3: a chain of subtractions ending at theta's leaf.
         node, depth = v.grad_fn, 0
@@ -138,16 +143,19 @@ def test_sums_split_across_shards_equal_the_whole():
     torch.testing.assert_close(sum(p.metric for p in parts), whole.metric)
 
 
-def test_adaptation_lowers_the_support_loss():
-    model, batch = _mlp(), _regression_batch()
-    params = dict(model.named_parameters())
-    inner = InnerLoop(lr=0.05, steps=5, loss="mse")
-    from distmaml.core.inner import support_loss
-
-    before = support_loss(model, params, batch.support_x[0], batch.support_y[0], "mse")
-    adapted = adapt(model, params, batch.support_x[0], batch.support_y[0], inner)
-    after = support_loss(model, adapted, batch.support_x[0], batch.support_y[0], "mse")
-    assert float(after) < float(before)
+@pytest.mark.parametrize("make_model, make_batch, loss", CASES)
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_evaluation_adapts_as_plain_autograd(make_model, make_batch, loss, batching):
+    """Validation and meta-test (``score_tasks``, through the algorithm's program) against plain SGD steps."""
+    model, batch = make_model(), make_batch()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    algo = Algorithm(name="maml", inner=InnerLoop(lr=0.05, steps=1, loss=loss))
+    got = score_tasks(model, params, batch, algo, 5, batching=batching)
+    before, after = reference_scores(model, params, batch, name="maml", lr=0.05, steps=5, train_steps=1, loss=loss)
+    torch.testing.assert_close(got.before, before, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got.after, after, rtol=1e-10, atol=1e-10)
+    if loss == "mse":  # and adaptation is not a no-op: five steps lower the mean query loss
+        assert float(got.after.mean()) < 0.9 * float(got.before.mean())
 
 
 def test_core_imports_no_ray_mlflow_or_pyarrow():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from datagen import make_omniglot
 
+from distmaml.assembly import build_runner, init_meta_params
 from distmaml.cli import main
 from distmaml.config import load_config
 from distmaml.data.episodes import ImageTasks, choose_distinct
@@ -17,7 +18,6 @@ from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
 from distmaml.data.omniglot import prepare_omniglot
 from distmaml.data.prepare import staged_output
 from distmaml.data.store import METADATA, StoreWriter, load_split, open_store
-from distmaml.engine.shard import TaskRunner, init_meta_params
 
 SHOTS, QUERIES, WAYS = 2, 3, 5
 
@@ -110,7 +110,7 @@ def test_meta_gradient_of_store_tasks_does_not_depend_on_the_split_of_the_batch(
             "batching=loop",
         ],
     )
-    runner = TaskRunner(config)
+    runner = build_runner(config)
     flat = runner.layout.flatten(init_meta_params(config, runner.model)).double()
     whole = runner.meta_grad(flat, 3, range(0, 5))
     first, second = runner.meta_grad(flat, 3, range(0, 3)), runner.meta_grad(flat, 3, range(3, 5))

@@ -11,10 +11,10 @@ import pytest
 import ray
 import torch
 
+from distmaml.assembly import assemble, runner_factory
 from distmaml.config import load_config
-from distmaml.engine import InProcessEngine
 from distmaml.engine.ray_engine import RayEngine, WorkerFailure
-from distmaml.trainer import Callback, Trainer
+from distmaml.trainer import Callback
 
 BASE = [
     "precision=float64",
@@ -41,8 +41,9 @@ def _config(workers, *extra):
     return load_config("sinusoid", [*BASE, f"workers={workers}", *extra])
 
 
-def _train(engine, config, callbacks=()):
-    trainer = Trainer(config, engine, progress=False, callbacks=list(callbacks))
+def _train(run, callbacks=()):
+    config, engine = run.config, run.engine
+    trainer = run.trainer(progress=False, callbacks=list(callbacks))
     grads = []
     try:
         while trainer.step < config.meta.steps:
@@ -58,18 +59,16 @@ def _train(engine, config, callbacks=()):
 
 @pytest.fixture(scope="module")
 def in_process():
-    config = _config(0)
-    return _train(InProcessEngine(config), config)
+    return _train(assemble(_config(0)))
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_workers_match_in_process(in_process, workers):
     ref_trainer, ref_grads, ref_scores = in_process
-    config = _config(workers)
-    engine = RayEngine(config)
-    trainer, grads, scores = _train(engine, config)
+    run = assemble(_config(workers))
+    trainer, grads, scores = _train(run)
     # each worker timed the candidates at start-up on its own device and kept its fastest
-    reports = engine.batching()["workers"]
+    reports = run.engine.batching()["workers"]
     assert len(reports) == workers
     for b in reports:
         assert set(b["seconds"]) == {"loop", "vmap", "batched"} and b["tasks"] == -(-7 // workers)
@@ -108,10 +107,10 @@ class KillWorker(Callback):
 def test_killed_worker_changes_nothing(in_process, tmp_path):
     """A worker SIGKILLed mid-run is replaced, its shard re-run: same parameters, one replacement reported."""
     ref_trainer, _, _ = in_process
-    config = _config(2)
-    engine = RayEngine(config)
+    run = assemble(_config(2))
+    engine = run.engine
     killer = KillWorker(engine, after_step=2)
-    trainer = Trainer(config, engine, tmp_path, progress=False, callbacks=[killer])
+    trainer = run.trainer(tmp_path, progress=False, callbacks=[killer])
     try:
         result = trainer.fit()
     finally:
@@ -124,16 +123,17 @@ def test_killed_worker_changes_nothing(in_process, tmp_path):
 
 
 def test_too_many_failures_stop_the_run():
-    config = _config(2, "engine.max_worker_failures=1")
-    engine = RayEngine(config)
-    killer = KillWorker(engine, after_step=(1, 2))
+    run = assemble(_config(2, "engine.max_worker_failures=1"))
+    killer = KillWorker(run.engine, after_step=(1, 2))
     with pytest.raises(WorkerFailure, match="exceed engine.max_worker_failures = 1"):
-        _train(engine, config, [killer])
+        _train(run, [killer])
 
 
 def test_more_cpus_than_the_cluster_fails_fast():
     config = _config(3, "engine.cpus_per_worker=2")
     start = time.time()
-    with pytest.raises(Exception, match="needs 6 CPUs but the Ray cluster has 4"):
-        RayEngine(config)
+    with pytest.raises(
+        Exception, match=r"needs 6.5 CPUs \(driver 0.5 \+ 3 workers x 2\) but the Ray cluster has at most 4;"
+    ):
+        RayEngine(config, runner_factory(config))
     assert time.time() - start < 10

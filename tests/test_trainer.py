@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+from reference import reference_scores
 
 import distmaml
+from distmaml.assembly import assemble
 from distmaml.cli import main
 from distmaml.config import load_config
-from distmaml.engine import InProcessEngine
-from distmaml.trainer import Trainer
+from distmaml.models import sinusoid_mlp
+from distmaml.tasks import SinusoidTasks
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +66,23 @@ def test_run_directory_layout(short_run):
 def test_load_checkpoint_and_evaluate(short_run):
     ckpt = distmaml.load_checkpoint(short_run)
     assert ckpt.step == 600 and ckpt.config["meta"]["steps"] == 600
+    assert ckpt.config["inner"]["test_steps"] == 10  # null in the recipe: resolved to MAML's 10 in config.yaml
     assert set(ckpt.params) == {f"net.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
     assert main(["evaluate", "--checkpoint", str(short_run), "--tasks", "200"]) == 0
     ev = json.loads((short_run / "eval.json").read_text())
     res = json.loads((short_run / "result.json").read_text())
-    # same 200 held-out tasks, same parameters: the same numbers
-    assert ev["meta_test"]["metric"] == res["meta_test"]["metric"] == "mse"
-    for key in ("mean", "ci95", "tasks"):
-        assert ev["meta_test"][key] == pytest.approx(res["meta_test"][key], rel=1e-9)
+    # an independent meta-test: the same 200 held-out tasks, 10 plain SGD steps in float64 (tests/reference.py)
+    model = sinusoid_mlp().double()
+    params = {k: v.double() for k, v in ckpt.params.items()}
+    batch = SinusoidTasks(shots=10, queries=10, seed=0).sample("test", 0, range(200)).to(dtype=torch.float64)
+    before, after = reference_scores(model, params, batch, name="maml", lr=0.01, steps=10, train_steps=1, loss="mse")
+    assert ev["inner_test_steps"] == res["inner_test_steps"] == 10
+    for got in (ev, res):
+        assert got["meta_test"]["metric"] == "mse" and got["meta_test"]["tasks"] == 200
+        assert got["meta_test"]["mean"] == pytest.approx(float(after.mean()), rel=1e-4)
+        assert got["meta_test_unadapted"]["mean"] == pytest.approx(float(before.mean()), rel=1e-4)
+        ci = 1.96 * float(after.std()) / 200**0.5
+        assert got["meta_test"]["ci95"] == pytest.approx(ci, rel=1e-3)
 
 
 def test_corrupt_newest_checkpoint_falls_back(short_run, tmp_path, capsys):
@@ -98,16 +109,16 @@ def test_resume_equals_uninterrupted(tmp_path):
         "tracking.enabled=false",
     ]
     cfg = load_config("sinusoid", overrides)
-    whole = Trainer(cfg, InProcessEngine(cfg), tmp_path / "a", progress=False)
+    whole = assemble(cfg).trainer(tmp_path / "a", progress=False)
     whole.fit()
     # a run stopped after 20 steps, then resumed
     cfg20 = load_config("sinusoid", overrides)
-    part = Trainer(cfg20, InProcessEngine(cfg20), tmp_path / "b", progress=False)
+    part = assemble(cfg20).trainer(tmp_path / "b", progress=False)
     while part.step < 20:
         part.train_step()
         if part.step % 10 == 0:
             part.checkpoint()
-    resumed = Trainer(cfg, InProcessEngine(cfg), tmp_path / "b", progress=False, resume=True)
+    resumed = assemble(cfg).trainer(tmp_path / "b", progress=False, resume=True)
     assert resumed.step == 20
     resumed.fit()
     for k in whole.params:

@@ -1,14 +1,16 @@
 """The functional core: inner and outer loop of MAML with ``torch.func``.
 
-Imports torch only (no Ray, MLflow or pyarrow; a test checks it).
+Imports torch only (no Ray, MLflow or pyarrow; a test checks it). The one
+inner loop is ``core.program.TaskProgram``; ``core.outer`` and
+``core.evaluate`` run it over a batch of tasks.
 """
 
-from distmaml.core.algorithm import ALGORITHMS, Algorithm, MamlppOptions, init_algorithm_params
+from distmaml.core.algorithm import ALGORITHMS, Algorithm, InnerLoop, MamlppOptions, init_algorithm_params
 from distmaml.core.batching import choose_batching
-from distmaml.core.batchnorm import MetaBatchNorm, batch_norm, batchnorm_implementation
-from distmaml.core.inner import InnerLoop, adapt
+from distmaml.core.batchnorm import MetaBatchNorm, batch_norm, with_implementation
+from distmaml.core.evaluate import TaskScores, score_tasks
 from distmaml.core.losses import LOSSES, METRIC_NAME
-from distmaml.core.outer import MetaGradient, MetaGradSum, meta_grad, meta_gradient, task_objective
+from distmaml.core.outer import MetaGradient, MetaGradSum, meta_grad, meta_gradient
 from distmaml.core.program import TaskProgram
 
 __all__ = [
@@ -22,12 +24,12 @@ __all__ = [
     "MetaGradSum",
     "MetaGradient",
     "TaskProgram",
-    "adapt",
+    "TaskScores",
     "batch_norm",
-    "batchnorm_implementation",
     "choose_batching",
     "init_algorithm_params",
     "meta_grad",
     "meta_gradient",
-    "task_objective",
+    "score_tasks",
+    "with_implementation",
 ]

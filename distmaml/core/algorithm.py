@@ -19,14 +19,13 @@ flattens and moves them without knowing the algorithm:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from distmaml.core.batchnorm import MetaBatchNorm
-from distmaml.core.inner import InnerLoop
+from distmaml.core.losses import LOSSES
 from distmaml.typing import Params
 
 ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
@@ -34,6 +33,36 @@ ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
 METASGD_PREFIX = "lrs."
 MAMLPP_LR_PREFIX = "mamlpp.lr."
 MAMLPP_BN_PREFIX = "mamlpp.bn."
+
+LEARNED_STEP_RATES = ("metasgd", "mamlpp")
+"""Algorithms whose inner rates are meta-learned for the training steps; they evaluate with those steps."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerLoop:
+    """How a task is adapted.
+
+    Attributes:
+        lr: inner (task) learning rate, alpha in the MAML paper.
+        steps: gradient steps on the support set during meta-training.
+        first_order: treat the inner gradients as constants (FOMAML). The
+            inner backward then runs on detached parameters, so no
+            second-order graph is built at all: cheaper, not only detached.
+        loss: ``"cross_entropy"`` (classification) or ``"mse"`` (regression).
+    """
+
+    lr: float
+    steps: int
+    first_order: bool = False
+    loss: str = "cross_entropy"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"inner.lr = {self.lr}: must be a positive number")
+        if self.steps < 0:
+            raise ValueError(f"inner.steps = {self.steps}: must be 0 or more")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss = {self.loss!r}: allowed values are {sorted(LOSSES)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,21 +215,17 @@ def init_algorithm_params(model: nn.Module, algorithm: Algorithm, params: Params
     return out
 
 
-_warned: set[int] = set()
+def network_params(model: nn.Module, algorithm: Algorithm, params: Params, step: int = 0) -> Params:
+    """The model's own parameters in the meta-parameters ``params``, as inner step ``step`` sees them.
+
+    MAML++'s per-step batch-norm (``mamlpp.bn.<p>.<i>``) stands in for the
+    model's batch-norm weight and bias; the other entries are the model's own.
+    """
+    slot = step_slot(step, algorithm.inner.steps)
+    replaced = set(batchnorm_names(model)) if algorithm.per_step_bn else set()
+    return {k: params[f"{MAMLPP_BN_PREFIX}{k}.{slot}" if k in replaced else k] for k, _ in model.named_parameters()}
 
 
 def step_slot(i: int, train_steps: int) -> int:
-    """Which per-step parameters inner step ``i`` uses: its own, or past training's steps the last ones.
-
-    Reusing warns once per process (and per number of training steps).
-    """
-    if i < train_steps:
-        return i
-    if train_steps not in _warned:
-        _warned.add(train_steps)
-        warnings.warn(
-            f"inner step {i + 1} exceeds the {train_steps} inner steps of meta-training: "
-            "its per-step parameters (learned rates, batch-norm) reuse the last step's",
-            stacklevel=2,
-        )
-    return train_steps - 1
+    """Which per-step parameters inner step ``i`` uses: its own, or past training's steps the last ones."""
+    return min(i, train_steps - 1)

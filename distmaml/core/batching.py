@@ -21,7 +21,7 @@ native one gave a wrong second-order gradient under ``vmap``).
 Which is fastest depends on the model and the device, so with ``batching:
 auto`` each worker measures: ``time_candidates`` takes turns running a
 meta-step of each candidate on a few of the worker's own tasks, on its own
-device, and keeps the fastest (``engine.shard.TaskRunner`` does it once at
+device, and keeps the fastest (``distmaml.runner.TaskRunner`` does it once at
 start-up, logs the timings and reports them in ``result.json``). On the
 2-core CPU this project is developed on (torch 2.14, 1 thread, meta-steps of
 8 tasks as ``auto`` times them):

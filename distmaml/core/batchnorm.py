@@ -14,37 +14,27 @@ Two implementations give the same values and gradients:
 * ``native``: ``torch.nn.functional.batch_norm`` with ``training=True`` and no
   running statistics: one fused kernel, fewer saved intermediates. Used on the
   per-task loop path, where no ``vmap`` is involved.
+
+The implementation is a property of each layer, not a process-wide switch:
+``with_implementation(model, name)`` returns a view of a network (its own
+module objects, the same parameter tensors) whose layers use ``name``; the
+core's batching picks the view per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_IMPLEMENTATIONS = ("explicit", "native")
-_current = "explicit"
+IMPLEMENTATIONS = ("explicit", "native")
 
 
-@contextmanager
-def batchnorm_implementation(name: str) -> Iterator[None]:
-    """Selects the batch-norm implementation for code run inside the block."""
-    global _current
-    if name not in _IMPLEMENTATIONS:
-        raise ValueError(f"batch-norm implementation {name!r}: allowed {_IMPLEMENTATIONS}")
-    previous, _current = _current, name
-    try:
-        yield
-    finally:
-        _current = previous
-
-
-def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5, implementation: str = "explicit") -> Tensor:
     """Normalises ``x_NC...`` over every dimension but the channel one (dim 1)."""
-    if _current == "native":
+    if implementation == "native":
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     dims = [0, *range(2, x.dim())]
     mean = x.mean(dim=dims, keepdim=True)
@@ -57,14 +47,43 @@ def batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
 class MetaBatchNorm(nn.Module):
     """Batch-norm with batch statistics only, for 1-d (N, C) or 2-d (N, C, H, W) inputs."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, implementation: str = "explicit") -> None:
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"batch-norm implementation {implementation!r}: allowed {IMPLEMENTATIONS}")
         self.eps = eps
+        self.implementation = implementation
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        return batch_norm(x, self.weight, self.bias, self.eps)
+        return batch_norm(x, self.weight, self.bias, self.eps, self.implementation)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}, batch statistics only"
+        return f"{self.weight.shape[0]}, eps={self.eps}, batch statistics only, {self.implementation}"
+
+
+def with_implementation(model: nn.Module, implementation: str) -> nn.Module:
+    """``model`` with every ``MetaBatchNorm`` computing by ``implementation``; ``model`` itself is unchanged.
+
+    Layers are shallow copies that share the parameter tensors (no memory);
+    a model already in that implementation (or without batch-norm) is
+    returned as it is. The copy serves ``functional_call``, which supplies
+    the parameters anyway.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"batch-norm implementation {implementation!r}: allowed {IMPLEMENTATIONS}")
+    if all(m.implementation == implementation for m in model.modules() if isinstance(m, MetaBatchNorm)):
+        return model
+
+    def view(module: nn.Module) -> nn.Module:
+        clone = copy.copy(module)
+        for key, value in module.__dict__.items():  # own parameter, buffer and hook dicts; tensors shared
+            if isinstance(value, dict):
+                clone.__dict__[key] = type(value)(value)
+        clone.__dict__["_modules"] = {k: None if m is None else view(m) for k, m in module._modules.items()}
+        if isinstance(clone, MetaBatchNorm):
+            clone.implementation = implementation
+        return clone
+
+    return view(model)

@@ -6,16 +6,15 @@ gradients only (nothing is differentiated through it), so no graph is kept.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from distmaml.core.algorithm import Algorithm, as_algorithm
-from distmaml.core.batching import BATCHINGS, choose_batching
-from distmaml.core.batchnorm import batchnorm_implementation
-from distmaml.core.inner import InnerLoop
+from distmaml.core.algorithm import Algorithm, InnerLoop, as_algorithm
+from distmaml.core.outer import batched_model
 from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
 
@@ -45,12 +44,15 @@ def score_tasks(
             training steps.
         chunk: tasks per ``vmap`` call, bounding memory on long evaluations.
     """
-    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    if mode not in BATCHINGS:
-        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
-    program = TaskProgram(
-        model, as_algorithm(inner), channels_last=mode == "loop_channels_last", batched=mode == "batched"
-    )
+    algorithm = as_algorithm(inner)
+    mode, net = batched_model(model, batch, batching)
+    program = TaskProgram(net, algorithm, channels_last=mode == "loop_channels_last", batched=mode == "batched")
+    if program.per_step and steps > algorithm.inner.steps:
+        warnings.warn(
+            f"inner.test_steps = {steps} exceeds the {algorithm.inner.steps} inner steps of meta-training: "
+            "the steps past them reuse the last step's per-step parameters (learned rates, batch-norm)",
+            stacklevel=2,
+        )
     theta = {k: v.detach() for k, v in params.items()}
 
     def score(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,22 +60,19 @@ def score_tasks(
 
     befores, afters = [], []
     if mode == "batched":
-        with batchnorm_implementation("explicit"):
-            for start in range(0, batch.num_tasks, chunk):
-                b, a = score(theta, *batch.slice(start, start + chunk))
-                befores.append(b)
-                afters.append(a)
+        for start in range(0, batch.num_tasks, chunk):
+            b, a = score(theta, *batch.slice(start, start + chunk))
+            befores.append(b)
+            afters.append(a)
     elif mode == "vmap":
-        with batchnorm_implementation("explicit"):
-            for start in range(0, batch.num_tasks, chunk):
-                part = batch.slice(start, start + chunk)
-                b, a = vmap(score, in_dims=(None, 0, 0, 0, 0))(theta, *part)
-                befores.append(b)
-                afters.append(a)
+        for start in range(0, batch.num_tasks, chunk):
+            part = batch.slice(start, start + chunk)
+            b, a = vmap(score, in_dims=(None, 0, 0, 0, 0))(theta, *part)
+            befores.append(b)
+            afters.append(a)
     else:
-        with batchnorm_implementation("native"):
-            for t in range(batch.num_tasks):
-                b, a = score(theta, *(x[t] for x in batch))
-                befores.append(b.reshape(1))
-                afters.append(a.reshape(1))
+        for t in range(batch.num_tasks):
+            b, a = score(theta, *(x[t] for x in batch))
+            befores.append(b.reshape(1))
+            afters.append(a.reshape(1))
     return TaskScores(torch.cat(befores).detach(), torch.cat(afters).detach())

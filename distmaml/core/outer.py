@@ -8,22 +8,17 @@ public contract of DESIGN.md and returns means.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
-from distmaml.core.algorithm import Algorithm, MamlppOptions, as_algorithm, init_algorithm_params
+from distmaml.core.algorithm import Algorithm, InnerLoop, MamlppOptions, as_algorithm, init_algorithm_params
 from distmaml.core.batching import BATCHINGS, choose_batching
-from distmaml.core.batchnorm import batchnorm_implementation
-from distmaml.core.inner import InnerLoop, adapt
-from distmaml.core.losses import loss_fn, metric
+from distmaml.core.batchnorm import with_implementation
 from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
-
-TaskObjective = Callable[[Params, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class MetaGradSum(NamedTuple):
@@ -42,17 +37,17 @@ class MetaGradient(NamedTuple):
     loss: Tensor
 
 
-def task_objective(model: nn.Module, inner: InnerLoop) -> TaskObjective:
-    """``f(params, sx, sy, qx, qy) -> (query loss, (metric,))`` for one task."""
-    lossf = loss_fn(inner.loss)
+def batched_model(model: nn.Module, batch: TaskBatch, batching: str) -> tuple[str, nn.Module]:
+    """The batching mode (one of ``core.batching.BATCHINGS``) and the network's view for it.
 
-    def objective(params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
-        adapted = adapt(model, params, sx, sy, inner)
-        out = functional_call(model, adapted, (qx,))
-        loss = lossf(out, qy)
-        return loss, metric(inner.loss, out, qy, loss)
-
-    return objective
+    Under ``vmap`` and ``batched`` batch-norm is written out (torch's native
+    one gave a wrong second-order gradient under ``vmap``); in the per-task
+    loops it is torch's fused kernel. See ``core.batchnorm``.
+    """
+    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
+    if mode not in BATCHINGS:
+        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
+    return mode, with_implementation(model, "explicit" if mode in ("vmap", "batched") else "native")
 
 
 def _detached(params: Params) -> Params:
@@ -79,8 +74,9 @@ def meta_grad(
         batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
             time: memory of one task's graph), ``"loop_channels_last"`` (the
             loop with NHWC images), ``"batched"`` (all tasks at once by plain
-            autograd over vmap'ed forward passes) or ``"auto"`` (``choose_batching``'s
-            unmeasured rule; workers time the candidates, see ``core.batching``).
+            autograd over vmap'ed forward passes) or ``"auto"``
+            (``choose_batching``'s unmeasured rule; workers time the
+            candidates, see ``core.batching``).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.
 
     Returns:
@@ -88,13 +84,11 @@ def meta_grad(
         metric, and the task count.
     """
     algorithm = as_algorithm(inner)
-    mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    if mode not in BATCHINGS:
-        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
+    mode, net = batched_model(model, batch, batching)
     if mode == "batched" and algorithm.recompute:
         mode = "vmap"  # recomputation is written with torch.func (vjp per step); vmap carries it
     program = TaskProgram(
-        model,
+        net,
         algorithm,
         step,
         autograd=mode != "vmap" and not algorithm.recompute,
@@ -110,25 +104,22 @@ def meta_grad(
     theta = _detached(params)
     if mode == "batched":
         theta = {k: v.requires_grad_() for k, v in theta.items()}
-        with batchnorm_implementation("explicit"):  # native batch-norm's gradients under vmap: see module docstring
-            g, (_, (loss, met)) = program.autograd_grad_and_value(theta, *batch)
+        g, (_, (loss, met)) = program.autograd_grad_and_value(theta, *batch)
         return MetaGradSum(g, loss, met, batch.num_tasks)
     if mode == "vmap":
-        with batchnorm_implementation("explicit"):
-            g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
+        g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
         return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)
     if program.autograd:
         theta = {k: v.requires_grad_() for k, v in theta.items()}
     total: Params = {k: torch.zeros_like(v) for k, v in theta.items()}
     loss_sum = torch.zeros((), dtype=next(iter(theta.values())).dtype, device=batch.support_x.device)
     met_sum = torch.zeros_like(loss_sum)
-    with batchnorm_implementation("native"):
-        for t in range(batch.num_tasks):
-            g, (_, (loss, met)) = objective(theta, *(x[t] for x in batch))
-            for k in total:
-                total[k].add_(g[k])
-            loss_sum += loss.detach()
-            met_sum += met.detach()
+    for t in range(batch.num_tasks):
+        g, (_, (loss, met)) = objective(theta, *(x[t] for x in batch))
+        for k in total:
+            total[k].add_(g[k])
+        loss_sum += loss.detach()
+        met_sum += met.detach()
     return MetaGradSum(total, loss_sum, met_sum, batch.num_tasks)
 
 

@@ -18,7 +18,11 @@ dimension first) and return sums over tasks (``scores``: per-task values).
 
 Inner step ``i`` (0-based) computes the support loss with per-step slot ``i``
 and the query loss after it with slot ``i`` too (as the MAML++ code does);
-past the training steps, slots are the last one's (``step_slot`` warns once).
+past the training steps, slots are the last one's.
+
+This is the only inner loop: meta-training (``objective``), validation and
+meta-test (``scores``), the plots (``predictions``) and the library's
+``distmaml.meta_gradient`` all adapt through ``step``.
 """
 
 from __future__ import annotations
@@ -275,13 +279,26 @@ class TaskProgram:
         return {**adj_theta, **adj_phi}, (total, last)
 
     # -- evaluation -------------------------------------------------------------
+    def adapt(self, params: Params, sx: Tensor, sy: Tensor, x: Tensor, steps: int) -> tuple[Params, Params, Params]:
+        """Evaluation's adaptation: theta before and after ``steps`` first-order (graph-free) inner
+        steps, and the context of the query inputs ``x``."""
+        theta, phi = self.split(_detached(params))
+        ctx = self.context(phi, sx, x)
+        theta = self._per_task(theta, sx.shape[0])
+        adapted = theta
+        for i in range(steps):
+            adapted = _detached(self.step(i, adapted, ctx, sx, sy, first_order=True))
+        return theta, adapted, ctx
+
     def scores(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, steps: int):  # type: ignore[no-untyped-def]
         """Query metric before and after ``steps`` first-order (graph-free) inner steps."""
-        theta, phi = self.split(_detached(params))
-        ctx = self.context(phi, sx, qx)
-        theta = self._per_task(theta, sx.shape[0])
+        theta, adapted, ctx = self.adapt(params, sx, sy, qx, steps)
         before = self.query(-1, theta, ctx, qx, qy)[1]
-        for i in range(steps):
-            theta = _detached(self.step(i, theta, ctx, sx, sy, first_order=True))
-        after = self.query(steps - 1, theta, ctx, qx, qy)[1]
+        after = self.query(steps - 1, adapted, ctx, qx, qy)[1]
         return before, after
+
+    def predictions(self, params: Params, sx: Tensor, sy: Tensor, x: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """The network's outputs on ``x`` before and after the adaptation that ``scores`` measures."""
+        theta, adapted, ctx = self.adapt(params, sx, sy, x, steps)
+        before = self.forward(self._slot(0), theta, ctx, "q", x)
+        return before.detach(), self.forward(self._slot(max(steps - 1, 0)), adapted, ctx, "q", x).detach()

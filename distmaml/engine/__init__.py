@@ -1,10 +1,11 @@
 """Who computes a meta-batch: the driver process itself, or Ray actors.
 
-Only this layer knows about processes; it moves flat tensors and task ids and
-never knows what MAML is (the ``TaskRunner`` does, through ``core``).
+Only this layer knows about processes; it receives a ready task program (a
+``TaskRunner``, or on Ray a function that builds one in each worker), moves
+flat tensors and task ids, and never knows what MAML is.
 """
 
 from distmaml.engine.local import InProcessEngine
-from distmaml.engine.shard import EvalShard, GradShard, ParamLayout, TaskRunner, balanced_ranges
+from distmaml.engine.shard import balanced_ranges
 
-__all__ = ["EvalShard", "GradShard", "InProcessEngine", "ParamLayout", "TaskRunner", "balanced_ranges"]
+__all__ = ["InProcessEngine", "balanced_ranges"]

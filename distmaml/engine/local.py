@@ -10,18 +10,17 @@ from typing import Any
 
 from torch import Tensor
 
-from distmaml.config import Config
-from distmaml.engine.shard import EvalShard, GradShard, TaskRunner
+from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 
 class InProcessEngine:
-    """Runs all shards in the calling process."""
+    """Runs all shards in the calling process, on ``runner`` (``assembly.build_runner``)."""
 
     workers = 0
     replacements = 0
 
-    def __init__(self, config: Config) -> None:
-        self.runner = TaskRunner(config)
+    def __init__(self, runner: TaskRunner) -> None:
+        self.runner = runner
 
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
         return self.runner.meta_grad(flat, step, range(batch_size))

@@ -1,6 +1,12 @@
 """Resources of a distributed run: one placement group, a driver bundle plus
 one bundle per worker, checked against the cluster before anything waits.
 
+The cluster is what is up now and what its autoscaler can launch
+(``launchable_node_types``). A run some node could hold asks for its group and
+waits, printing every ``WAIT_EVERY`` seconds what it waits for, up to
+``engine.startup_timeout``; a run no node could ever hold fails at once,
+naming what is missing (``capacity.why_not``).
+
 Only this module and ``ray_engine`` import Ray.
 """
 
@@ -9,11 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray.util.placement_group import (
     PlacementGroup,
     get_current_placement_group,
@@ -22,10 +32,21 @@ from ray.util.placement_group import (
 )
 
 from distmaml.config import Config
+from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
+from distmaml.errors import CANNOT_GO_ON, DistmamlError
+
+WAIT_FIRST = 2.0
+"""Seconds a placement group may take before the first line saying what the run waits for."""
+WAIT_EVERY = 10.0
+"""Seconds between those lines while the autoscaler adds nodes."""
+KINDS = ("CPU", "GPU")
+"""The resources a run's bundles ask for; the only ones compared."""
 
 
-class EngineError(RuntimeError):
+class EngineError(DistmamlError, RuntimeError):
     """The engine cannot run as configured; the message says what to change."""
+
+    exit_code = CANNOT_GO_ON
 
 
 @dataclass(frozen=True)
@@ -68,29 +89,119 @@ def connect(address: str | None, cpus_needed: float) -> bool:
     return True
 
 
-def worker_resources(config: Config) -> WorkerResources:
-    """CPUs and GPUs of one worker; GPUs default to 1 where the cluster has them."""
+@dataclass(frozen=True)
+class ClusterShape:
+    """The nodes up and the node types the autoscaler can launch (up to ``max_launches`` new nodes)."""
+
+    nodes: list[NodeShape]
+    max_launches: int
+
+
+def cluster_shape() -> ClusterShape:
+    up = [
+        NodeShape(
+            f"node {n['NodeManagerAddress']}", {k: float(n["Resources"][k]) for k in KINDS if k in n["Resources"]}
+        )
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+    types, max_launches = launchable_node_types()
+    return ClusterShape(up + types, max_launches)
+
+
+def launchable_node_types() -> tuple[list[NodeShape], int]:
+    """The node types this cluster's autoscaler may launch, and how many new nodes it may add in all.
+
+    Ray 2.60 has no public call for this, and its own autoscaler (v1 or v2,
+    started by ``ray up`` or ``ray start --autoscaling-config``) publishes no
+    node types in the GCS. Two places hold them, read in this order:
+
+    - the cluster config an autoscaler reports to the GCS (KubeRay's does; Ray
+      Data reads it the same way);
+    - the autoscaling config file the head's autoscaler (its ``monitor.py``
+      process, found by this cluster's GCS port) was started with: readable when
+      the driver runs on the head, as under ``ray submit``.
+
+    Neither (``address="local"``, a plain ``ray start``, a driver off the
+    head): no node types, and the run is judged from the nodes up.
+    """
+    from ray._private.state import state  # what Ray Data's autoscaler reads too
+
+    reported = state.get_cluster_config()
+    if reported is not None and reported.node_group_configs:
+        types = [
+            NodeShape(
+                f"node type {g.name}",
+                {k: float(v) for k, v in g.resources.items() if k in KINDS},
+                count=total_nodes(g.max_count),
+                launchable=True,
+            )
+            for g in reported.node_group_configs
+            if g.max_count != 0
+        ]
+        return types, sum(t.count for t in types)
+    config = _autoscaling_config(ray.get_runtime_context().gcs_address)
+    if not config:
+        return [], 0
+    limit = total_nodes(config.get("max_workers", -1))
+    types = [
+        NodeShape(
+            f"node type {name}",
+            {k: float(v) for k, v in (spec.get("resources") or {}).items() if k in KINDS},
+            count=min(limit, total_nodes(spec.get("max_workers", limit))),
+            launchable=True,
+        )
+        for name, spec in (config.get("available_node_types") or {}).items()
+        if name != config.get("head_node_type") and spec.get("max_workers", limit) != 0
+    ]
+    return types, limit
+
+
+def _autoscaling_config(gcs_address: str) -> dict[str, Any] | None:
+    """The config file named by the command line of the autoscaler on this machine that serves ``gcs_address``."""
+    port = gcs_address.rsplit(":", 1)[-1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("monitor.py") and "autoscaler" in a for a in args[:3]):
+            continue
+        opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+        path = opts.get("autoscaling-config")
+        if path and opts.get("gcs-address", "").rsplit(":", 1)[-1] == port:
+            try:
+                loaded = yaml.safe_load(Path(path).expanduser().read_text())
+            except (OSError, yaml.YAMLError):
+                return None
+            return loaded if isinstance(loaded, dict) else None
+    return None
+
+
+def worker_resources(config: Config, cluster: ClusterShape | None = None) -> WorkerResources:
+    """CPUs and GPUs of one worker; GPUs default to 1 where the cluster has GPU nodes or can launch them."""
     e = config.engine
     gpus = e.gpus_per_worker
     if gpus is None:
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        nodes = (cluster or cluster_shape()).nodes
+        has_gpus = any(n.resources.get("GPU", 0.0) > 0 for n in nodes)
         gpus = 1.0 if has_gpus and config.device != "cpu" else 0.0
     return WorkerResources(cpus=e.cpus_per_worker, gpus=gpus)
 
 
-def check_feasible(config: Config, res: WorkerResources) -> None:
-    """Fails at once when the cluster could never hold the run (instead of waiting forever)."""
-    total = ray.cluster_resources()
-    w = config.workers
-    asks = {"GPU": w * res.gpus, "CPU": w * res.cpus}
-    for kind, need in asks.items():
-        have = total.get(kind, 0.0)
-        if need > have + 1e-9:
-            per = "engine.gpus_per_worker" if kind == "GPU" else "engine.cpus_per_worker"
-            raise EngineError(
-                f"workers = {w} with {per} = {res.gpus if kind == 'GPU' else res.cpus} needs {need:g} {kind}s "
-                f"but the Ray cluster has {have:g}; lower workers or {per}, or add nodes"
-            )
+def bundles(config: Config, res: WorkerResources) -> list[Bundle]:
+    """The driver's bundle, then one per worker, with the config keys that set them."""
+    driver = Bundle("driver", {"CPU": config.engine.driver_cpus}, {"CPU": "engine.driver_cpus"})
+    keys = {"CPU": "engine.cpus_per_worker", "GPU": "engine.gpus_per_worker"}
+    return [driver] + [Bundle("worker", res.bundle(), keys) for _ in range(config.workers)]
+
+
+def check_feasible(config: Config, res: WorkerResources, cluster: ClusterShape | None = None) -> None:
+    """Fails at once when no node the cluster has or can launch could hold the run (instead of waiting)."""
+    cluster = cluster or cluster_shape()
+    reason = why_not(bundles(config, res), config.engine.placement, cluster.nodes, cluster.max_launches)
+    if reason:
+        raise EngineError(reason)
 
 
 @dataclass
@@ -110,23 +221,58 @@ def reserve(config: Config, res: WorkerResources) -> Placement:
     """The run's placement group: the current one inside a Tune trial, else a new one."""
     current = get_current_placement_group()
     if current is not None:
-        bundles = current.bundle_count
-        if bundles < config.workers + 1:
+        count = current.bundle_count
+        if count < config.workers + 1:
             raise EngineError(
-                f"the trial's placement group has {bundles} bundles but workers = {config.workers} "
+                f"the trial's placement group has {count} bundles but workers = {config.workers} "
                 f"needs {config.workers + 1} (a driver bundle and one per worker)"
             )
         return Placement(current, 1, owned=False)
-    check_feasible(config, res)
-    wanted = [{"CPU": config.engine.driver_cpus}] + [res.bundle() for _ in range(config.workers)]
-    group = placement_group(wanted, strategy=config.engine.placement, name=f"distmaml-run-{uuid.uuid4().hex[:8]}")
+    cluster = cluster_shape()
+    check_feasible(config, res, cluster)
+    wanted = bundles(config, res)
+    group = placement_group(
+        [b.resources for b in wanted], strategy=config.engine.placement, name=f"distmaml-run-{uuid.uuid4().hex[:8]}"
+    )
     try:
-        ray.get(group.ready(), timeout=config.engine.startup_timeout)
-    except ray.exceptions.GetTimeoutError:
+        _wait_until_placed(group, wanted, config, cluster)
+    except BaseException:
         remove_placement_group(group)
-        raise EngineError(
-            f"the run's placement group {wanted} ({config.engine.placement}) was not placed within "
-            f"engine.startup_timeout = {config.engine.startup_timeout:g}s; the cluster has "
-            f"{ray.available_resources()} available: lower workers or the resources per worker"
-        ) from None
+        raise
     return Placement(group, 1, owned=True)
+
+
+def _wait_until_placed(group: PlacementGroup, wanted: list[Bundle], config: Config, cluster: ClusterShape) -> None:
+    """Waits for ``group`` up to ``engine.startup_timeout``, saying every ``WAIT_EVERY`` s what it waits for.
+
+    Ray places a group whole or not at all, so every bundle is pending until
+    the group is ready.
+    """
+    limit, strategy = config.engine.startup_timeout, config.engine.placement
+    asked = f"{describe(wanted)} ({strategy})"
+    ready = group.ready()
+    start = time.monotonic()
+    deadline, next_line = start + limit, start + WAIT_FIRST
+    while True:
+        done, _ = ray.wait([ready], timeout=max(0.0, min(next_line, deadline) - time.monotonic()))
+        if done:
+            ray.get(ready)
+            return
+        now = time.monotonic()
+        if now >= deadline - 0.1:  # ray.wait may return a little early
+            available = ray.available_resources()
+            free = {k: available[k] for k in KINDS if k in available}
+            raise EngineError(
+                f"the run's placement group {asked} was not placed within engine.startup_timeout = {limit:g}s; "
+                f"the cluster has {show(free)} available: lower workers or the resources per worker"
+            )
+        if now >= next_line - 0.1:
+            where = holders(wanted, strategy, cluster.nodes)
+            why = f"the autoscaler can add {where}" if where else "no node type to launch: waiting for busy nodes"
+            print(
+                f"distmaml: waiting {now - start:.0f} s for the run's placement group {asked}: {why} "
+                f"(engine.startup_timeout = {limit:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+            next_line = now + WAIT_EVERY

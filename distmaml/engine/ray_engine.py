@@ -23,8 +23,9 @@ from torch import Tensor
 from distmaml.config import Config
 from distmaml.core.batching import describe_batching
 from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
-from distmaml.engine.shard import EvalShard, GradShard, balanced_ranges
+from distmaml.engine.shard import balanced_ranges
 from distmaml.engine.worker import ShardWorker
+from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 log = logging.getLogger("distmaml.engine")
 
@@ -36,14 +37,19 @@ class WorkerFailure(EngineError):
 
 
 class RayEngine:
-    """``workers`` actors, each with ``engine.cpus_per_worker`` CPUs (torch threads) or one GPU."""
+    """``workers`` actors, each with ``engine.cpus_per_worker`` CPUs (torch threads) or one GPU.
 
-    def __init__(self, config: Config, address: str | None = None) -> None:
+    ``build_runner`` is a picklable function that builds the run's task
+    program in each actor (``assembly.runner_factory``); of the config the
+    engine reads only ``workers`` and ``engine.*``.
+    """
+
+    def __init__(self, config: Config, build_runner: Callable[[], TaskRunner], address: str | None = None) -> None:
         if config.workers < 1:
             raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
         self.config = config
         self.workers = config.workers
-        self._config_dict = config.to_dict()
+        self._build_runner = build_runner
         cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
         self._started_ray = connect(address, cpus)
         self.replacements = 0
@@ -72,7 +78,7 @@ class RayEngine:
             num_gpus=self.resources.gpus,
             scheduling_strategy=strategy,
             max_restarts=0,
-        ).remote(self._config_dict, self.resources.threads)
+        ).remote(self._build_runner, self.resources.threads, -(-self.config.meta.batch_size // self.workers))
 
     def _replace(self, index: int, error: Exception, what: str) -> None:
         self.replacements += 1

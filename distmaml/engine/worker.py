@@ -1,4 +1,4 @@
-"""The worker actor's body: a ``TaskRunner`` pinned to its own threads and device.
+"""The worker actor's body: a ``TaskRunner``, built in the actor, pinned to its own threads and device.
 
 A plain class; the Ray engine wraps it with ``ray.remote`` when it creates
 actors, so this module does not import Ray at all.
@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from distmaml.engine.shard import EvalShard, GradShard, TaskRunner
+from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 
 class ShardWorker:
     """Computes shards of each meta-step on the device Ray gave this actor."""
 
-    def __init__(self, config: dict[str, Any], threads: int) -> None:
+    def __init__(self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0) -> None:
         # One process per worker scales far better on CPUs than threads in one
         # process (1.97x vs 1.4x for two on this machine's 2 cores).
         torch.set_num_threads(max(1, threads))
-        self.runner = TaskRunner(config)
-        # batching: auto is timed here, at start-up, on this actor's device and
-        # threads, with its shard size (the largest of the balanced split).
-        c = self.runner.config
-        self.runner.choose_batching(-(-c.meta.batch_size // max(1, c.workers)))
+        self.runner = build_runner()
+        if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
+            self.runner.choose_batching(tasks)
 
     def meta_grad(self, flat: Tensor, step: int, start: int, stop: int) -> GradShard:
         t0 = time.perf_counter()

@@ -24,16 +24,21 @@ parent run id and the run becomes a nested child (tag ``mlflow.parentRunId``).
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from distmaml import storage
 from distmaml.checkpoint import atomic_write_text, write_json
 from distmaml.config import Config, dump_config
+from distmaml.core import Algorithm
 from distmaml.storage import Location
+from distmaml.tasks import TaskFamily
 from distmaml.tracking.uri import absolute_uri
 from distmaml.trainer import Callback, Trainer
 
@@ -69,26 +74,35 @@ class MlflowCallback(Callback):
 
     Args:
         config: the run's resolved config (its ``tracking`` section is used).
+        network: the run's network (for the logged model and the plots; not changed).
+        algorithm: the run's algorithm (the plots adapt with it, as the meta-test does).
+        family: the run's task family (the plots draw meta-test tasks from it).
         experiment: overrides ``tracking.experiment`` (a sweep uses its name).
         parent_run_id: makes this run a nested child of that run.
         run_name: shown in the MLflow UI (default: MLflow's generated name).
         tags: extra run tags.
 
     Example:
-        >>> cb = MlflowCallback(cfg)
-        >>> Trainer(cfg, engine, run_dir, callbacks=[cb]).fit()["mlflow_run_id"]
+        >>> run = assemble(cfg)  # its callbacks: [MlflowCallback(cfg, network=..., algorithm=..., family=...)]
+        >>> run.fit(run_dir)["mlflow_run_id"]
     """
 
     def __init__(
         self,
         config: Config,
         *,
+        network: nn.Module,
+        algorithm: Algorithm,
+        family: TaskFamily,
         experiment: str | None = None,
         parent_run_id: str | None = None,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.network = network
+        self.algorithm = algorithm
+        self.family = family
         self.uri = absolute_uri(config.tracking.uri)
         self.experiment = experiment or config.tracking.experiment
         self.parent_run_id = parent_run_id
@@ -237,24 +251,35 @@ class MlflowCallback(Callback):
                 trainer.history.train, trainer.history.val, trainer.metric, plot_dir / "learning_curve.png"
             )
             if self.config.data.family == "sinusoid":
-                plots.sinusoid_adaptation(self.config, trainer.flat.detach(), plot_dir / "adaptation.png")
+                plots.sinusoid_adaptation(
+                    self.network,
+                    self.algorithm,
+                    self.family,
+                    trainer.params,
+                    self.config.test_steps,
+                    plot_dir / "adaptation.png",
+                )
             self.client.log_artifacts(self.run_id, str(plot_dir), "plots")
         if self.config.tracking.log_model:
             self._log_model(trainer)
 
     def _log_model(self, trainer: Trainer) -> None:
-        """The network with the meta-learned parameters, as an MLflow PyTorch model (pickle format)."""
+        """The network with the meta-learned parameters, as an MLflow PyTorch model (pickle format).
+
+        MAML++'s per-step batch-norm goes in as its first step's (the network before adaptation).
+        """
         import mlflow
         import mlflow.pytorch
         import torch
 
         from distmaml import __version__
-        from distmaml.engine.shard import build_network
+        from distmaml.core.algorithm import network_params
 
-        model = build_network(self.config)
+        model = copy.deepcopy(self.network)
+        weights = network_params(model, self.algorithm, trainer.params)
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.copy_(trainer.params[name])
+                p.copy_(weights[name])
         mlflow.set_tracking_uri(self.uri)
         # start_run on an existing id resumes it; its exit marks the run FINISHED, as on_end does next.
         with mlflow.start_run(run_id=self.run_id):

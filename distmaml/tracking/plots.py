@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import nn
+
+from distmaml.core import Algorithm, TaskProgram
+from distmaml.typing import Params
 
 
 def _pyplot():  # type: ignore[no-untyped-def]
@@ -54,32 +58,30 @@ def learning_curve(
     return path
 
 
-def sinusoid_adaptation(config, flat: Tensor, path: Path, tasks: int = 4) -> Path:  # type: ignore[no-untyped-def]
+def sinusoid_adaptation(
+    network: nn.Module, algorithm: Algorithm, family: Any, params: Params, steps: int, path: Path, tasks: int = 4
+) -> Path:
     """A few meta-test sinusoid tasks: the true curve, the support points, the
-    meta-learned prediction before adaptation and after ``inner.test_steps`` steps."""
-    from torch.func import functional_call
+    meta-learned prediction before adaptation and after ``steps`` inner steps.
 
-    from distmaml.core.inner import adapt
-    from distmaml.engine.shard import TaskRunner
-
+    The adaptation is the algorithm's own (``TaskProgram.predictions``), the
+    one the meta-test scores: learned rates, ANIL's head, per-step slots.
+    ``family`` is a ``SinusoidTasks`` (``sample_one`` gives each task's amplitude and phase).
+    """
     plt = _pyplot()
-    runner = TaskRunner(config, device="cpu")
-    params = runner.layout.unflatten(flat.to(runner.dtype))
-    steps = config.inner.test_steps
-    grid = torch.linspace(-5.0, 5.0, 200, dtype=runner.dtype).unsqueeze(-1)
+    program = TaskProgram(network, algorithm)
+    dtype = next(network.parameters()).dtype
+    params = {k: v.detach().to("cpu", dtype) for k, v in params.items()}
+    grid = torch.linspace(-5.0, 5.0, 200, dtype=dtype).unsqueeze(-1)
     fig, axes = plt.subplots(1, tasks, figsize=(3.2 * tasks, 3.0), sharey=True)
     for i, ax in enumerate(axes):
-        amp, phase, sx, sy, _, _ = runner.family.sample_one("test", 0, i)  # type: ignore[attr-defined]
-        sx, sy = sx.to(runner.dtype), sy.to(runner.dtype)
-        with torch.no_grad():
-            before = functional_call(runner.model, params, (grid,))
-        adapted = adapt(runner.model, params, sx, sy, runner.inner, steps=steps, create_graph=False)
-        with torch.no_grad():
-            after = functional_call(runner.model, adapted, (grid,))
+        amp, phase, sx, sy, _, _ = family.sample_one("test", 0, i)
+        sx, sy = sx.to(dtype), sy.to(dtype)
+        before, after = program.predictions(params, sx, sy, grid, steps)
         g = grid.squeeze(-1).numpy()
         ax.plot(g, (amp * torch.sin(grid - phase)).squeeze(-1).numpy(), color="k", label="task")
         ax.plot(g, before.squeeze(-1).numpy(), "--", color="C0", label="before adaptation")
-        ax.plot(g, after.detach().squeeze(-1).numpy(), color="C3", label=f"after {steps} steps")
+        ax.plot(g, after.squeeze(-1).numpy(), color="C3", label=f"after {steps} steps")
         ax.scatter(sx.squeeze(-1).numpy(), sy.squeeze(-1).numpy(), color="C2", zorder=3, s=14, label="support")
         ax.set_title(f"test task {i}: A={float(amp):.2f}, φ={float(phase):.2f}", fontsize=9)
         ax.grid(alpha=0.3)

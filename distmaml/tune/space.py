@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe
+from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe, set_dotted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -145,19 +145,11 @@ class SweepSpec:
         """The nested config mapping of a trial: the base with the searched ``values`` set."""
         data = copy.deepcopy(self.base_data)
         for key, value in values.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         return data
 
     def param_space(self) -> dict[str, Any]:
         return {d.key: d.to_tune() for d in self.dimensions}
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
 
 
 class SpaceError(ConfigError):
@@ -228,7 +220,7 @@ def load_space(path: str | Path) -> SweepSpec:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--space {path}: no such file; the shipped spaces are in tune_spaces/")
+        raise SpaceError(f"--space {path}: no such file; the shipped spaces are in tune_spaces/")
     where = str(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -253,7 +245,7 @@ def load_space(path: str | Path) -> SweepSpec:
     if not isinstance(fixed, dict):
         raise SpaceError(f"{where}: set must be a mapping of dotted config keys to values")
     for key, value in fixed.items():
-        _set_dotted(base_data, str(key), value)
+        set_dotted(base_data, str(key), value)
     resources = _resources(where, raw.get("resources"))
     _apply_resources(base_data, resources)
     try:
@@ -270,7 +262,7 @@ def load_space(path: str | Path) -> SweepSpec:
     for dim in dims:
         for value in dim.representatives():
             data = copy.deepcopy(base_data)
-            _set_dotted(data, dim.key, value)
+            set_dotted(data, dim.key, value)
             try:
                 config_from_dict(data)
             except ConfigError as e:
@@ -376,7 +368,7 @@ def with_overrides(
     for dim in spec.dimensions:
         for value in dim.representatives():
             trial = copy.deepcopy(data)
-            _set_dotted(trial, dim.key, value)
+            set_dotted(trial, dim.key, value)
             config_from_dict(trial)
     if num_samples is not None and num_samples < 1:
         raise SpaceError(f"--trials {num_samples}: must be at least 1")

@@ -157,7 +157,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from distmaml.cli import with_absolute_uri
+    from distmaml.assembly import with_absolute_uri
 
     storage = Path(storage).resolve()
     base = with_absolute_uri(spec.base_config())

@@ -2,7 +2,7 @@
 
 The trial runs in a Ray actor inside its placement group (a driver bundle and
 one bundle per worker). It builds its config from the sweep's base and the
-sampled values, gets its engine from ``distmaml.cli.make_engine`` (worker
+sampled values, assembles its run with ``distmaml.assembly.assemble`` (worker
 actors join the trial's placement group), and trains with two callbacks:
 ``MlflowCallback`` (a nested child run of the sweep's parent run) and
 ``TuneReporter``, which at every validation hands Tune the metric and a
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distmaml.config import config_from_dict
+from distmaml.config import config_from_dict, set_dotted
 from distmaml.storage import Location
 from distmaml.trainer import Callback, Trainer
 
@@ -119,13 +119,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from distmaml.cli import make_engine, tracking_callbacks
-    from distmaml.tune.space import _set_dotted
+    from distmaml.assembly import assemble
 
     torch.set_num_threads(max(1, ctx.threads))
     data = copy.deepcopy(ctx.base_data)
     for key, value in params.items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     config = config_from_dict(data)
 
     context = tune.get_context()
@@ -139,26 +138,17 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     else:
         run_dir.mkdir(parents=True)  # Trainer.fit writes config.yaml into it
 
-    callbacks: list[Callback] = list(
-        tracking_callbacks(
-            config,
-            experiment=ctx.experiment,
-            parent_run_id=ctx.parent_run_id,
-            run_name=context.get_trial_name(),
-            tags={"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
-        )
-    )
-    engine = make_engine(config, ctx.address)
+    tracking = {
+        "experiment": ctx.experiment,
+        "parent_run_id": ctx.parent_run_id,
+        "run_name": context.get_trial_name(),
+        "tags": {"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
+    }
+    run = assemble(config, ctx.address, tracking=tracking)
     try:
-        callbacks.append(TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(engine)))
-        trainer = Trainer(config, engine, run_dir, callbacks=callbacks, progress=False, resume=restored is not None)
-        trainer.fit()
-    except BaseException as e:
-        # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report()
-        status = "KILLED" if isinstance(e, SystemExit) else "FAILED"
-        for cb in callbacks:
-            if hasattr(cb, "fail"):
-                cb.fail(status)
+        reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
+    except BaseException:
+        run.close()
         raise
-    finally:
-        engine.close()
+    # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report(): the child run ends KILLED
+    run.fit(run_dir, progress=False, resume=restored is not None, callbacks=[reporter])

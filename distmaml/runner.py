@@ -1,0 +1,163 @@
+"""The task program of a run: one shard of tasks computed where it runs.
+
+``TaskRunner`` holds a ready network, algorithm and task family (the
+assembly, ``distmaml.assembly``, builds them from the config) and computes,
+for the task ids it is given, the summed meta-gradient (one flat tensor) or
+the per-task scores. It samples its own tasks from (seed, step, id), so no
+data travels, and returns sums, so shards add up to the whole batch whatever
+the split. The engine calls it and knows nothing else of the algorithm; a
+Ray worker rebuilds it from the config (``assembly.runner_factory``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from distmaml.core import Algorithm, meta_grad, score_tasks
+from distmaml.core.algorithm import init_algorithm_params
+from distmaml.core.batching import BatchingChoice, candidates, describe_batching, time_candidates
+from distmaml.tasks import TaskFamily
+from distmaml.typing import Params, TaskBatch
+
+log = logging.getLogger("distmaml.engine")
+
+AUTO_TASKS = 8
+"""Tasks per timed meta-step when ``batching: auto`` times the candidates (at most the shard's)."""
+AUTO_STEPS = 2
+"""Timed meta-steps per candidate (after one untimed)."""
+
+
+class GradShard(NamedTuple):
+    """Sums over a shard's tasks: flat gradient, query loss, metric; and the count."""
+
+    grad: Tensor
+    loss: float
+    metric: float
+    tasks: int
+    seconds: float = 0.0
+    """Compute time of the shard where it ran (for the benchmark's overhead share)."""
+
+
+class EvalShard(NamedTuple):
+    """Per-task query metric before and after adaptation, in task-id order."""
+
+    before: Tensor
+    after: Tensor
+
+
+class ParamLayout:
+    """Names and shapes of the meta-parameters, to flatten them into one tensor and back."""
+
+    def __init__(self, params: Params) -> None:
+        self.names = list(params)
+        self.shapes = [tuple(params[k].shape) for k in self.names]
+        self.sizes = [params[k].numel() for k in self.names]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def flatten(self, tensors: Params) -> Tensor:
+        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+
+    def unflatten(self, flat: Tensor) -> Params:
+        parts = torch.split(flat, self.sizes)
+        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
+
+
+class TaskRunner:
+    """Computes shards of meta-gradients and evaluations of one run.
+
+    Args:
+        model: the network (structure and dtype; its parameters are not used).
+        algorithm: the algorithm with its inner loop.
+        family: samples the tasks (``sample(split, step, ids)``).
+        device: where the shard is computed (the network is moved there).
+        batching: ``auto`` (timed here, see ``choose_batching``) or one of ``core.batching.BATCHINGS``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        family: TaskFamily,
+        *,
+        device: torch.device | str = "cpu",
+        batching: str = "auto",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.algorithm = algorithm
+        self.inner = algorithm.inner
+        self.family = family
+        self.batching = batching
+        self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
+        self.measured: BatchingChoice | None = None
+        """With ``batching: auto``, the timed choice (``choose_batching``), else None."""
+
+    def choose_batching(self, tasks: int) -> str:
+        """This runner's batching: the configured one, or with ``auto`` the fastest candidate on this device.
+
+        The first call with ``auto`` times a meta-step of every candidate on
+        ``min(tasks, AUTO_TASKS)`` tasks of step 0 (``tasks``: the shard size
+        this runner will see), with the initial meta-parameters, logs the
+        timings in one line and keeps the choice for the rest of the run.
+        """
+        if self.batching != "auto":
+            return self.batching
+        if self.measured is None:
+            n = max(1, min(tasks, AUTO_TASKS))
+            params = init_algorithm_params(self.model, self.algorithm)
+            batch = self._tasks("train", 0, range(n))
+
+            def run(name: str) -> None:
+                meta_grad(self.model, params, batch, self.algorithm, batching=name)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # time the device's work, not the launches
+
+            self.measured = time_candidates(run, candidates(self.model), steps=AUTO_STEPS, tasks=n)
+            log.info("%s on %s", describe_batching(self.measured.as_dict()), self.device)
+        return self.measured.choice
+
+    def batching_report(self) -> dict[str, Any]:
+        """For ``result.json``: the choice and, if timed, each candidate's seconds per meta-step."""
+        if self.measured is None:
+            return {"choice": self.batching, "seconds": {}, "tasks": 0}
+        return self.measured.as_dict()
+
+    def _params(self, flat: Tensor) -> Params:
+        return self.layout.unflatten(flat.to(self.device, self.dtype))
+
+    def _tasks(self, split: str, step: int, ids: Sequence[int]) -> TaskBatch:
+        return self.family.sample(split, step, ids).to(self.device, self.dtype)
+
+    def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int]) -> GradShard:
+        """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor."""
+        s = meta_grad(
+            self.model,
+            self._params(flat),
+            self._tasks("train", step, ids),
+            self.algorithm,
+            batching=self.choose_batching(len(ids)),
+            step=step,
+        )
+        grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
+        return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
+
+    def evaluate(self, flat: Tensor, split: str, ids: Sequence[int], steps: int) -> EvalShard:
+        """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps."""
+        scores = score_tasks(
+            self.model,
+            self._params(flat),
+            self._tasks(split, 0, ids),
+            self.algorithm,
+            steps,
+            batching=self.measured.choice if self.measured is not None else self.batching,
+        )
+        return EvalShard(scores.before.cpu(), scores.after.cpu())

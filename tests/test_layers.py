@@ -1,0 +1,92 @@
+"""Dependencies point down (DESIGN.md "Layers"), read from the import graph of distmaml/ with ``ast``.
+
+Every import counts, also the lazy ones inside functions: a module that
+imports another only when called still depends on it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "distmaml"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module ``path`` imports, absolute names (``from x import y`` gives ``x`` and ``x.y``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+GRAPH = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _importers(target: str) -> list[str]:
+    return sorted(m for m, deps in GRAPH.items() if any(d == target or d.startswith(target + ".") for d in deps))
+
+
+def test_the_graph_is_read():
+    """The reader sees imports, lazy ones included (guards the tests below against reading nothing)."""
+    assert len(GRAPH) > 40
+    assert "distmaml.cli" in GRAPH["distmaml.__main__"]
+    assert "distmaml.assembly" in GRAPH["distmaml.tune.trial"]  # imported inside run_trial
+    assert "torch" in GRAPH["distmaml.core.program"]
+
+
+def test_nothing_imports_the_cli_but_main():
+    assert _importers("distmaml.cli") == ["distmaml.__main__"]
+
+
+def test_tracking_does_not_import_the_engine():
+    bad = {
+        m: sorted(d for d in GRAPH[m] if d.startswith("distmaml.engine"))
+        for m in GRAPH
+        if m.startswith("distmaml.tracking")
+    }
+    assert not any(bad.values()), bad
+
+
+@pytest.mark.parametrize("layer", ["distmaml.engine", "distmaml.trainer", "distmaml.tracking", "distmaml.runner"])
+def test_layers_below_the_assembly_do_not_import_it(layer):
+    """The trainer, the engine and tracking receive what they need; only the layers above assemble."""
+    bad = [m for m in GRAPH if (m == layer or m.startswith(layer + ".")) and "distmaml.assembly" in GRAPH[m]]
+    assert not bad
+
+
+def test_engine_knows_nothing_of_algorithms():
+    """The engine receives a ready task program; it does not build families, networks or algorithms."""
+    forbidden = ("distmaml.core", "distmaml.tasks", "distmaml.data", "distmaml.models", "distmaml.assembly")
+    bad = {m: sorted(d for d in GRAPH[m] if d.startswith(forbidden)) for m in GRAPH if m.startswith("distmaml.engine")}
+    assert not any(bad.values()), bad
+
+
+def test_core_imports_torch_and_itself_only():
+    allowed = ("torch", "distmaml.core", "distmaml.typing", "__future__")
+    stdlib = {"collections", "collections.abc", "contextlib", "copy", "dataclasses", "typing", "warnings", "math"}
+    bad = {
+        m: sorted(
+            d for d in GRAPH[m] if not d.startswith(allowed) and d.split(".")[0] not in stdlib and d not in stdlib
+        )
+        for m in GRAPH
+        if m.startswith("distmaml.core")
+    }
+    assert not any(bad.values()), bad
