@@ -29,7 +29,9 @@ log = logging.getLogger("distmaml.engine")
 AUTO_TASKS = 8
 """Tasks per timed meta-step when ``batching: auto`` times the candidates (at most the shard's)."""
 AUTO_STEPS = 2
-"""Timed meta-steps per candidate (after one untimed)."""
+"""Timed meta-steps per candidate (after one untimed), at least..."""
+AUTO_SECONDS = 0.5
+"""...and more (up to 50) until each candidate has run this long: fast meta-steps are noisy."""
 
 
 class GradShard(NamedTuple):
@@ -121,7 +123,9 @@ class TaskRunner:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)  # time the device's work, not the launches
 
-            self.measured = time_candidates(run, candidates(self.model), steps=AUTO_STEPS, tasks=n)
+            self.measured = time_candidates(
+                run, candidates(self.model), steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n
+            )
             log.info("%s on %s", describe_batching(self.measured.as_dict()), self.device)
         return self.measured.choice
 

@@ -64,6 +64,10 @@ def test_timing_rounds_are_interleaved_and_out_of_memory_disqualifies():
     assert got.seconds == {"a": 5.0, "b": 2.0, "big": float("inf"), "c": 3.0}
     with pytest.raises(RuntimeError, match="every batching ran out of device memory"):
         time_candidates(run, ["big"], clock=clock)
+    # fast meta-steps: rounds go on until each candidate has run min_seconds in all (b: 5 x 2)
+    before = next(now)
+    got = time_candidates(run, ["a", "b", "c"], steps=1, min_seconds=10, clock=clock)
+    assert got.choice == "b" and next(now) - before - 1 == 3 * (1 + 5)
 
 
 def test_task_runner_times_every_candidate_keeps_the_fastest_and_uses_it():

@@ -96,6 +96,8 @@ def time_candidates(
     names: Sequence[str],
     *,
     steps: int = 2,
+    min_seconds: float = 0.0,
+    max_rounds: int = 50,
     tasks: int = 0,
     clock: Callable[[], float] = time.perf_counter,
 ) -> BatchingChoice:
@@ -111,7 +113,10 @@ def time_candidates(
     Args:
         run: computes one meta-step with the named batching (and waits for the device).
         names: the candidates, e.g. ``candidates(model)``.
-        steps: timed rounds.
+        steps: timed rounds, at least.
+        min_seconds: more rounds (up to ``max_rounds``) until every candidate
+            still in the race has run this long in all: a meta-step of a few
+            milliseconds needs many to rise above the noise.
         tasks: tasks per meta-step, recorded in the result.
         clock: seconds now (injectable for tests).
     """
@@ -124,7 +129,9 @@ def time_candidates(
             run(name)
         except torch.OutOfMemoryError:
             live.remove(name)
-    for _ in range(steps):
+    rounds = 0
+    while live and (rounds < steps or (rounds < max_rounds and min(sum(times[n]) for n in live) < min_seconds)):
+        rounds += 1
         for name in list(live):
             t0 = clock()
             try:
