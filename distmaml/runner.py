@@ -126,8 +126,12 @@ class TaskRunner:
             self.measured = time_candidates(
                 run, candidates(self.model), steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n
             )
-            log.info("%s on %s", describe_batching(self.measured.as_dict()), self.device)
+            log.info(self.batching_line())
         return self.measured.choice
+
+    def batching_line(self) -> str:
+        """``batching_report`` in words, for the log."""
+        return f"{describe_batching(self.batching_report())} on {self.device}"
 
     def batching_report(self) -> dict[str, Any]:
         """For ``result.json``: the choice and, if timed, each candidate's seconds per meta-step."""

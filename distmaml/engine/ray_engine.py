@@ -21,7 +21,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
-from distmaml.core.batching import describe_batching
 from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
 from distmaml.engine.shard import balanced_ranges
 from distmaml.engine.worker import ShardWorker
@@ -60,9 +59,10 @@ class RayEngine:
             self.placement: Placement = reserve(config, self.resources)
             self.actors = [self._start(i) for i in range(self.workers)]
             # surfaces start-up errors now; each worker has timed its batching candidates by then
-            self._batching = [d["batching"] for d in ray.get([a.describe.remote() for a in self.actors])]
-            for i, b in enumerate(self._batching):
-                log.info("worker %d: %s", i, describe_batching(b))
+            described = ray.get([a.describe.remote() for a in self.actors])
+            self._batching = [d["batching"] for d in described]
+            for i, d in enumerate(described):
+                log.info("worker %d: %s", i, d["batching_line"])
         except BaseException:
             self.close()
             raise

@@ -48,4 +48,5 @@ class ShardWorker:
             "device": str(self.runner.device),
             "threads": torch.get_num_threads(),
             "batching": self.runner.batching_report(),
+            "batching_line": self.runner.batching_line(),
         }
