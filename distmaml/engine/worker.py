@@ -28,6 +28,10 @@ class ShardWorker:
         if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
             self.runner.choose_batching(tasks)
 
+    def use_batching(self, name: str) -> None:
+        """Computes with ``name`` from now on (the engine's common choice), whatever this worker timed."""
+        self.runner.batching = name
+
     def meta_grad(self, flat: Tensor, step: int, start: int, stop: int) -> GradShard:
         t0 = time.perf_counter()
         shard = self.runner.meta_grad(flat, step, range(start, stop))
