@@ -26,10 +26,11 @@ from distmaml.typing import Params, TaskBatch
 _LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"mse": F.mse_loss, "cross_entropy": F.cross_entropy}
 
 
-def native_twin(model: nn.Module) -> nn.Module:
+def native_twin(model: nn.Module, *, classic_order: bool = True) -> nn.Module:
     """A copy of ``model`` as the classic code writes it: torch's ``nn.BatchNorm2d``
-    (batch statistics), and each block's ReLU before its max-pool (distmaml's
-    conv4 pools first, which computes the same function, see ``models.conv4``)."""
+    (batch statistics), and with ``classic_order`` each block's ReLU before its
+    max-pool (distmaml's conv4 pools first, which computes the same function,
+    see ``models.conv4``)."""
     twin = copy.deepcopy(model)
     for module in list(twin.modules()):
         for name, child in list(module.named_children()):
@@ -37,7 +38,7 @@ def native_twin(model: nn.Module) -> nn.Module:
                 bn = nn.BatchNorm2d(child.weight.shape[0], eps=child.eps, track_running_stats=False)
                 bn.load_state_dict({"weight": child.weight.detach(), "bias": child.bias.detach()})
                 setattr(module, name, bn.to(dtype=child.weight.dtype))
-        if isinstance(module, nn.Sequential):
+        if classic_order and isinstance(module, nn.Sequential):
             layers = list(module)
             for i in range(len(layers) - 1):
                 if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], nn.ReLU):

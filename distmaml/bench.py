@@ -2,9 +2,16 @@
 
 Every figure is measured in the same run and reported as a ratio against a
 reference measured beside it: the core against the classic per-task baseline
-(``distmaml.baseline``), W workers against 1. Each single-process measurement
-runs in a fresh subprocess with its own thread count, so peak memory (the RSS
-high-water mark above the process's RSS before the timed steps) is its own.
+(``distmaml.baseline``) and, where it is installed, against learn2learn's
+``MAML`` wrapped around the same network; W workers against 1. Each
+single-process measurement runs in a fresh subprocess with its own thread
+count, so peak memory (the RSS high-water mark above the process's RSS before
+the timed steps) is its own.
+
+The core's row uses the batching that ``batching: auto`` picks on this
+machine (timed once, in its own subprocess, as a worker does at start-up);
+``--batchings`` adds a row per candidate. Before learn2learn is timed, its
+meta-gradient is checked against the core's in float64.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from torch import Tensor
 
 from distmaml.checkpoint import write_json
 from distmaml.config import Config, ConfigError, load_config
+from distmaml.core.batching import BATCHINGS, candidates, describe_batching
+from distmaml.typing import TaskBatch
 
 BENCH_CONFIGS: dict[str, list[str]] = {
     # MAML paper sinusoid: meta-batch 25, K=10, 1 inner step, MLP 1-40-40-1.
@@ -91,8 +100,68 @@ def _matmul_gflops(threads: int) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _step_fn(name: str, impl: str) -> tuple[Config, Any]:
-    """The config and a zero-argument function computing one meta-step's gradient with ``impl``."""
+def learn2learn_available() -> bool:
+    """learn2learn is not a dependency; the bench adds its row where it is installed (README: bench)."""
+    import importlib.util
+
+    return importlib.util.find_spec("learn2learn") is not None
+
+
+def _learn2learn_step(model: torch.nn.Module, batch: TaskBatch, inner: Any) -> tuple[Any, torch.nn.Module]:
+    """learn2learn's MAML as its users write it, around a twin of ``model`` with torch's batch-norm
+    (same weights, same layer order: the fastest form of the same network for it)."""
+    import learn2learn as l2l
+
+    from distmaml.baseline import native_twin
+    from distmaml.core.losses import loss_fn
+
+    twin = native_twin(model, classic_order=False)
+    maml = l2l.algorithms.MAML(twin, lr=inner.lr, first_order=inner.first_order)
+    lossf = loss_fn(inner.loss)
+
+    def step() -> None:
+        maml.zero_grad()
+        for t in range(batch.num_tasks):
+            learner = maml.clone()
+            for _ in range(inner.steps):
+                learner.adapt(lossf(learner(batch.support_x[t]), batch.support_y[t]))
+            lossf(learner(batch.query_x[t]), batch.query_y[t]).backward()  # summed over tasks, as the core
+
+    return step, twin
+
+
+def learn2learn_agreement(name: str, batching: str, tasks: int = 3) -> float:
+    """Largest difference between learn2learn's and the core's meta-gradient, in float64, relative
+    to the largest gradient entry (run before learn2learn is timed)."""
+    from distmaml.assembly import build_runner
+    from distmaml.core import meta_grad
+
+    config = bench_config(name, "workers=0", "precision=float64")
+    runner = build_runner(config, device="cpu")
+    batch = runner.family.sample("train", 0, range(tasks)).to(dtype=runner.dtype)
+    params = {k: v.detach() for k, v in runner.model.named_parameters()}
+    core = meta_grad(runner.model, params, batch, runner.inner, batching=batching).grads
+    step, twin = _learn2learn_step(runner.model, batch, runner.inner)
+    step()
+    theirs = {k: v.grad for k, v in twin.named_parameters()}
+    scale = max(float(v.abs().max()) for v in core.values())
+    return max(float((core[k] - theirs[k]).abs().max()) for k in core) / scale  # type: ignore[operator]
+
+
+def auto_batching(name: str, threads: int) -> dict[str, Any]:
+    """What ``batching: auto`` picks for this config on this machine (a worker's start-up timing)."""
+    from distmaml.assembly import build_runner
+
+    torch.set_num_threads(threads)
+    config = bench_config(name, "workers=0", "batching=auto")
+    runner = build_runner(config, device="cpu")
+    runner.choose_batching(config.meta.batch_size)
+    return runner.batching_report()
+
+
+def _step_fn(name: str, impl: str, batching: str) -> tuple[Config, Any]:
+    """The config and a zero-argument function computing one meta-step's gradient with ``impl``
+    (``core`` uses ``batching``; ``core-<batching>`` names its own)."""
     from distmaml.assembly import build_runner
     from distmaml.baseline import baseline_meta_gradient, native_twin
     from distmaml.core import meta_grad
@@ -111,15 +180,17 @@ def _step_fn(name: str, impl: str) -> tuple[Config, Any]:
             )
 
         return config, step
-    batching = {"core": "auto", "core-vmap": "vmap", "core-loop": "loop"}[impl]
+    if impl == "learn2learn":
+        return config, _learn2learn_step(runner.model, batch, inner)[0]
+    mode = batching if impl == "core" else impl.removeprefix("core-")
 
     def core_step() -> None:
-        meta_grad(runner.model, params, batch, inner, batching=batching)
+        meta_grad(runner.model, params, batch, inner, batching=mode)
 
     return config, core_step
 
 
-def _time_interleaved(name: str, impls: list[str], threads: int, steps: int) -> dict[str, float]:
+def _time_interleaved(name: str, impls: list[str], batching: str, threads: int, steps: int) -> dict[str, float]:
     """Median seconds per meta-step of each implementation, timed in turn in one process.
 
     Taking turns step by step exposes every implementation to the same
@@ -127,7 +198,7 @@ def _time_interleaved(name: str, impls: list[str], threads: int, steps: int) -> 
     fair even when absolute times drift.
     """
     torch.set_num_threads(threads)
-    fns = {impl: _step_fn(name, impl)[1] for impl in impls}
+    fns = {impl: _step_fn(name, impl, batching)[1] for impl in impls}
     for fn in fns.values():
         fn()  # warm-up: allocations, lazy initialisation
     times: dict[str, list[float]] = {impl: [] for impl in impls}
@@ -139,10 +210,10 @@ def _time_interleaved(name: str, impls: list[str], threads: int, steps: int) -> 
     return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
-def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
+def _measure(name: str, impl: str, batching: str, threads: int, steps: int) -> dict[str, Any]:
     """Peak memory and FLOPs of one implementation, alone in this process; seconds per step too."""
     torch.set_num_threads(threads)
-    config, step = _step_fn(name, impl)
+    config, step = _step_fn(name, impl, batching)
     step()  # warm-up: allocations, lazy initialisation
     _reset_peak_rss()
     rss0 = _status_kb("VmRSS")
@@ -164,9 +235,26 @@ def _measure(name: str, impl: str, threads: int, steps: int) -> dict[str, Any]:
     }
 
 
-def _in_subprocess(fn: Any, *args: Any) -> Any:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+def _in_subprocess(fn: Any, *args: Any, env: dict[str, str] | None = None) -> Any:
+    """``fn(*args)`` in a fresh process, with ``env`` added to its environment."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# For peak memory: glibc then serves every allocation of 64 kB or more with its own
+# mmap and returns it on free, so the RSS follows the live tensors instead of what
+# the allocator happens to keep cached (which made repeated peaks differ by 1.5x).
+# Its timings are not reported (the interleaved run's are).
+EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # -- the Ray engine: tasks/s per worker count --------------------------------------------------
@@ -196,7 +284,7 @@ def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, 
             assert isinstance(run.engine, RayEngine)
             engines[w] = (run, run.engine, run.trainer(progress=False))
         torch.set_num_threads(2)
-        base_config, baseline = _step_fn(name, "baseline")
+        base_config, baseline = _step_fn(name, "baseline", "auto")
         walls: dict[int, list[float]] = {w: [] for w in workers}
         computes: dict[int, list[float]] = {w: [] for w in workers}
         base_times: list[float] = []
@@ -328,20 +416,25 @@ def algorithm_table(rows: list[dict[str, Any]]) -> str:
 # -- report ---------------------------------------------------------------------------
 def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
     head = (
-        f"{'config':<9} {'implementation':<14} {'thr/wk':>6} {'s/step':>9} {'tasks/s':>9} {'vs base':>8} "
-        f"{'peak MB':>8} {'GFLOP/s':>8} {'% matmul':>8} {'outside':>8}"
+        f"{'config':<9} {'implementation':<26} {'thr/wk':>6} {'s/step':>9} {'tasks/s':>9} {'vs base':>8} "
+        f"{'vs l2l':>7} {'peak MB':>8} {'mem/l2l':>7} {'GFLOP/s':>8} {'% matmul':>8} {'outside':>8}"
     )
     lines = [head, "-" * len(head)]
+
+    def ratio(x: float | None, width: int) -> str:
+        return f"{(f'{x:.2f}x' if x else '-'):>{width}}"
+
     for r in rows:
-        base = r.get("vs_baseline")
         peak = r.get("peak_mb")
         gf = r.get("gflops")
         pct = 100 * gf / matmul[r["threads"]] if gf is not None and r["threads"] in matmul else None
         out = r.get("outside_compute_share")
+        impl = f"core ({r['batching']})" if r["impl"] == "core" else r["impl"]
         lines.append(
-            f"{r['config']:<9} {r['impl']:<14} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
-            f"{r['tasks_per_second']:>9.1f} {(f'{base:.2f}x' if base else '-'):>8} "
-            f"{(f'{peak:.0f}' if peak is not None else '-'):>8} {(f'{gf:.2f}' if gf is not None else '-'):>8} "
+            f"{r['config']:<9} {impl:<26} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
+            f"{r['tasks_per_second']:>9.1f} {ratio(r.get('vs_baseline'), 8)} {ratio(r.get('vs_learn2learn'), 7)} "
+            f"{(f'{peak:.1f}' if peak is not None else '-'):>8} {ratio(r.get('memory_vs_learn2learn'), 7)} "
+            f"{(f'{gf:.2f}' if gf is not None else '-'):>8} "
             f"{(f'{pct:.0f}%' if pct is not None else '-'):>8} {(f'{100 * out:.1f}%' if out is not None else '-'):>8}"
         )
     return "\n".join(lines)
@@ -350,23 +443,49 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
 def run(
     configs: list[str], threads: list[int], steps: int, impls: list[str], workers: list[int], engine_steps: int
 ) -> dict[str, Any]:
+    """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
+    the baseline, and learn2learn where installed, are added."""
+    from distmaml.assembly import build_network
+
     matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
     rows: list[dict[str, Any]] = []
+    auto: dict[str, dict[int, dict[str, Any]]] = {}
+    agreement: dict[str, float] = {}
+    with_l2l = learn2learn_available()
     for name in configs:
         n = steps or DEFAULT_STEPS[name]
         batch_size = bench_config(name).meta.batch_size
+        usable = candidates(build_network(bench_config(name)))
         for t in threads:
-            impls_t = ["baseline", *impls]
-            measured = [_in_subprocess(_measure, name, impl, t, 1) for impl in impls_t]
-            seconds = _in_subprocess(_time_interleaved, name, impls_t, t, n)
+            auto.setdefault(name, {})[t] = choice = _in_subprocess(auto_batching, name, t)
+            batching = choice["choice"]
+            impls_t = ["baseline", *(i for i in impls if i == "core" or i.removeprefix("core-") in usable)]
+            if with_l2l:
+                if name not in agreement:
+                    agreement[name] = _in_subprocess(learn2learn_agreement, name, batching)
+                    if agreement[name] > 1e-10:
+                        raise RuntimeError(
+                            f"{name}: learn2learn's meta-gradient differs from the core's by {agreement[name]:.2e} "
+                            "(relative, float64): not the same function, so no timing"
+                        )
+                impls_t.append("learn2learn")
+            measured = [_in_subprocess(_measure, name, impl, batching, t, 1, env=EXACT_RSS) for impl in impls_t]
+            seconds = _in_subprocess(_time_interleaved, name, impls_t, batching, t, n)
             for r in measured:
                 r["gflops"] *= r["seconds_per_step"] / seconds[r["impl"]]
                 r["seconds_per_step"] = seconds[r["impl"]]
                 r["tasks_per_second"] = batch_size / seconds[r["impl"]]
+                if r["impl"].startswith("core"):
+                    r["batching"] = batching if r["impl"] == "core" else r["impl"].removeprefix("core-")
             base = measured[0]
+            l2l = next((r for r in measured if r["impl"] == "learn2learn"), None)
             for r in measured:
                 r["vs_baseline"] = r["tasks_per_second"] / base["tasks_per_second"]
                 r["memory_vs_baseline"] = r["peak_mb"] / base["peak_mb"] if base["peak_mb"] else None
+                if l2l is not None:
+                    r["vs_learn2learn"] = r["tasks_per_second"] / l2l["tasks_per_second"]
+                    # below 1 MB the RSS high-water mark (kB pages) is noise: no ratio
+                    r["memory_vs_learn2learn"] = r["peak_mb"] / l2l["peak_mb"] if l2l["peak_mb"] >= 1 else None
             rows += measured
         if workers:
             engine_rows = _in_subprocess(measure_engine, name, workers, engine_steps or n)
@@ -381,6 +500,8 @@ def run(
         "machine": _machine(),
         "matmul_gflops": matmul,
         "rows": rows,
+        "auto_batching": auto,
+        "learn2learn_agreement": agreement,
     }
     if "omniglot" in configs:
         report["sampler"] = sampler_row(rows)
@@ -407,8 +528,17 @@ def main(args: argparse.Namespace) -> int:
         return algorithms_main(args, configs)
     threads = [int(t) for t in str(args.threads).split(",")]
     workers = [int(w) for w in str(args.workers).split(",")] if args.workers else []
-    impls = ["core"] + (["core-vmap", "core-loop"] if args.batchings else [])
+    impls = ["core"] + ([f"core-{b}" for b in BATCHINGS] if args.batchings else [])
     report = run(configs, threads, args.steps, impls, workers, args.engine_steps)
+    for name, per_thread in report["auto_batching"].items():
+        for t, choice in per_thread.items():
+            print(f"{name}, {t} thread(s): {describe_batching(choice)}")
+    for name, diff in report["learn2learn_agreement"].items():
+        print(
+            f"{name}: learn2learn's meta-gradient equals the core's in float64 (largest difference {diff:.1e} relative)"
+        )
+    if not learn2learn_available():
+        print("learn2learn is not installed: no learn2learn row (README: bench)")
     print(_table(report["rows"], report["matmul_gflops"]))
     print(f"matmul rate: {', '.join(f'{v:.1f} GFLOP/s at {k} thread(s)' for k, v in report['matmul_gflops'].items())}")
     for r in report["rows"]:

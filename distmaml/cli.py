@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: chosen per config)")
     bench.add_argument("--workers", default="", help="Ray engine worker counts to compare, e.g. 1,2")
     bench.add_argument("--engine-steps", type=int, default=0, help="timed steps per worker count (0: --steps)")
-    bench.add_argument("--batchings", action="store_true", help="also time the core forced to vmap and to loop")
+    bench.add_argument("--batchings", action="store_true", help="also time the core forced to each batching candidate")
     bench.add_argument(
         "--algorithms", default="", help="instead: peak memory and time per algorithm, e.g. maml,fomaml,anil"
     )

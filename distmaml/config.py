@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from distmaml.core.algorithm import ALGORITHMS, LEARNED_STEP_RATES, MamlppOptions
+from distmaml.core.batching import BATCHINGS
 from distmaml.errors import DistmamlError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -127,7 +128,9 @@ class DataConfig:
         _at_least("data.ways", self.ways, 2)
         _at_least("data.shots", self.shots, 1)
         _at_least("data.queries", self.queries, 1)
-        _check("data.image_size", self.image_size, self.image_size >= 16, "must be at least 16 (conv4 halves it 4 times)")
+        _check(
+            "data.image_size", self.image_size, self.image_size >= 16, "must be at least 16 (conv4 halves it 4 times)"
+        )
         _at_least("data.channels", self.channels, 1)
 
 
@@ -231,7 +234,9 @@ class Config:
     device: str = "auto"
     """``auto`` (CUDA where present), ``cpu`` or ``cuda``."""
     batching: str = "auto"
-    """How tasks are batched in the core: ``auto`` (measured choice), ``vmap`` or ``loop``."""
+    """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
+    device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
+    ``batched`` (``core.batching``)."""
     workers: int = 0
     """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -246,7 +251,7 @@ class Config:
         _one_of("precision", self.precision, ("float32", "float64"))
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("batching", self.batching, ("auto", "vmap", "loop"))
+        _one_of("batching", self.batching, ("auto", *BATCHINGS))
         _at_least("workers", self.workers, 0)
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()

@@ -11,16 +11,27 @@ Ray worker rebuilds it from the config (``assembly.runner_factory``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from distmaml.core import Algorithm, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
+from distmaml.core.batching import BatchingChoice, candidates, describe_batching, time_candidates
 from distmaml.tasks import TaskFamily
 from distmaml.typing import Params, TaskBatch
+
+log = logging.getLogger("distmaml.engine")
+
+AUTO_TASKS = 8
+"""Tasks per timed meta-step when ``batching: auto`` times the candidates (at most the shard's)."""
+AUTO_STEPS = 2
+"""Timed meta-steps per candidate (after one untimed), at least..."""
+AUTO_SECONDS = 0.5
+"""...and more (up to 50) until each candidate has run this long: fast meta-steps are noisy."""
 
 
 class GradShard(NamedTuple):
@@ -69,7 +80,7 @@ class TaskRunner:
         algorithm: the algorithm with its inner loop.
         family: samples the tasks (``sample(split, step, ids)``).
         device: where the shard is computed (the network is moved there).
-        batching: ``auto`` | ``vmap`` | ``loop`` (``core.batching``).
+        batching: ``auto`` (timed here, see ``choose_batching``) or one of ``core.batching.BATCHINGS``.
     """
 
     def __init__(
@@ -89,6 +100,44 @@ class TaskRunner:
         self.family = family
         self.batching = batching
         self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
+        self.measured: BatchingChoice | None = None
+        """With ``batching: auto``, the timed choice (``choose_batching``), else None."""
+
+    def choose_batching(self, tasks: int) -> str:
+        """This runner's batching: the configured one, or with ``auto`` the fastest candidate on this device.
+
+        The first call with ``auto`` times a meta-step of every candidate on
+        ``min(tasks, AUTO_TASKS)`` tasks of step 0 (``tasks``: the shard size
+        this runner will see), with the initial meta-parameters, logs the
+        timings in one line and keeps the choice for the rest of the run.
+        """
+        if self.batching != "auto":
+            return self.batching
+        if self.measured is None:
+            n = max(1, min(tasks, AUTO_TASKS))
+            params = init_algorithm_params(self.model, self.algorithm)
+            batch = self._tasks("train", 0, range(n))
+
+            def run(name: str) -> None:
+                meta_grad(self.model, params, batch, self.algorithm, batching=name)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # time the device's work, not the launches
+
+            self.measured = time_candidates(
+                run, candidates(self.model), steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n
+            )
+            log.info(self.batching_line())
+        return self.measured.choice
+
+    def batching_line(self) -> str:
+        """``batching_report`` in words, for the log."""
+        return f"{describe_batching(self.batching_report())} on {self.device}"
+
+    def batching_report(self) -> dict[str, Any]:
+        """For ``result.json``: the choice and, if timed, each candidate's seconds per meta-step."""
+        if self.measured is None:
+            return {"choice": self.batching, "seconds": {}, "tasks": 0}
+        return self.measured.as_dict()
 
     def _params(self, flat: Tensor) -> Params:
         return self.layout.unflatten(flat.to(self.device, self.dtype))
@@ -99,7 +148,12 @@ class TaskRunner:
     def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int]) -> GradShard:
         """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor."""
         s = meta_grad(
-            self.model, self._params(flat), self._tasks("train", step, ids), self.algorithm, batching=self.batching, step=step
+            self.model,
+            self._params(flat),
+            self._tasks("train", step, ids),
+            self.algorithm,
+            batching=self.choose_batching(len(ids)),
+            step=step,
         )
         grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
         return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
@@ -107,6 +161,11 @@ class TaskRunner:
     def evaluate(self, flat: Tensor, split: str, ids: Sequence[int], steps: int) -> EvalShard:
         """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps."""
         scores = score_tasks(
-            self.model, self._params(flat), self._tasks(split, 0, ids), self.algorithm, steps, batching=self.batching
+            self.model,
+            self._params(flat),
+            self._tasks(split, 0, ids),
+            self.algorithm,
+            steps,
+            batching=self.measured.choice if self.measured is not None else self.batching,
         )
         return EvalShard(scores.before.cpu(), scores.after.cpu())

@@ -36,6 +36,7 @@ class Engine(Protocol):
 
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard: ...
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard: ...
+    def batching(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
 
 
@@ -290,5 +291,6 @@ class Trainer:
             "meta_test_unadapted": summarize(scores.before, self.metric),
             "inner_test_steps": self.config.test_steps,
             "worker_replacements": self.engine.replacements,
+            "batching": self.engine.batching(),
             "validation": [{"step": s, "metric": v} for s, v in self.history.val],
         }

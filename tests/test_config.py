@@ -19,7 +19,7 @@ BAD = [
     ("precision=float16", "precision = 'float16': allowed values are float32, float64"),
     ("algorithm=reptile", "algorithm = 'reptile': allowed values are"),
     ("device=tpu", "device = 'tpu': allowed values are auto, cpu, cuda"),
-    ("batching=sometimes", "batching = 'sometimes': allowed values are auto, vmap, loop"),
+    ("batching=sometimes", "batching = 'sometimes': allowed values are auto, loop, loop_channels_last, vmap, batched"),
     ("data.family=mnist", "data.family = 'mnist': allowed values are"),
     ("data.shots=0", "data.shots = 0: must be at least 1"),
     ("data.ways=1", "data.ways = 1: must be at least 2"),

@@ -11,6 +11,7 @@ from reference import query_loss_after_adaptation, reference_meta_gradient, refe
 
 import distmaml
 from distmaml.core import Algorithm, InnerLoop, TaskProgram, meta_grad, score_tasks
+from distmaml.core.batching import BATCHINGS, candidates
 from distmaml.models import MLP, Conv4
 from distmaml.typing import TaskBatch
 
@@ -53,8 +54,17 @@ def _assert_close(actual: dict, expected: dict, tol: float) -> None:
         torch.testing.assert_close(actual[k], expected[k], rtol=tol, atol=tol, msg=f"parameter {k}")
 
 
-@pytest.mark.parametrize("make_model, make_batch, loss", CASES)
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+# every batching candidate of each model (core.batching.candidates; checked below)
+BATCHED_CASES = [pytest.param(_mlp, _regression_batch, "mse", b, id=f"mlp-mse-{b}") for b in ("vmap", "loop")] + [
+    pytest.param(_conv, _image_batch, "cross_entropy", b, id=f"conv-bn-ce-{b}") for b in BATCHINGS
+]
+
+
+def test_the_cases_cover_every_candidate():
+    assert candidates(_mlp()) == ("loop", "vmap", "batched") and candidates(_conv()) == BATCHINGS
+
+
+@pytest.mark.parametrize("make_model, make_batch, loss, batching", BATCHED_CASES)
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_meta_gradient_matches_plain_autograd(make_model, make_batch, loss, batching, first_order, steps):

@@ -65,7 +65,16 @@ def in_process():
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_workers_match_in_process(in_process, workers):
     ref_trainer, ref_grads, ref_scores = in_process
-    trainer, grads, scores = _train(assemble(_config(workers)))
+    run = assemble(_config(workers))
+    trainer, grads, scores = _train(run)
+    # each worker timed the candidates at start-up on its own device and kept its fastest
+    reports = run.engine.batching()["workers"]
+    assert len(reports) == workers
+    for b in reports:
+        assert set(b["seconds"]) == {"loop", "vmap", "batched"} and b["tasks"] == -(-7 // workers)
+        assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
+    common = run.engine.batching()["choice"]  # every worker computes with the fastest summed over them
+    assert common == min(reports[0]["seconds"], key=lambda n: sum(b["seconds"][n] for b in reports))
     assert len(grads) == len(ref_grads) == 5
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)

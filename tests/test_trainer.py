@@ -53,6 +53,7 @@ def test_meta_training_lowers_post_adaptation_mse(short_run):
     assert before["mean"] > 2.0  # unadapted: about the variance of A sin(x - phi)
     assert mt["mean"] < 0.5 * before["mean"]
     assert result["tasks_per_second"] > 0 and result["workers"] == 0
+    assert result["batching"]["choice"] in result["batching"]["seconds"]  # timed at the first meta-step
 
 
 def test_run_directory_layout(short_run):

@@ -1,31 +1,151 @@
-"""How the tasks of a batch are batched: ``vmap`` over tasks or a loop.
+"""How the tasks of a batch are computed: four candidates, and how a worker picks one.
 
-The choice is measured, not guessed (``distmaml bench`` prints both). On the
-2-core CPU this project is developed on (torch 2.14, 1 thread):
+Every candidate computes the same meta-gradient (tests: 1e-10 in float64
+against plain autograd, for every algorithm, first and second order):
 
-* sinusoid MLP 1-40-40-1, 25 tasks: ``vmap`` about 10x the tasks/s of a loop.
-* 4-conv net, 64 filters, 5-way 1-shot with 15 queries: ``vmap`` 2.6x slower
-  than a loop, with 17x the peak memory (every task's activations and
-  double-backward graph live at once).
+* ``loop``: one task at a time, plain autograd; memory of one task's graph.
+* ``loop_channels_last``: the same loop with image inputs in channels-last
+  (NHWC) layout, so every convolution, batch-norm and max-pool of a conv net
+  runs on NHWC tensors. A candidate for networks with 2-d convolutions.
+* ``vmap``: ``torch.func.grad`` of one task's objective under ``vmap`` over
+  tasks (a convolution with weights per task becomes one grouped
+  convolution); memory of every task's graph at once.
+* ``batched``: all tasks at once by plain autograd: the adapted parameters
+  get one copy per task, each forward pass is ``vmap``'ed over tasks, and
+  autograd differentiates the sum of the task losses (each copy receives
+  its own task's gradient). ``vmap`` without ``torch.func``'s grad layer.
 
-So networks with convolutions run as a loop over tasks, others under
-``vmap``. On a GPU ``vmap`` would fill the device better, but the memory of
-the whole meta-batch's second-order graph at once is the usual reason MAML
-runs out of memory; we keep the loop there too until measured on a GPU.
-``core.batching`` in the config (``auto`` | ``vmap`` | ``loop``) forces it.
+Under ``vmap`` and ``batched``, batch-norm is written out (torch 2.14's
+native one gave a wrong second-order gradient under ``vmap``).
+
+Which is fastest depends on the model and the device, so with ``batching:
+auto`` each worker measures: ``time_candidates`` takes turns running a
+meta-step of each candidate on a few of the worker's own tasks, on its own
+device, and keeps the fastest (``distmaml.runner.TaskRunner`` does it once at
+start-up, logs the timings and reports them in ``result.json``). On the
+2-core CPU this project is developed on (torch 2.14, 1 thread, meta-steps of
+8 tasks as ``auto`` times them):
+
+* sinusoid MLP 1-40-40-1: ``batched`` 1.0-1.7x the tasks/s of ``vmap``
+  (runs differ), 3-6x ``loop``.
+* conv4-64, Omniglot 5-way 1-shot, 15 queries: ``loop_channels_last`` about
+  1.35x ``loop`` (torch's CPU max-pool ran about 20x slower on NCHW float
+  tensors than on NHWC, its batch-norm 6x), with no more memory; ``batched``
+  2.2x and ``vmap`` 3.4x slower than ``loop``, with over 10x its memory.
+
+A GPU may well order them differently; that is why the choice is timed where
+it runs. ``choose_batching`` is the unmeasured rule (this CPU's winners),
+used by the library's ``batching="auto"``, where nothing is timed.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHINGS = ("loop", "loop_channels_last", "vmap", "batched")
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def candidates(model: nn.Module) -> tuple[str, ...]:
+    """The batchings worth timing for ``model``: channels-last only for 2-d convolutional nets."""
+    if _has_conv2d(model):
+        return BATCHINGS
+    return ("loop", "vmap", "batched")
 
 
 def choose_batching(model: nn.Module, device: torch.device | str) -> str:
-    """``"loop"`` for convolutional networks, ``"vmap"`` otherwise (see module docstring)."""
-    del device  # the measured rule is the same on CPU; see module docstring for GPUs
-    if any(isinstance(m, _CONV) for m in model.modules()):
-        return "loop"
-    return "vmap"
+    """The unmeasured rule: ``"loop_channels_last"`` for 2-d conv nets, ``"batched"`` otherwise.
+
+    What this CPU measured (module docstring); workers time the candidates instead.
+    """
+    del device  # unmeasured: the CPU's choice; workers measure theirs (time_candidates)
+    return "loop_channels_last" if _has_conv2d(model) else "batched"
+
+
+class BatchingChoice(NamedTuple):
+    """The candidate kept, and the median seconds of a timed meta-step of each (``inf``: out of memory)."""
+
+    choice: str
+    seconds: dict[str, float]
+    tasks: int
+    """Tasks per timed meta-step."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"choice": self.choice, "seconds": self.seconds, "tasks": self.tasks}
+
+
+def describe_batching(report: Mapping[str, Any]) -> str:
+    """One line for the log: ``BatchingChoice.as_dict()`` (or a worker's report) in words."""
+    times = ", ".join(f"{k} {v:.4f}" for k, v in report["seconds"].items())
+    if not times:
+        return f"batching {report['choice']} (set in the config)"
+    return f"batching {report['choice']} (seconds per meta-step of {report['tasks']} tasks: {times})"
+
+
+def time_candidates(
+    run: Callable[[str], object],
+    names: Sequence[str],
+    *,
+    steps: int = 2,
+    min_seconds: float = 0.0,
+    max_rounds: int = 50,
+    tasks: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BatchingChoice:
+    """Times ``run(name)`` for each candidate, in turns, and keeps the fastest.
+
+    Each candidate runs once untimed (allocations, lazy initialisation), then
+    ``steps`` timed rounds take turns candidate by candidate, so a change in
+    the machine's load touches all of them alike; the median counts. A
+    candidate that runs out of device memory is out (``inf`` seconds); a
+    candidate more than 3x slower than the best after a round stops being
+    timed (it cannot win, and ``vmap`` on a conv net is slow and large).
+
+    Args:
+        run: computes one meta-step with the named batching (and waits for the device).
+        names: the candidates, e.g. ``candidates(model)``.
+        steps: timed rounds, at least.
+        min_seconds: more rounds (up to ``max_rounds``) until every candidate
+            still in the race has run this long in all: a meta-step of a few
+            milliseconds needs many to rise above the noise.
+        tasks: tasks per meta-step, recorded in the result.
+        clock: seconds now (injectable for tests).
+    """
+    if not names:
+        raise ValueError("time_candidates needs at least one candidate")
+    times: dict[str, list[float]] = {n: [] for n in names}
+    live = list(names)
+    for name in list(live):
+        try:
+            run(name)
+        except torch.OutOfMemoryError:
+            live.remove(name)
+    rounds = 0
+    while live and (rounds < steps or (rounds < max_rounds and min(sum(times[n]) for n in live) < min_seconds)):
+        rounds += 1
+        for name in list(live):
+            t0 = clock()
+            try:
+                run(name)
+            except torch.OutOfMemoryError:
+                live.remove(name)
+                times[name] = []
+                continue
+            times[name].append(clock() - t0)
+        if live:
+            best = min(statistics.median(times[n]) for n in live)
+            live = [n for n in live if statistics.median(times[n]) <= 3 * best]
+    seconds = {n: statistics.median(ts) if ts else float("inf") for n, ts in times.items()}
+    choice = min(names, key=lambda n: seconds[n])
+    if seconds[choice] == float("inf"):
+        raise RuntimeError(f"every batching ran out of device memory on {tasks} tasks: {', '.join(names)}")
+    return BatchingChoice(choice, seconds, tasks)

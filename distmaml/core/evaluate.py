@@ -46,7 +46,7 @@ def score_tasks(
     """
     algorithm = as_algorithm(inner)
     mode, net = batched_model(model, batch, batching)
-    program = TaskProgram(net, algorithm)
+    program = TaskProgram(net, algorithm, channels_last=mode == "loop_channels_last", batched=mode == "batched")
     if program.per_step and steps > algorithm.inner.steps:
         warnings.warn(
             f"inner.test_steps = {steps} exceeds the {algorithm.inner.steps} inner steps of meta-training: "
@@ -59,7 +59,12 @@ def score_tasks(
         return program.scores(p, sx, sy, qx, qy, steps)
 
     befores, afters = [], []
-    if mode == "vmap":
+    if mode == "batched":
+        for start in range(0, batch.num_tasks, chunk):
+            b, a = score(theta, *batch.slice(start, start + chunk))
+            befores.append(b)
+            afters.append(a)
+    elif mode == "vmap":
         for start in range(0, batch.num_tasks, chunk):
             part = batch.slice(start, start + chunk)
             b, a = vmap(score, in_dims=(None, 0, 0, 0, 0))(theta, *part)

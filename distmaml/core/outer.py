@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from distmaml.core.algorithm import Algorithm, InnerLoop, MamlppOptions, as_algorithm, init_algorithm_params
-from distmaml.core.batching import choose_batching
+from distmaml.core.batching import BATCHINGS, choose_batching
 from distmaml.core.batchnorm import with_implementation
 from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
@@ -38,16 +38,16 @@ class MetaGradient(NamedTuple):
 
 
 def batched_model(model: nn.Module, batch: TaskBatch, batching: str) -> tuple[str, nn.Module]:
-    """The batching mode (``vmap`` | ``loop``) and the network's view for it.
+    """The batching mode (one of ``core.batching.BATCHINGS``) and the network's view for it.
 
-    Under ``vmap`` batch-norm is written out (torch's native one gave a wrong
-    second-order gradient there); in the per-task loop it is torch's fused
-    kernel. See ``core.batchnorm``.
+    Under ``vmap`` and ``batched`` batch-norm is written out (torch's native
+    one gave a wrong second-order gradient under ``vmap``); in the per-task
+    loops it is torch's fused kernel. See ``core.batchnorm``.
     """
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    if mode not in ("vmap", "loop"):
-        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', 'vmap', 'loop'")
-    return mode, with_implementation(model, "explicit" if mode == "vmap" else "native")
+    if mode not in BATCHINGS:
+        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
+    return mode, with_implementation(model, "explicit" if mode in ("vmap", "batched") else "native")
 
 
 def _detached(params: Params) -> Params:
@@ -72,8 +72,11 @@ def meta_grad(
         batch: T tasks, task dimension first.
         inner: the algorithm (an ``InnerLoop`` alone means MAML).
         batching: ``"vmap"`` (all tasks at once), ``"loop"`` (one task at a
-            time: memory of one task's graph) or ``"auto"`` (the measured
-            choice for this model and device, see ``core.batching``).
+            time: memory of one task's graph), ``"loop_channels_last"`` (the
+            loop with NHWC images), ``"batched"`` (all tasks at once by plain
+            autograd over vmap'ed forward passes) or ``"auto"``
+            (``choose_batching``'s unmeasured rule; workers time the
+            candidates, see ``core.batching``).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.
 
     Returns:
@@ -82,7 +85,16 @@ def meta_grad(
     """
     algorithm = as_algorithm(inner)
     mode, net = batched_model(model, batch, batching)
-    program = TaskProgram(net, algorithm, step, autograd=mode == "loop" and not algorithm.recompute)
+    if mode == "batched" and algorithm.recompute:
+        mode = "vmap"  # recomputation is written with torch.func (vjp per step); vmap carries it
+    program = TaskProgram(
+        net,
+        algorithm,
+        step,
+        autograd=mode != "vmap" and not algorithm.recompute,
+        channels_last=mode == "loop_channels_last",
+        batched=mode == "batched",
+    )
     if algorithm.recompute:
         objective = program.recomputed_grad
     elif program.autograd:
@@ -90,6 +102,10 @@ def meta_grad(
     else:
         objective = grad_and_value(program.objective, has_aux=True)
     theta = _detached(params)
+    if mode == "batched":
+        theta = {k: v.requires_grad_() for k, v in theta.items()}
+        g, (_, (loss, met)) = program.autograd_grad_and_value(theta, *batch)
+        return MetaGradSum(g, loss, met, batch.num_tasks)
     if mode == "vmap":
         g, (_, (loss, met)) = vmap(objective, in_dims=(None, 0, 0, 0, 0))(theta, *batch)
         return MetaGradSum({k: v.sum(0) for k, v in g.items()}, loss.sum(), met.sum(), batch.num_tasks)

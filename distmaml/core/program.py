@@ -13,6 +13,9 @@ weights) and gives:
   of one step's double-backward graph instead of all of them;
 * ``scores(...)``: query metric before and after adaptation, for evaluation.
 
+With ``batched=True`` the same functions take every task at once (task
+dimension first) and return sums over tasks (``scores``: per-task values).
+
 Inner step ``i`` (0-based) computes the support loss with per-step slot ``i``
 and the query loss after it with slot ``i`` too (as the MAML++ code does);
 past the training steps, slots are the last one's.
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp
+from torch.func import functional_call, grad, vjp, vmap
 
 from distmaml.core.algorithm import (
     MAMLPP_BN_PREFIX,
@@ -68,7 +71,16 @@ def _add(a: Params, b: Params) -> Params:
 class TaskProgram:
     """The loops of ``algorithm`` at meta-step ``meta_step`` for one task (no task dimension)."""
 
-    def __init__(self, model: nn.Module, algorithm: Algorithm, meta_step: int = 0, *, autograd: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        algorithm: Algorithm,
+        meta_step: int = 0,
+        *,
+        autograd: bool = False,
+        channels_last: bool = False,
+        batched: bool = False,
+    ) -> None:
         self.model = model
         # autograd: inner gradients by torch.autograd.grad on tensors that
         # require grad, for a caller that differentiates the objective with
@@ -76,6 +88,16 @@ class TaskProgram:
         # grad, without its per-op transform layer: on the 4-conv net that
         # layer cost about 10% of the meta-step. Under vmap, torch.func it is.
         self.autograd = autograd
+        # channels_last: image inputs (4-d) enter the network in NHWC layout,
+        # and every layer keeps it (see core.batching). Not under vmap, whose
+        # batched tensors have no layout of their own.
+        self.channels_last = channels_last
+        # batched: every task at once, task dimension first (batching "batched").
+        # The adapted parameters get one copy per task (theta.expand), each
+        # forward pass is vmap'ed over tasks, and losses are summed over tasks,
+        # so plain autograd on the sum gives each copy its own task's gradient:
+        # vmap without torch.func's grad transform. Needs autograd=True.
+        self.batched = batched
         self.algorithm = algorithm
         self.lossf = loss_fn(algorithm.inner.loss)
         self.train_steps = algorithm.inner.steps
@@ -95,7 +117,18 @@ class TaskProgram:
         phi = {k: v for k, v in params.items() if k not in theta}
         return theta, phi
 
+    def _layout(self, x: Tensor) -> Tensor:
+        # .to, not .contiguous: with one input channel NCHW strides already
+        # count as channels-last, and only .to sets the strides that make the
+        # convolution produce NHWC.
+        return x.to(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def _features(self, phi: Params, x: Tensor) -> Tensor:
+        if self.batched:  # the body is shared, batch-norm statistics are per task
+            return torch.stack([self._features_of_task(phi, x[t]) for t in range(x.shape[0])])
+        return self._features_of_task(phi, x)
+
+    def _features_of_task(self, phi: Params, x: Tensor) -> Tensor:
         head = self.model.get_submodule(self.head)
 
         def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -103,7 +136,7 @@ class TaskProgram:
 
         handle = head.register_forward_pre_hook(stop)
         try:
-            functional_call(self.model, phi, (x,))
+            functional_call(self.model, phi, (self._layout(x),))
         except _StopForward as e:
             return e.features
         finally:
@@ -122,13 +155,22 @@ class TaskProgram:
     def forward(self, slot: int, theta: Params, ctx: Params, which: str, x: Tensor) -> Tensor:
         if self.anil:
             prefix = self.head + "."
-            head = {k[len(prefix) :]: v for k, v in theta.items()}
-            return functional_call(self.model.get_submodule(self.head), head, (ctx[f"features.{which}"],))
-        params = {k: ctx[k] for k in self.frozen}
-        params.update(theta)
-        for k in self.bn:
-            params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
-        return functional_call(self.model, params, (x,))
+            module, params = self.model.get_submodule(self.head), {k[len(prefix) :]: v for k, v in theta.items()}
+            x = ctx[f"features.{which}"]
+        else:
+            module, params = self.model, {k: ctx[k] for k in self.frozen}
+            params.update(theta)
+            for k in self.bn:
+                params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
+            x = self._layout(x)
+        if not self.batched:
+            return functional_call(module, params, (x,))
+        per_task = {k: 0 if k in theta or self.anil else None for k in params}  # theta: one copy per task
+        return vmap(lambda p, xt: functional_call(module, p, (xt,)), in_dims=(per_task, 0))(params, x)
+
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        """The task's loss; batched, each task's (a vector over tasks)."""
+        return vmap(self.lossf)(out, y) if self.batched else self.lossf(out, y)
 
     def _lr(self, slot: int, name: str, ctx: Params) -> Tensor | float:
         if self.algorithm.name == "metasgd":
@@ -143,7 +185,8 @@ class TaskProgram:
         at, at_ctx = (_detached(theta), _detached(ctx)) if first_order else (theta, ctx)
 
         def support(th: Params) -> Tensor:
-            return self.lossf(self.forward(slot, th, at_ctx, "s", sx), sy)
+            loss = self._loss(self.forward(slot, th, at_ctx, "s", sx), sy)
+            return loss.sum() if self.batched else loss  # batched: a task's copy of theta sees its own term
 
         if self.autograd:
             if first_order:  # detached copies become leaves of their own small graph
@@ -157,19 +200,28 @@ class TaskProgram:
     def query(self, i: int, theta: Params, ctx: Params, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """Query loss and metric after inner step ``i`` (``i = -1``: before adaptation)."""
         out = self.forward(self._slot(max(i, 0)), theta, ctx, "q", qx)
-        loss = self.lossf(out, qy)
+        loss = self._loss(out, qy)
+        if self.batched:
+            return loss, vmap(lambda o, y, lo: metric(self.algorithm.inner.loss, o, y, lo))(out, qy, loss)
         return loss, metric(self.algorithm.inner.loss, out, qy, loss)
+
+    def _per_task(self, theta: Params, tasks: int) -> Params:
+        """Batched: a copy of theta per task (a broadcast view: no memory until adapted)."""
+        return {k: v.expand(tasks, *v.shape) for k, v in theta.items()} if self.batched else theta
 
     # -- meta-gradient ----------------------------------------------------------
     def objective(self, params: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor):  # type: ignore[no-untyped-def]
         """Weighted query losses of one task, differentiable to second order; aux: last loss, metric."""
         theta, phi = self.split(params)
         ctx = self.context(phi, sx, qx)
+        theta = self._per_task(theta, sx.shape[0])
         total: Tensor | None = None
         for i, w in enumerate(self.weights):
             theta = self.step(i, theta, ctx, sx, sy, self.first_order)
             if w:
                 loss, met = self.query(i, theta, ctx, qx, qy)
+                if self.batched:  # sums over tasks, as the loop adds them up
+                    loss, met = loss.sum(), met.sum()
                 term = loss if w == 1.0 else w * loss
                 total = term if total is None else total + term
         assert total is not None  # the last step's weight is never 0
@@ -232,6 +284,7 @@ class TaskProgram:
         steps, and the context of the query inputs ``x``."""
         theta, phi = self.split(_detached(params))
         ctx = self.context(phi, sx, x)
+        theta = self._per_task(theta, sx.shape[0])
         adapted = theta
         for i in range(steps):
             adapted = _detached(self.step(i, adapted, ctx, sx, sy, first_order=True))

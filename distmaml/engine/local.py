@@ -6,6 +6,8 @@ for debugging (``workers: 0``) and for the core's benchmark.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from distmaml.runner import EvalShard, GradShard, TaskRunner
@@ -25,6 +27,10 @@ class InProcessEngine:
 
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
         return self.runner.evaluate(flat, split, range(tasks), steps)
+
+    def batching(self) -> dict[str, Any]:
+        """The batching used (with ``auto``, timed at the first meta-step; see ``TaskRunner.choose_batching``)."""
+        return self.runner.batching_report()
 
     def close(self) -> None:
         pass

@@ -58,7 +58,14 @@ class RayEngine:
             self.resources: WorkerResources = worker_resources(config)
             self.placement: Placement = reserve(config, self.resources)
             self.actors = [self._start(i) for i in range(self.workers)]
-            ray.get([a.describe.remote() for a in self.actors])  # surface start-up errors now
+            # surfaces start-up errors now; each worker has timed its batching candidates by then
+            described = ray.get([a.describe.remote() for a in self.actors])
+            self._batching = [d["batching"] for d in described]
+            for i, d in enumerate(described):
+                log.info("worker %d: %s", i, d["batching_line"])
+            self._common = self._common_batching()
+            if self._common is not None:
+                ray.get([a.use_batching.remote(self._common) for a in self.actors])
         except BaseException:
             self.close()
             raise
@@ -74,7 +81,13 @@ class RayEngine:
             num_gpus=self.resources.gpus,
             scheduling_strategy=strategy,
             max_restarts=0,
-        ).remote(self._build_runner, self.resources.threads)
+        ).remote(self._build_runner, self.resources.threads, -(-self.config.meta.batch_size // self.workers))
+
+    def _start_worker(self, index: int) -> Any:
+        actor = self._start(index)
+        if getattr(self, "_common", None) is not None:  # a replacement computes as the others do
+            actor.use_batching.remote(self._common)  # runs before any shard: one actor's calls run in order
+        return actor
 
     def _replace(self, index: int, error: Exception, what: str) -> None:
         self.replacements += 1
@@ -98,7 +111,7 @@ class RayEngine:
             ray.kill(self.actors[index], no_restart=True)
         except Exception:  # already gone
             pass
-        self.actors[index] = self._start(index)
+        self.actors[index] = self._start_worker(index)
 
     def _run(self, ranges: Sequence[range], submit: Callable[[Any, range], Any], what: str) -> list[Any]:
         """Runs one call per non-empty range; a dead actor is replaced and its range re-run."""
@@ -141,6 +154,22 @@ class RayEngine:
             f"{split} evaluation",
         )
         return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
+
+    def _common_batching(self) -> str | None:
+        """With ``batching: auto``: the candidate with the least seconds summed over the workers' timings.
+
+        Every worker then computes with it, so that shards of one step come
+        from the same computation (rounding included) whatever each timed.
+        """
+        timed = [b["seconds"] for b in self._batching if b["seconds"]]
+        if not timed:
+            return None
+        names = set.intersection(*(set(t) for t in timed))
+        return min(sorted(names), key=lambda n: sum(t[n] for t in timed))
+
+    def batching(self) -> dict[str, Any]:
+        """The batching every worker uses, and each worker's own timings from start-up."""
+        return {"choice": self._common or self._batching[0]["choice"], "workers": self._batching}
 
     def describe(self) -> list[dict[str, Any]]:
         """Per worker: pid, node id, GPU ids, device, threads."""

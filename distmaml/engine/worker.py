@@ -20,11 +20,17 @@ from distmaml.runner import EvalShard, GradShard, TaskRunner
 class ShardWorker:
     """Computes shards of each meta-step on the device Ray gave this actor."""
 
-    def __init__(self, build_runner: Callable[[], TaskRunner], threads: int) -> None:
+    def __init__(self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0) -> None:
         # One process per worker scales far better on CPUs than threads in one
         # process (1.97x vs 1.4x for two on this machine's 2 cores).
         torch.set_num_threads(max(1, threads))
         self.runner = build_runner()
+        if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
+            self.runner.choose_batching(tasks)
+
+    def use_batching(self, name: str) -> None:
+        """Computes with ``name`` from now on (the engine's common choice), whatever this worker timed."""
+        self.runner.batching = name
 
     def meta_grad(self, flat: Tensor, step: int, start: int, stop: int) -> GradShard:
         t0 = time.perf_counter()
@@ -35,7 +41,7 @@ class ShardWorker:
         return self.runner.evaluate(flat, split, range(start, stop), steps)
 
     def describe(self) -> dict[str, Any]:
-        """Where this actor runs: pid, node, visible GPUs, torch device and threads."""
+        """Where this actor runs (pid, node, visible GPUs, torch device, threads) and its batching."""
         import ray
 
         return {
@@ -45,4 +51,6 @@ class ShardWorker:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "device": str(self.runner.device),
             "threads": torch.get_num_threads(),
+            "batching": self.runner.batching_report(),
+            "batching_line": self.runner.batching_line(),
         }
