@@ -43,7 +43,7 @@ from distmaml.core.algorithm import (
     head_prefix,
     step_slot,
 )
-from distmaml.core.losses import loss_fn, metric
+from distmaml.core.losses import loss_fn, metric, task_losses, task_metrics
 from distmaml.typing import Params
 
 
@@ -170,7 +170,7 @@ class TaskProgram:
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The task's loss; batched, each task's (a vector over tasks)."""
-        return vmap(self.lossf)(out, y) if self.batched else self.lossf(out, y)
+        return task_losses(self.algorithm.inner.loss, out, y) if self.batched else self.lossf(out, y)
 
     def _lr(self, slot: int, name: str, ctx: Params) -> Tensor | float:
         if self.algorithm.name == "metasgd":
@@ -202,7 +202,7 @@ class TaskProgram:
         out = self.forward(self._slot(max(i, 0)), theta, ctx, "q", qx)
         loss = self._loss(out, qy)
         if self.batched:
-            return loss, vmap(lambda o, y, lo: metric(self.algorithm.inner.loss, o, y, lo))(out, qy, loss)
+            return loss, task_metrics(self.algorithm.inner.loss, out, qy, loss)
         return loss, metric(self.algorithm.inner.loss, out, qy, loss)
 
     def _per_task(self, theta: Params, tasks: int) -> Params:
