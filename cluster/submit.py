@@ -25,7 +25,6 @@ a sweep across machines then refuses).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 MLFLOW_PORT_ENV = "DISTMAML_MLFLOW_PORT"
@@ -82,12 +81,13 @@ def _with_head_tracking(argv: list[str]) -> list[str]:
     """``argv`` with ``--set tracking.uri=http://HEAD_IP:PORT`` when the head's MLflow server answers there."""
     if argv[:1] not in (["train"], ["tune"]) or not _default_tracking(argv):
         return argv
+    from distmaml.reach import unreachable
+
     host, port = _head_ip(), int(os.environ.get(MLFLOW_PORT_ENV) or 5000)
-    try:
-        socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
-    except OSError as e:
+    why = unreachable(host, port, PROBE_TIMEOUT)
+    if why is not None:
         print(
-            f"submit.py: no MLflow server answers at {host}:{port} ({e.strerror or e}); tracking stays at the "
+            f"submit.py: no MLflow server answers at {host}:{port} ({why}); tracking stays at the "
             "default sqlite:///mlflow.db on this node (start one as cluster/config.yaml's head_start_ray_commands "
             f"do, or pass --set tracking.uri=...)",
             flush=True,
