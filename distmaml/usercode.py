@@ -136,17 +136,15 @@ def check_model(model: nn.Module, x: Tensor, label: str) -> Tensor:
     """
     probe = copy.deepcopy(model)
     before = {k: b.clone() for k, b in probe.named_buffers()}
-    outputs: dict[str, list[list[Tensor]]] = {}
-    order: list[str] = []
+    calls: dict[str, list[tuple[list[Tensor], list[Tensor]]]] = {}  # per layer: (inputs, outputs) of each call
+
+    def tensors(value: Any) -> list[Tensor]:
+        items = value if isinstance(value, (tuple, list)) else [value]
+        return [t.detach().clone() for t in items if torch.is_tensor(t)]
 
     def recorder(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            tensors = [
-                t.detach().clone() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t)
-            ]
-            outputs.setdefault(name, []).append(tensors)
-            if name not in order:
-                order.append(name)
+        def hook(_m: nn.Module, args: Any, out: Any) -> None:
+            calls.setdefault(name, []).append((tensors(args), tensors(out)))
 
         return hook
 
@@ -154,7 +152,7 @@ def check_model(model: nn.Module, x: Tensor, label: str) -> Tensor:
     try:
         with torch.no_grad():
             first = probe(x)
-            calls = {n: len(v) for n, v in outputs.items()}
+            half = {n: len(v) for n, v in calls.items()}
             probe(x)
     finally:
         for h in handles:
@@ -168,17 +166,18 @@ def check_model(model: nn.Module, x: Tensor, label: str) -> Tensor:
                 "would update it as a side effect; compute it from the input or keep it fixed "
                 "(batch-norm: nn.BatchNorm1d/2d/3d, which distmaml replaces by batch statistics)"
             )
-    differ = {
+
+    def same(a: list[Tensor], b: list[Tensor]) -> bool:
+        return len(a) == len(b) and all(s.shape == t.shape and torch.equal(s, t) for s, t in zip(a, b))
+
+    # layers whose own forward is random: the same inputs, twice, gave different outputs
+    random = [
         n
-        for n, runs in outputs.items()
-        if any(
-            len(a) != len(b) or any(not torch.equal(s, t) for s, t in zip(a, b))
-            for a, b in zip(runs[: calls[n]], runs[calls[n] :])
-        )
-    }
-    for name in order:
-        children = [c for c in differ if c != name and (name == "" or c.startswith(name + "."))]
-        if name in differ and not children:
+        for n, runs in calls.items()
+        if any(same(a[0], b[0]) and not same(a[1], b[1]) for a, b in zip(runs[: half[n]], runs[half[n] :]))
+    ]
+    for name in random:
+        if not any(o != name and (name == "" or o.startswith(name + ".")) for o in random):  # innermost
             where = f"layer {name!r} ({type(probe.get_submodule(name)).__name__})" if name else "its forward"
             raise UserCodeError(
                 f"{label}: {where} gives different outputs for the same input and parameters: randomness makes a "
