@@ -70,7 +70,7 @@ def resolve(key: str, path: str) -> Any:
         missing = e.name or module_name
         if module_name == missing or module_name.startswith(missing + "."):
             raise UserCodeError(
-                f"{key} = {path!r}: no module {missing!r} in {here} (the current directory) or on the Python path; "
+                f"{key} = {path!r}: no module {missing!r} in the current directory or on the Python path; "
                 f"run from the folder that holds {missing.split('.')[0]}/ or pip install it"
             ) from None
         raise UserCodeError(
@@ -107,8 +107,8 @@ def build_user_model(config: Config, factory: ModelFactory, label: str) -> nn.Mo
     model = factory(config)
     if not isinstance(model, nn.Module):
         raise UserCodeError(
-            f"{label}: returned a {type(model).__name__}, not a torch.nn.Module; return the network itself "
-            "(for example nn.Sequential(...))"
+            f"{label}: returned an object of type {type(model).__name__}, not a torch.nn.Module; return the "
+            "network itself (for example nn.Sequential(...))"
         )
     if not any(True for _ in model.parameters()):
         raise UserCodeError(f"{label}: the network {type(model).__name__} has no parameters to meta-learn")

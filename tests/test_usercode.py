@@ -133,7 +133,7 @@ def test_a_buffer_updated_by_the_forward_pass_is_refused():
 
 
 def test_other_refusals():
-    assert "returned a str, not a torch.nn.Module" in _refusal(lambda c: "net")
+    assert "returned an object of type str, not a torch.nn.Module" in _refusal(lambda c: "net")
     assert "has affine=False" in _refusal(lambda c: nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4, affine=False)))
     assert "output (10, 3) and a task's targets (10, 1) differ in shape" in _refusal(lambda c: nn.Linear(1, 3))
 
@@ -215,7 +215,7 @@ def test_family_refusals(userpkg):
     )
     assert "no module 'nopkg'" in _assembly_error("model.name=nopkg.nets:make")
     assert "mypkg.fams has no attribute 'nets'; it defines" in _assembly_error("model.name=mypkg.fams:nets")
-    assert "returned a int, not a torch.nn.Module" in _assembly_error("model.name=mypkg.fams:not_a_net")
+    assert "returned an object of type int, not a torch.nn.Module" in _assembly_error("model.name=mypkg.fams:not_a_net")
 
 
 def test_a_user_family_runs_in_process_and_resolves_its_loss(userpkg):

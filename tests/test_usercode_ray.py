@@ -12,121 +12,34 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from userpkg import SETS, assert_shipped, worker_calls, write_package
 
 import distmaml
 from distmaml.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PACKAGE = {
-    "blobs/__init__.py": "",
-    "blobs/mod.py": textwrap.dedent(
-        '''
-        """Few-shot classification of generated points: each class a Gaussian blob placed anew per task."""
-        import json, os, sys
 
-        import torch
-        from torch import nn
-
-
-        def _log(what):
-            with open(os.environ["BLOBS_LOG"], "a") as f:
-                f.write(json.dumps({"what": what, "pid": os.getpid(), "file": __file__, "sys_path": sys.path,
-                                    "cwd": os.getcwd()}) + "\\n")
-
-
-        def make(config):
-            _log("model")
-            ways = config.data.ways
-            return nn.Sequential(nn.Linear(2, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, ways))
-
-
-        class Blobs:
-            loss = "cross_entropy"
-
-            def __init__(self, config):
-                _log("family")
-                self.seed, self.ways = config.seed, config.data.ways
-                self.shots, self.queries = config.data.shots, config.data.queries
-
-            def _task(self, split, step, i):
-                g = torch.Generator().manual_seed((((self.seed * 3 + ["train", "val", "test"].index(split)) * 100003
-                                                   + step) * 100003 + i))
-                centres = torch.randn(self.ways, 2, generator=g) * 2
-                n = self.shots + self.queries
-                x = centres.repeat_interleave(n, 0) + 0.5 * torch.randn(self.ways * n, 2, generator=g)
-                y = torch.arange(self.ways).repeat_interleave(n)
-                support = (torch.arange(self.ways * n) % n) < self.shots
-                return x[support], y[support], x[~support], y[~support]
-
-            def sample(self, split, step, task_ids):
-                step = step if split == "train" else 0
-                return tuple(torch.stack(p) for p in zip(*(self._task(split, step, int(i)) for i in task_ids)))
-        '''
-    ),
-}
-
-SETS = [
-    "model.name=blobs.mod:make",
-    "data.family=blobs.mod:Blobs",
-    "data.ways=3",
-    "data.shots=2",
-    "data.queries=4",
-    "inner.lr=0.5",
-    "inner.test_steps=5",
-    "meta.batch_size=4",
-    "meta.lr=0.01",
-    "meta.val_tasks=8",
-    "meta.test_tasks=60",
-    "tracking.enabled=false",
-    "precision=float64",
-    "batching=loop",
-]
-
-
-def _write_package(folder: Path) -> None:
-    for name, text in PACKAGE.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(text)
-
-
-def _distmaml(args: list[str], cwd: Path, log: Path) -> subprocess.CompletedProcess[str]:
+def _distmaml(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(ROOT), BLOBS_LOG=str(log))  # distmaml from this checkout; the package from nowhere
+    env["PYTHONPATH"] = str(ROOT)  # distmaml from this checkout; the package from nowhere
     exe = Path(sys.executable).parent / "distmaml"  # the console script: its sys.path[0] is not the folder
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _worker_calls(log: Path, driver_pids: set[int]) -> list[dict]:
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    return [c for c in calls if c["pid"] not in driver_pids]
-
-
-def _assert_shipped(calls: list[dict], folder: Path) -> None:
-    """Each worker process imported the package from Ray's copy, with the folder nowhere on its path."""
-    assert {c["what"] for c in calls} == {"model", "family"}
-    assert len({c["pid"] for c in calls}) >= 2
-    for c in calls:
-        assert "/runtime_resources/working_dir_files/" in c["file"], c["file"]
-        assert not c["file"].startswith(str(folder))
-        assert all(not p or Path(p).resolve() != folder.resolve() for p in c["sys_path"]), c["sys_path"]
-        assert Path(c["cwd"]).resolve() != folder.resolve()
 
 
 @pytest.mark.slow
 def test_cli_runs_a_package_it_has_never_seen_on_2_workers_evaluates_and_resumes(tmp_path):
     folder = tmp_path / "project"
     folder.mkdir()
-    _write_package(folder)
     log = tmp_path / "calls.jsonl"
+    write_package(folder, log)
     args = ["train", "--quiet", "--workers", "2", "--out", "run"]
     sets = [a for s in [*SETS, "meta.steps=30", "meta.checkpoint_every=15", "meta.val_every=15"] for a in ("--set", s)]
-    done = _distmaml([*args, *sets], folder, log)
+    done = _distmaml([*args, *sets], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     run = folder / "run"
     result = json.loads((run / "result.json").read_text())
@@ -134,12 +47,12 @@ def test_cli_runs_a_package_it_has_never_seen_on_2_workers_evaluates_and_resumes
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     driver = {c["pid"] for c in calls if Path(c["cwd"]).resolve() == folder.resolve()}
     assert len(driver) == 1  # the driver imported it from the folder, as `python -m` would
-    _assert_shipped(_worker_calls(log, driver), folder)
+    assert_shipped(worker_calls(log, driver), folder)
     test, unadapted = result["meta_test"], result["meta_test_unadapted"]
     assert test["metric"] == "accuracy" and test["tasks"] == 60
     assert test["mean"] > unadapted["mean"] + 0.1, (test, unadapted)
 
-    done = _distmaml(["evaluate", "--checkpoint", "run", "--tasks", "30"], folder, log)
+    done = _distmaml(["evaluate", "--checkpoint", "run", "--tasks", "30"], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "eval.json").read_text())["meta_test"]["tasks"] == 30
 
@@ -147,14 +60,14 @@ def test_cli_runs_a_package_it_has_never_seen_on_2_workers_evaluates_and_resumes
     final = load_checkpoint(run).params
     (run / "checkpoints" / "step_000000030.pt").unlink()
     log.unlink()
-    done = _distmaml(["train", "--quiet", "--resume", "run"], folder, log)
+    done = _distmaml(["train", "--quiet", "--resume", "run"], folder)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = load_checkpoint(run)
     assert resumed.step == 30
     for k, v in final.items():
         assert torch.allclose(resumed.params[k], v, atol=1e-10), k
     driver = {c["pid"] for c in (json.loads(x) for x in log.read_text().splitlines()) if c["cwd"] == str(folder)}
-    _assert_shipped(_worker_calls(log, driver), folder)
+    assert_shipped(worker_calls(log, driver), folder)
 
 
 @pytest.fixture
@@ -162,8 +75,7 @@ def blobs(tmp_path, monkeypatch):
     """The package importable in this process only (its folder on this process's sys.path, not the workers')."""
     folder = tmp_path / "project"
     folder.mkdir()
-    _write_package(folder)
-    monkeypatch.setenv("BLOBS_LOG", str(tmp_path / "calls.jsonl"))
+    write_package(folder, tmp_path / "calls.jsonl")
     monkeypatch.syspath_prepend(str(folder))
     import blobs.mod
 
@@ -202,4 +114,4 @@ def test_distmaml_train_with_callables(blobs, workers, tmp_path):
     assert config["data"]["family"].endswith("_notebook_tasks.<locals>.NotebookBlobs")
     assert config["data"]["loss"] == "cross_entropy"
     if workers:
-        _assert_shipped(_worker_calls(log, {os.getpid()}), folder)
+        assert_shipped(worker_calls(log, {os.getpid()}), folder)
