@@ -117,7 +117,6 @@ class InnerConfig:
 
 DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
 IMAGE_FAMILIES = ("glyphs", "store", "noise")
-MODEL_NAMES = ("mlp", "conv4")
 LOSS_NAMES = ("mse", "cross_entropy")
 BUILTIN_LOSS = {"sinusoid": "mse", **{name: "cross_entropy" for name in IMAGE_FAMILIES}}
 """The loss of each built-in family (``data.loss`` resolves to it)."""
@@ -157,6 +156,9 @@ class DataConfig:
             "data.image_size", self.image_size, self.image_size >= 16, "must be at least 16 (conv4 halves it 4 times)"
         )
         _at_least("data.channels", self.channels, 1)
+
+
+MODEL_NAMES = ("mlp", "conv4")
 
 
 @dataclass(kw_only=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from userpkg import SETS, assert_shipped, worker_calls, write_package
 
 import distmaml
@@ -31,12 +32,18 @@ def _distmaml(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
-def test_cli_runs_a_package_it_has_never_seen_on_2_workers_evaluates_and_resumes(tmp_path):
-    folder = tmp_path / "project"
+@pytest.fixture
+def project(tmp_path):
+    """The package written into a folder of its own; the log of its calls beside it."""
+    folder, log = tmp_path / "project", tmp_path / "calls.jsonl"
     folder.mkdir()
-    log = tmp_path / "calls.jsonl"
     write_package(folder, log)
+    return folder, log
+
+
+@pytest.mark.slow
+def test_cli_runs_a_package_it_has_never_seen_on_2_workers_evaluates_and_resumes(project):
+    folder, log = project
     args = ["train", "--quiet", "--workers", "2", "--out", "run"]
     sets = [a for s in [*SETS, "meta.steps=30", "meta.checkpoint_every=15", "meta.val_every=15"] for a in ("--set", s)]
     done = _distmaml([*args, *sets], folder)
@@ -115,3 +122,33 @@ def test_distmaml_train_with_callables(blobs, workers, tmp_path):
     assert config["data"]["loss"] == "cross_entropy"
     if workers:
         assert_shipped(worker_calls(log, {os.getpid()}), folder)
+
+
+@pytest.mark.slow
+def test_a_sweep_ships_the_package_to_its_trials_and_their_workers(project, tmp_path):
+    """`distmaml tune` from the folder: each trial (a Tune actor) and its engine's workers import Ray's copy."""
+    folder, log = project
+    fixed = dict(s.split("=", 1) for s in SETS)
+    fixed.update({"meta.steps": "4", "meta.val_every": "2", "meta.test_tasks": "8", "workers": "1"})
+    space = {
+        "name": "blobs",
+        "base": "sinusoid",
+        "set": {k: yaml.safe_load(v) for k, v in fixed.items()},
+        "metric": "val_accuracy",
+        "scheduler": "fifo",
+        "num_samples": 1,
+        "max_failures": 0,
+        "resources": {"workers": 1, "driver_cpus": 0.5},
+        "space": {"inner.lr": {"choice": [0.3, 0.5]}},
+    }
+    (folder / "blobs.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
+    done = _distmaml(["tune", "--space", "blobs.yaml", "--quiet", "--storage", str(tmp_path / "sweeps")], folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 trials of blobs" in done.stdout
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    driver = {c["pid"] for c in calls if Path(c["cwd"]).resolve() == folder.resolve()}  # load_space asked the loss
+    shipped = worker_calls(log, driver)
+    assert len({c["pid"] for c in shipped}) >= 2  # the trial and its worker
+    for c in shipped:
+        assert "/runtime_resources/working_dir_files/" in c["file"], c["file"]
+        assert all(not p or Path(p).resolve() != folder.resolve() for p in c["sys_path"]), c["sys_path"]
