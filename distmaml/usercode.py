@@ -114,7 +114,7 @@ def build_user_model(config: Config, factory: ModelFactory, label: str) -> nn.Mo
         raise UserCodeError(f"{label}: the network {type(model).__name__} has no parameters to meta-learn")
     for name, m in model.named_modules():
         p = getattr(m, "p", 0)
-        if isinstance(m, nn.modules.dropout._DropoutNd) and p > 0:
+        if isinstance(m, nn.modules.dropout._DropoutNd) and p > 0 and m.training:  # the core never calls .eval()
             raise UserCodeError(
                 f"{label}: layer {name!r} is {type(m).__name__}(p={p}): its random masks make a task's meta-gradient "
                 "differ between runs and worker counts (tasks are a function of seed, step and task id); "

@@ -152,3 +152,20 @@ def test_a_sweep_ships_the_package_to_its_trials_and_their_workers(project, tmp_
     for c in shipped:
         assert "/runtime_resources/working_dir_files/" in c["file"], c["file"]
         assert all(not p or Path(p).resolve() != folder.resolve() for p in c["sys_path"]), c["sys_path"]
+
+
+@pytest.mark.slow
+def test_distmaml_train_on_a_ray_started_without_the_package(blobs, tmp_path):
+    """A notebook that called ray.init() itself: the engine's actors carry the runtime environment instead."""
+    import ray
+
+    folder, mod, log = blobs
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        sets = [s for s in SETS if not s.startswith(("model.name", "data.family"))]
+        result = distmaml.train(model=mod.make, tasks=mod.Blobs, workers=2, overrides=[*sets, "meta.steps=4"])
+        assert ray.is_initialized()  # the user's Ray is left running
+    finally:
+        ray.shutdown()
+    assert result["workers"] == 2
+    assert_shipped(worker_calls(log, {os.getpid()}), folder)

@@ -10,6 +10,7 @@ and its shard re-run: the step's result is unchanged.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,6 +38,17 @@ from distmaml.runner import EvalShard, GradShard, TaskRunner
 log = logging.getLogger("distmaml.engine")
 
 _RemoteWorker = ray.remote(ShardWorker)
+
+
+def _uploaded(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with its local ``working_dir`` uploaded to the cluster, as ``ray.init`` does for a job's.
+
+    An actor's runtime environment may only name a URI, not a local folder;
+    Ray 2.60 has no public call for the upload that ``ray.init`` performs.
+    """
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    return upload_working_dir_if_needed(dict(env), include_gitignore=True, scratch_dir=tempfile.gettempdir())
 
 
 class WorkerFailure(EngineError):
@@ -68,7 +80,9 @@ class RayEngine:
         self._started_ray = connect(address, cpus, runtime_env)
         # Ray started by someone else (a test, a notebook's ray.init) without the user's code: the
         # actors carry it themselves. A job that ships code already (a Tune trial) passes it on.
-        self._actor_env = runtime_env if runtime_env and not self._started_ray and not job_ships_code() else None
+        self._actor_env = (
+            _uploaded(runtime_env) if runtime_env and not self._started_ray and not job_ships_code() else None
+        )
         self.replacements = 0
         self.events: list[dict[str, Any]] = []
         self.last_timing: dict[str, float] = {}
