@@ -58,8 +58,10 @@ def _maml_by_autograd(model, params, batch, lr, steps):
     return dict(zip(theta, torch.autograd.grad(total, list(theta.values()))))
 
 
-@pytest.mark.parametrize("batching", BATCHINGS)
-def test_torch_batchnorm_meta_gradient_equals_plain_autograd_in_float64(batching):
+@pytest.mark.parametrize(
+    "batching, recompute", [*((b, False) for b in BATCHINGS), ("loop", True), ("vmap", True)], ids=str
+)
+def test_torch_batchnorm_meta_gradient_equals_plain_autograd_in_float64(batching, recompute):
     torch.manual_seed(0)
     original = ConvBN().double()
     net = build_network(_config(), model=lambda c: copy.deepcopy(original))
@@ -75,7 +77,7 @@ def test_torch_batchnorm_meta_gradient_equals_plain_autograd_in_float64(batching
         torch.randn(4, 9, 1, 8, 8, generator=g, dtype=torch.float64),
         torch.randint(0, 3, (4, 9), generator=g),
     )
-    algo = Algorithm(name="maml", inner=InnerLoop(lr=0.3, steps=2, loss="cross_entropy"))
+    algo = Algorithm(name="maml", inner=InnerLoop(lr=0.3, steps=2, loss="cross_entropy"), recompute=recompute)
     ours = meta_grad(net, params, batch, algo, batching=batching).grads
     # the reference: torch's own BatchNorm layers in training mode (batch statistics), plain autograd
     reference = _maml_by_autograd(copy.deepcopy(original).train(), params, batch, lr=0.3, steps=2)
