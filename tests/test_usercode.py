@@ -227,3 +227,32 @@ def test_a_user_family_runs_in_process_and_resolves_its_loss(userpkg):
     assert run.config.data.loss == "mse"
     result = run.fit(progress=False)
     assert result["meta_test"]["metric"] == "mse" and result["meta_test"]["tasks"] == 4
+
+
+def test_own_images_through_prepare_imagefolder_with_an_own_network(tmp_path, monkeypatch):
+    """The README's way to a custom image dataset: `prepare imagefolder`, data.family=store, model.name=pkg:attr."""
+    import json
+
+    from datagen import make_imagefolder
+
+    from distmaml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    make_imagefolder(tmp_path / "birds", {f"bird{i}": 6 for i in range(12)})
+    assert main(["prepare", "imagefolder", "--source", "birds", "--out", "store", "--size", "16",
+                 "--proportions", "0.5,0.25,0.25"]) == 0  # fmt: skip
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "from distmaml.data.family import image_shape\n"
+        "def small(config):\n"
+        "    c, h, w = image_shape(config)\n"
+        "    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, config.data.ways))\n"
+    )
+    sets = ["data.path=store", "model.name=mynets:small", "meta.steps=2", "data.ways=3", "data.shots=1",
+            "data.queries=2", "meta.batch_size=2", "meta.val_tasks=2", "meta.test_tasks=4", "tracking.enabled=false"]  # fmt: skip
+    argv = ["train", "--config", "miniimagenet_5w1s", "--workers", "0", "--quiet", "--out", "run"]
+    assert main([*argv, *(a for x in sets for a in ("--set", x))]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["meta_test"]["metric"] == "accuracy" and result["meta_test"]["tasks"] == 4
+    sys.modules.pop("mynets", None)

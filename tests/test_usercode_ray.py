@@ -100,8 +100,7 @@ def _notebook_tasks(module):
     return NotebookBlobs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_distmaml_train_with_callables(blobs, workers, tmp_path):
     folder, mod, log = blobs
     sets = [s for s in SETS if not s.startswith(("model.name", "data.family"))]
