@@ -17,6 +17,9 @@ workers' PSS grows by one copy in total; read privately, by W copies::
 
     python -m distmaml.data.bench memory              # both modes, 2 workers, miniImageNet's size
     python -m distmaml.data.bench memory --workers 4 --store DATA_DIR
+
+The generated store takes about 1 GB in the temporary folder, 2 GB of
+memory while it is written, and each private copy 0.8 GB per worker.
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def split_memory(store: str | Path, *, workers: int = 2, shared: bool = True, ti
     Returns:
         ``{"shared", "workers", "split_mb", "pss_mb", "rss_mb", "mapped_pss_mb",
         "mapped_rss_mb", "copies"}``: the growth of each worker's PSS and RSS
-        in MB, each worker's PSS and RSS of the cache files it maps (0 when
+        in MiB, each worker's PSS and RSS of the cache files it maps (0 when
         private), and the sum of the PSS growths in units of the split's size
         (about 1 when shared, ``workers`` when each reads its own).
     """
@@ -267,11 +270,16 @@ def split_memory(store: str | Path, *, workers: int = 2, shared: bool = True, ti
 def _memory_main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m distmaml.data.bench memory", description=split_memory.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m distmaml.data.bench memory",
+        description="PSS and RSS growth of W worker processes that each read a store's meta-train split.",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--store", help="an existing store (default: a generated one of miniImageNet's train size)")
     parser.add_argument("--mode", choices=["both", "shared", "private"], default="both")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: give 1 or more worker processes")
     modes = {"both": [False, True], "shared": [True], "private": [False]}[args.mode]
     with tempfile.TemporaryDirectory(prefix="distmaml-bench-") as tmp:
         store = Path(args.store) if args.store else write_miniimagenet_sized_store(Path(tmp) / "store")
@@ -282,8 +290,8 @@ def _memory_main(argv: list[str] | None = None) -> None:
             pss = " + ".join(f"{v:.0f}" for v in r["pss_mb"])
             rss = ", ".join(f"{v:.0f}" for v in r["rss_mb"])
             print(
-                f"{how}  split {r['split_mb']:.0f} MB  PSS {pss} = {sum(r['pss_mb']):.0f} MB "
-                f"({r['copies']:.2f} copies)  RSS {rss} MB"
+                f"{how}  split {r['split_mb']:.0f} MiB  PSS {pss} = {sum(r['pss_mb']):.0f} MiB "
+                f"({r['copies']:.2f} copies)  RSS {rss} MiB"
             )
 
 
