@@ -44,12 +44,12 @@ class RayEngine:
     """
 
     def __init__(self, config: Config, build_runner: Callable[[], TaskRunner], address: str | None = None) -> None:
-        if config.workers < 1:
-            raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
+        if config.elastic or config.max_workers < 1:
+            raise EngineError(f"workers = {config.workers}: the Ray engine needs a fixed number of workers, 1 or more")
         self.config = config
-        self.workers = config.workers
+        self.workers = config.max_workers
         self._build_runner = build_runner
-        cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
+        cpus = self.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
         self._started_ray = connect(address, cpus)
         self.replacements = 0
         self.events: list[dict[str, Any]] = []
