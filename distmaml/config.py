@@ -170,6 +170,7 @@ class TrackingConfig:
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+REDUCES = ("driver", "collective")
 
 
 @dataclass(kw_only=True)
@@ -193,6 +194,10 @@ class EngineConfig:
     with the workers it then finds (after a node is lost, Ray may count it for up to 20 s more)."""
     startup_timeout: float = 120.0
     """Seconds to wait for the placement group before failing with the resources asked and available."""
+    reduce: str = "driver"
+    """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
+    steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with
+    torch.distributed and every worker takes the same step; nothing passes through the driver per step)."""
 
     def validate(self) -> None:
         _positive("engine.cpus_per_worker", self.cpus_per_worker)
@@ -204,6 +209,7 @@ class EngineConfig:
         _check("engine.resize_interval", self.resize_interval, self.resize_interval >= 0, "must be 0 or more")
         _positive("engine.regroup_timeout", self.regroup_timeout)
         _positive("engine.startup_timeout", self.startup_timeout)
+        _one_of("engine.reduce", self.reduce, REDUCES)
 
 
 MAML_TEST_STEPS = 10
@@ -280,6 +286,16 @@ class Config:
             need = "conv4" if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
+            )
+        if self.engine.reduce == "collective" and self.max_workers < 1:
+            raise ConfigError(
+                "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "
+                "(workers = 0 computes in the driver process)"
+            )
+        if self.elastic and self.engine.reduce != "collective":
+            raise ConfigError(
+                f"workers = {self.workers}: a range of workers needs engine.reduce=collective (the driver's "
+                "engine keeps a fixed pool); set engine.reduce=collective or give one number"
             )
         if self.max_workers > self.meta.batch_size:
             raise ConfigError(

@@ -37,6 +37,7 @@ from typing import Any
 
 from distmaml.config import Config
 from distmaml.engine.placement import EngineError
+from distmaml.storage import Location
 
 REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Ray Train's wait for a (re)starting group's workers; propagated from the driver to its controller."""
@@ -81,7 +82,7 @@ def _death(errors: dict[int, BaseException]) -> str | None:
     return None
 
 
-def group_failure(error: BaseException, config: Config, where: str | None = None) -> GroupFailure | None:
+def group_failure(error: BaseException, config: Config, where: Location | None = None) -> GroupFailure | None:
     """``GroupFailure`` for Ray Train's error after a worker died once more than the config allows, else None.
 
     An error the program raised (not a death) is left as it is: a bug keeps its
