@@ -227,26 +227,3 @@ def test_a_group_that_loses_a_node_goes_on_smaller_and_ends_where_the_fixed_size
         f"from step {runs[1][1]}"
     )
 
-
-def test_a_group_that_finds_room_grows_and_ends_where_the_fixed_size_run_ends(cluster, undisturbed, tmp_path):
-    """After the node lost above: 2 worker nodes. A node joins while rank 0 waits at step 5; the group's next
-    look for room (``engine.resize_interval``) restarts it with 3 from its latest checkpoint."""
-    assert len(cluster.worker_nodes) == 2
-    folder = tmp_path / "signals"
-    folder.mkdir()
-    run = assemble(load_config("sinusoid", [*BASE, "workers=[2,3]", "engine.resize_interval=2"]))
-
-    def add_a_node(rank0_pid: int) -> None:
-        cluster.add_node(num_cpus=2)
-        deadline = time.monotonic() + 240  # rank 0 waits until the resize ends its group (then go is moot)
-        while len(starts(folder)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-    thread = disturb(folder, add_a_node)
-    result = run.fit(tmp_path / "run", progress=False, callbacks=[PauseAt(folder, PAUSE_STEP)])
-    thread.join(5)
-    runs = starts(folder)
-    assert len(runs) == 2, runs
-    assert result["workers"] == 3 and result["steps"] == 8  # the group grew to 3
-    assert_same_state(load_checkpoint(tmp_path / "run"), undisturbed)
-    print(f"\njoined node: the group restarted with 3 workers {restart_seconds(folder):.1f} s after the node joined")
