@@ -226,4 +226,3 @@ def test_a_group_that_loses_a_node_goes_on_smaller_and_ends_where_the_fixed_size
         f"\nlost node: the group restarted with 2 workers {restart_seconds(folder):.1f} s after the removal, "
         f"from step {runs[1][1]}"
     )
-

@@ -5,8 +5,9 @@ the group starts with as many workers as the cluster has room for, up to max.
 When a worker dies (its process killed, its node lost) Ray Train stops the
 whole group and starts a new one, from the latest checkpoint rank 0 reported,
 with as many workers as the cluster then holds (at least min); while the group
-runs, it looks for room for more every ``engine.resize_interval`` seconds and
-restarts larger from the latest checkpoint when it finds some.
+runs, Ray Train looks for room for more every ``engine.resize_interval`` seconds
+and restarts it larger from the latest checkpoint when it finds some (Ray's
+behaviour; not shown by the tests here).
 
 A restart changes nothing of the result: the tasks of step s are a pure
 function of (seed, s, task id), every worker's shard is a range of task ids and
@@ -17,10 +18,12 @@ to rounding: the sums are added in another order).
 
 What a restart costs, measured on one 2-core machine (``ray.cluster_utils.Cluster``,
 tiny sinusoid runs): see the README's engine section. Two waits dominate it:
-Ray's view of the cluster's free resources, refreshed every 20 s, can still
-count a lost node, so the new group may first wait for workers that cannot
-start; ``engine.regroup_timeout`` bounds that wait (Ray Train's default is
-60 s), after which Ray Train tries again with the workers it then sees.
+starting the new group's processes (torch, the run's pieces: seconds, more on
+a busy machine), and, after a lost node, Ray's view of the cluster's free
+resources, refreshed every 20 s, which can still count that node, so the new
+group may first wait for workers that cannot start; ``engine.regroup_timeout``
+bounds that wait (Ray Train's default is 60 s), after which Ray Train tries
+again with the workers it then sees.
 
 Every restart after a worker death counts against ``engine.max_worker_failures``
 (Ray Train's ``FailureConfig.max_failures``; a lost node is such a death, a
