@@ -360,7 +360,8 @@ def fit_in_group(
     network = build_network(cfg)
     algorithm = build_algorithm(cfg)
     params = init_algorithm_params(network, algorithm)
-    engine = member.engine(build_runner(cfg, network=network, family=family), cfg.meta.batch_size)
+    device = member.device if cfg.device != "cpu" else None
+    engine = member.engine(build_runner(cfg, device, network=network, family=family), cfg.meta.batch_size)
     everyone: list[Callback] = []
     if member.lead:
         everyone = [

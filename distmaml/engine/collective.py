@@ -23,6 +23,7 @@ reach: a storage URI (``s3://...``) or a shared folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -60,6 +61,8 @@ class Member:
     restored: Path | None
     """A local run-directory layout (``checkpoints/step_N.pt``) of the checkpoint Ray Train restarts
     the group from, or None on a first start."""
+    device: str | None = None
+    """This worker's GPU (``cuda:K``, Ray Train's choice among the node's) where it has one, else None."""
 
     @property
     def lead(self) -> bool:
@@ -120,12 +123,17 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     program: Program = loop_config["program"]
+    device = None
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())  # workers sharing a node see its GPUs, each uses its own
     restored = ray.train.get_checkpoint()
     if restored is None:
-        program(Member(rank, world, None))
+        program(Member(rank, world, None, device))
         return
     with restored.as_directory() as folder:
-        program(Member(rank, world, Path(folder)))
+        program(Member(rank, world, Path(folder), device))
 
 
 class CollectiveEngine:
@@ -205,12 +213,19 @@ class CollectiveEngine:
             if user is not None:
                 raise user from None
             raise
-        if outcome.checkpoint is None:
-            raise EngineError("the worker group ended without reporting a result")
-        with outcome.checkpoint.as_directory() as folder:
-            import json
-
-            result: dict[str, Any] = json.loads((Path(folder) / RESULT_FILE).read_text())
+        if outcome.error is not None:
+            raise outcome.error
+        result: dict[str, Any] | None = None
+        if outcome.checkpoint is not None:
+            with outcome.checkpoint.as_directory() as folder:
+                path = Path(folder) / RESULT_FILE
+                result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None:  # Ray Train aborted the group (Ctrl-C) after its last checkpoint, before the end
+            where = f"; continue it with distmaml train --resume {run_dir}" if run_dir is not None else ""
+            step = (outcome.metrics or {}).get("step", 0)
+            raise EngineError(
+                f"the worker group stopped before the end of the run (last checkpoint: step {step}){where}"
+            )
         self.timing = result.pop("timing", {})
         return result
 
