@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -50,6 +51,7 @@ log = logging.getLogger("distmaml.engine")
 TRAIN_FOLDER = "train"
 """Ray Train's own folder inside the run directory (its reported checkpoints and state)."""
 RESULT_FILE = "result.json"
+ERROR_FILE = "error.pickle"
 
 
 @dataclass
@@ -79,13 +81,15 @@ class Member:
         checkpoint: Location | None = None,
         result: dict[str, Any] | None = None,
         files: Sequence[Location] = (),
+        error: BaseException | None = None,
     ) -> None:
         """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``checkpoint`` (a step file),
         ``result`` and ``files`` of its run directory (``config.yaml``, ``mlflow_run_id``) as a
-        ``ray.train.Checkpoint`` in a run-directory layout."""
+        ``ray.train.Checkpoint`` in a run-directory layout, and ``error``: an error every worker raised
+        alike, which ``CollectiveEngine.fit`` raises on the driver (the group ends without a restart)."""
         import ray.train
 
-        if not self.lead or (checkpoint is None and result is None):
+        if not self.lead or (checkpoint is None and result is None and error is None):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="distmaml-report-") as tmp:
@@ -97,6 +101,8 @@ class Member:
                 _copy(file, folder / storage.name(file))
             if result is not None:
                 write_json(folder / RESULT_FILE, result)
+            if error is not None:
+                (folder / ERROR_FILE).write_bytes(pickle.dumps(error))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -218,7 +224,9 @@ class CollectiveEngine:
         result: dict[str, Any] | None = None
         if outcome.checkpoint is not None:
             with outcome.checkpoint.as_directory() as folder:
-                path = Path(folder) / RESULT_FILE
+                path, error = Path(folder) / RESULT_FILE, Path(folder) / ERROR_FILE
+                if error.is_file():  # written by this run's own rank 0
+                    raise pickle.loads(error.read_bytes())
                 result = json.loads(path.read_text()) if path.is_file() else None
         if result is None:  # Ray Train aborted the group (Ctrl-C) after its last checkpoint, before the end
             where = f"; continue it with distmaml train --resume {run_dir}" if run_dir is not None else ""
