@@ -40,7 +40,7 @@ from distmaml.runner import TaskRunner
 from distmaml.storage import Location
 from distmaml.tasks import SinusoidTasks, TaskFamily
 from distmaml.tasks.noise import NoiseImageTasks
-from distmaml.trainer import Callback, Engine, Trainer
+from distmaml.trainer import Callback, Engine, NonFiniteError, Trainer
 from distmaml.typing import Params
 
 if TYPE_CHECKING:
@@ -312,6 +312,12 @@ def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
     return type(engine).__name__ == "CollectiveEngine"
 
 
+SAME_ON_EVERY_WORKER = (NonFiniteError, ConfigError)
+"""Errors every worker of a group raises at the same point, decided from values all share (the reduced
+meta-gradient, the gathered scores, the checkpoint's config): reported, they end the group at once
+instead of Ray Train restarting it ``engine.max_worker_failures`` times into the same error."""
+
+
 class GroupReporter(Callback):
     """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file and the
     run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end."""
@@ -360,7 +366,8 @@ def fit_in_group(
     network = build_network(cfg)
     algorithm = build_algorithm(cfg)
     params = init_algorithm_params(network, algorithm)
-    engine = member.engine(build_runner(cfg, network=network, family=family), cfg.meta.batch_size)
+    device = member.device if cfg.device != "cpu" else None
+    engine = member.engine(build_runner(cfg, device, network=network, family=family), cfg.meta.batch_size)
     everyone: list[Callback] = []
     if member.lead:
         everyone = [
@@ -376,15 +383,20 @@ def fit_in_group(
         callbacks=[*everyone, reporter],
         progress=progress and member.lead,
     )
-    saved = [load_checkpoint(member.restored)] if member.restored is not None else []
+    restored = member.restored
+    saved = [load_checkpoint(restored)] if restored is not None and (restored / "checkpoints").is_dir() else []
     if resume:
         if run_dir is None:
             raise ValueError("resume needs a run directory")
         saved.append(load_checkpoint(run_dir))
-    if saved:  # the newest: rank 0 writes the run directory's checkpoint before reporting it to Ray Train
-        trainer.restore(max(saved, key=lambda c: c.step))
     try:
+        if saved:  # the newest: rank 0 writes the run directory's checkpoint before reporting it to Ray Train
+            trainer.restore(max(saved, key=lambda c: c.step))
         result = trainer.fit()
+    except SAME_ON_EVERY_WORKER as e:
+        fail_callbacks(everyone, e)
+        member.report({"step": trainer.step}, trainer.last_checkpoint, files=reporter.files(), error=e)
+        return
     except BaseException as e:
         fail_callbacks(everyone, e)
         raise
