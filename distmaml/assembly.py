@@ -12,7 +12,7 @@ The builders are named, one per piece (torchtitan's ``TrainSpec`` shape):
   user's ``package.module:attr``, seeded by ``config.seed``, in ``config.precision``;
 * ``build_algorithm(config)`` -> ``core.Algorithm``;
 * ``build_runner(config)`` -> ``TaskRunner``, the ready task program an engine runs;
-* ``make_engine(config)`` -> in-process or Ray engine;
+* ``make_engine(config)`` -> in-process or Ray engine, or the collective engine's launcher;
 * ``tracking_callbacks(config, ...)`` -> ``[MlflowCallback]`` or ``[]``;
 * ``assemble(config)`` -> ``Run``: all of them, and the initial meta-parameters.
 
@@ -30,21 +30,24 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import nn
 
+from distmaml import storage
+from distmaml.checkpoint import load_checkpoint
 from distmaml.config import IMAGE_FAMILIES, Config, ConfigError, config_from_dict, is_import_path
 from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
 from distmaml.models import build_model
 from distmaml.runner import TaskRunner
+from distmaml.storage import Location
 from distmaml.tasks import SinusoidTasks, TaskFamily
 from distmaml.tasks.noise import NoiseImageTasks
-from distmaml.trainer import Callback, Engine, Trainer
+from distmaml.trainer import Callback, Engine, NonFiniteError, Trainer
 from distmaml.typing import Params
 from distmaml.usercode import (
     FamilyFactory,
@@ -55,6 +58,9 @@ from distmaml.usercode import (
     check_run,
     resolve,
 )
+
+if TYPE_CHECKING:
+    from distmaml.engine.collective import CollectiveEngine, Member
 
 
 # -- the task family ----------------------------------------------------------------
@@ -234,12 +240,17 @@ def make_engine(
     runner: TaskRunner | None = None,
     model: ModelFactory | None = None,
     tasks: FamilyFactory | None = None,
-) -> Engine:
-    """``workers: 0``: the in-process engine (on ``runner`` if given); else the Ray engine at ``address``.
+) -> Engine | CollectiveEngine:
+    """``workers: 0``: the in-process engine (on ``runner`` if given); else at ``address`` the Ray engine
+    (``engine.reduce: driver``) or the collective engine's launcher (``engine.reduce: collective``).
 
-    The Ray engine starts Ray with the runtime environment that ships the
-    user's code (``user_runtime_env``) when this process has not started it yet.
+    Either starts Ray with the runtime environment that ships the user's code
+    (``user_runtime_env``) when this process has not started it yet.
     """
+    if config.engine.reduce == "collective":
+        from distmaml.engine.collective import CollectiveEngine
+
+        return CollectiveEngine(config, address, runtime_env=user_runtime_env(config, model, tasks))
     if config.workers == 0:
         from distmaml.engine import InProcessEngine
 
@@ -272,6 +283,16 @@ def tracking_callbacks(
 
 
 # -- the run ------------------------------------------------------------------------
+def fail_callbacks(callbacks: Sequence[Callback], error: BaseException) -> None:
+    """Ends each callback's run (MLflow) as KILLED (a scheduler's ``SystemExit``, SIGTERM/SIGINT's
+    ``KeyboardInterrupt``) or FAILED."""
+    status = "KILLED" if isinstance(error, (SystemExit, KeyboardInterrupt)) else "FAILED"
+    for cb in callbacks:
+        fail = getattr(cb, "fail", None)
+        if fail is not None:
+            fail(status)
+
+
 @dataclass
 class Run:
     """A run, assembled: its pieces, ready for a ``Trainer``."""
@@ -283,15 +304,27 @@ class Run:
     algorithm: Algorithm
     params: Params
     """Initial meta-parameters (the network's and the algorithm's own)."""
-    engine: Engine
+    engine: Engine | CollectiveEngine
+    """The driver's engine; with ``engine.reduce: collective`` the launcher of the worker group, which
+    runs the trainer in its workers (``fit_in_group``)."""
     callbacks: list[Callback]
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``MlflowCallback`` (a collective group's rank 0 builds its own)."""
+    model: ModelFactory | None = None
+    """The user's network builder given instead of ``model.name`` (``distmaml.train``); a collective
+    group's workers build with it."""
+    tasks: FamilyFactory | None = None
+    """The user's task-family builder given instead of ``data.family``."""
 
     def trainer(
         self, run_dir: Any = None, *, progress: bool = True, resume: bool = False, callbacks: Sequence[Callback] = ()
     ) -> Trainer:
+        """A trainer on the driver's engine (not for ``engine.reduce: collective``: see ``fit``)."""
+        if is_collective(self.engine):
+            raise TypeError("engine.reduce = 'collective' trains in its worker group: call Run.fit")
         return Trainer(
             self.config,
-            self.engine,
+            cast(Engine, self.engine),
             run_dir,
             params=self.params,
             callbacks=[*self.callbacks, *callbacks],
@@ -310,13 +343,22 @@ class Run:
         """
         everyone = [*self.callbacks, *callbacks]
         try:
+            if is_collective(self.engine):  # the group's rank 0 runs the callbacks; they travel there
+                program = functools.partial(
+                    fit_in_group,
+                    config=self.config.to_dict(),
+                    run_dir=storage.location(run_dir) if run_dir is not None else None,
+                    resume=resume,
+                    progress=progress,
+                    tracking=self.tracking,
+                    callbacks=list(callbacks),
+                    model=self.model,
+                    tasks=self.tasks,
+                )
+                return self.engine.fit(program, program.keywords["run_dir"])
             return self.trainer(run_dir, progress=progress, resume=resume, callbacks=callbacks).fit()
         except BaseException as e:
-            status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
-            for cb in everyone:
-                fail = getattr(cb, "fail", None)
-                if fail is not None:
-                    fail(status)
+            fail_callbacks(everyone, e)
             raise
         finally:
             self.close()
@@ -354,7 +396,111 @@ def assemble(
         check_run(config, network, family, user_model=user_model, user_family=user_family)
     algorithm = build_algorithm(config)
     params = init_algorithm_params(network, algorithm)
-    callbacks = tracking_callbacks(config, network=network, algorithm=algorithm, family=family, **(tracking or {}))
+    collective = config.engine.reduce == "collective"  # its rank 0 builds the tracking callbacks
+    callbacks = (
+        []
+        if collective
+        else tracking_callbacks(config, network=network, algorithm=algorithm, family=family, **(tracking or {}))
+    )
     runner = build_runner(config, network=network, family=family) if config.workers == 0 else None
     engine = make_engine(config, address, runner=runner, model=model, tasks=tasks)
-    return Run(config, family, network, algorithm, params, engine, callbacks)
+    return Run(config, family, network, algorithm, params, engine, callbacks, dict(tracking or {}), model, tasks)
+
+
+# -- a collective group's worker --------------------------------------------------------
+def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
+    return type(engine).__name__ == "CollectiveEngine"
+
+
+SAME_ON_EVERY_WORKER = (NonFiniteError, ConfigError)
+"""Errors every worker of a group raises at the same point, decided from values all share (the reduced
+meta-gradient, the gathered scores, the checkpoint's config): reported, they end the group at once
+instead of Ray Train restarting it ``engine.max_worker_failures`` times into the same error."""
+
+
+class GroupReporter(Callback):
+    """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file and the
+    run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end."""
+
+    SIDE_FILES = ("config.yaml", "mlflow_run_id")
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+        self.run_dir: Location | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.run_dir = trainer.run_dir
+
+    def files(self) -> list[Location]:
+        if self.run_dir is None:
+            return []
+        return [f for name in self.SIDE_FILES if storage.is_file(f := storage.join(self.run_dir, name))]
+
+    def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
+        self.member.report({**metrics, "step": step}, checkpoint, files=self.files() if checkpoint else ())
+
+    def finish(self, step: int, checkpoint: Location | None, result: dict[str, Any]) -> None:
+        self.member.report({"step": step}, checkpoint, result=result, files=self.files())
+
+
+def fit_in_group(
+    member: Member,
+    *,
+    config: dict[str, Any],
+    run_dir: Location | None,
+    resume: bool,
+    progress: bool,
+    tracking: dict[str, Any],
+    callbacks: list[Callback],
+    model: ModelFactory | None = None,
+    tasks: FamilyFactory | None = None,
+) -> None:
+    """The run in one worker of a collective group (``engine.collective``'s program).
+
+    Every worker builds the same run from ``config`` and trains it on its
+    ``GroupEngine``; rank 0 alone writes ``run_dir``, runs the tracking and
+    the given ``callbacks`` and reports the result. A group restarted by Ray
+    Train continues from ``member.restored``, with ``resume`` from
+    ``run_dir``'s newest checkpoint if that is newer.
+    """
+    cfg = config_from_dict(config)
+    family = build_family(cfg, tasks)
+    network = build_network(cfg, model)
+    algorithm = build_algorithm(cfg)
+    params = init_algorithm_params(network, algorithm)
+    device = member.device if cfg.device != "cpu" else None
+    engine = member.engine(build_runner(cfg, device, network=network, family=family), cfg.meta.batch_size)
+    everyone: list[Callback] = []
+    if member.lead:
+        everyone = [
+            *tracking_callbacks(cfg, network=network, algorithm=algorithm, family=family, **tracking),
+            *callbacks,
+        ]
+    reporter = GroupReporter(member)
+    trainer = Trainer(
+        cfg,
+        engine,
+        run_dir if member.lead else None,
+        params=params,
+        callbacks=[*everyone, reporter],
+        progress=progress and member.lead,
+    )
+    restored = member.restored
+    saved = [load_checkpoint(restored)] if restored is not None and (restored / "checkpoints").is_dir() else []
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs a run directory")
+        saved.append(load_checkpoint(run_dir))
+    try:
+        if saved:  # the newest: rank 0 writes the run directory's checkpoint before reporting it to Ray Train
+            trainer.restore(max(saved, key=lambda c: c.step))
+        result = trainer.fit()
+    except SAME_ON_EVERY_WORKER as e:
+        fail_callbacks(everyone, e)
+        member.report({"step": trainer.step}, trainer.last_checkpoint, files=reporter.files(), error=e)
+        return
+    except BaseException as e:
+        fail_callbacks(everyone, e)
+        raise
+    timing = engine.timing()  # every worker: a collective call
+    reporter.finish(trainer.step, trainer.last_checkpoint, {**result, "timing": timing})

@@ -198,6 +198,7 @@ class TrackingConfig:
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+REDUCES = ("driver", "collective")
 
 
 @dataclass(kw_only=True)
@@ -211,9 +212,20 @@ class EngineConfig:
     placement: str = "PACK"
     """Placement-group strategy: PACK (fewest nodes) or SPREAD (one worker per node where possible)."""
     max_worker_failures: int = 3
-    """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run."""
+    """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run (``engine.reduce:
+    collective``: the group restarts from its latest checkpoint; a lost node counts as a death)."""
+    resize_interval: float = 60.0
+    """Elastic ``workers: [min, max]``: seconds between a running group's looks for room for more workers
+    (it then restarts larger from its latest checkpoint)."""
+    regroup_timeout: float = 30.0
+    """Collective engine: seconds a (re)starting group waits for its workers before Ray Train tries again
+    with the workers it then finds (after a node is lost, Ray may count it for up to 20 s more)."""
     startup_timeout: float = 120.0
     """Seconds to wait for the placement group before failing with the resources asked and available."""
+    reduce: str = "driver"
+    """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
+    steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with
+    torch.distributed and every worker takes the same step; nothing passes through the driver per step)."""
 
     def validate(self) -> None:
         _positive("engine.cpus_per_worker", self.cpus_per_worker)
@@ -222,7 +234,10 @@ class EngineConfig:
         _positive("engine.driver_cpus", self.driver_cpus)
         _one_of("engine.placement", self.placement, PLACEMENT_STRATEGIES)
         _at_least("engine.max_worker_failures", self.max_worker_failures, 0)
+        _check("engine.resize_interval", self.resize_interval, self.resize_interval >= 0, "must be 0 or more")
+        _positive("engine.regroup_timeout", self.regroup_timeout)
         _positive("engine.startup_timeout", self.startup_timeout)
+        _one_of("engine.reduce", self.reduce, REDUCES)
 
 
 MAML_TEST_STEPS = 10
@@ -265,8 +280,11 @@ class Config:
     """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
     device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
     ``batched`` (``core.batching``)."""
-    workers: int = 0
-    """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
+    workers: int | list[int] = 0
+    """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks). ``[min, max]``
+    (``engine.reduce: collective`` only): an elastic group of as many workers as the cluster has room
+    for, from min to max; it restarts from its latest checkpoint with fewer when a node is lost, and
+    with more when one joins (``engine.resize_interval``)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -280,7 +298,7 @@ class Config:
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("batching", self.batching, ("auto", *BATCHINGS))
-        _at_least("workers", self.workers, 0)
+        self._check_workers()
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()
         if self.inner.test_steps is None:  # the algorithm's default, written into the resolved config
@@ -306,11 +324,43 @@ class Config:
                     "drop data.loss"
                 )
             self.data.loss = builtin_loss
-        if self.workers > self.meta.batch_size:
+        if self.engine.reduce == "collective" and self.max_workers < 1:
+            raise ConfigError(
+                "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "
+                "(workers = 0 computes in the driver process)"
+            )
+        if self.elastic and self.engine.reduce != "collective":
+            raise ConfigError(
+                f"workers = {self.workers}: a range of workers needs engine.reduce=collective (the driver's "
+                "engine keeps a fixed pool); set engine.reduce=collective or give one number"
+            )
+        if self.max_workers > self.meta.batch_size:
             raise ConfigError(
                 f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "
                 "some workers would get no task; lower workers or raise meta.batch_size"
             )
+
+    def _check_workers(self) -> None:
+        if isinstance(self.workers, int):
+            _at_least("workers", self.workers, 0)
+            return
+        ok = len(self.workers) == 2 and 1 <= self.workers[0] <= self.workers[1]
+        _check("workers", self.workers, ok, "an elastic range is [min, max] with 1 <= min <= max, e.g. workers=[2,4]")
+
+    @property
+    def elastic(self) -> bool:
+        """``workers`` is a range ``[min, max]``."""
+        return isinstance(self.workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run goes on with (``workers`` when it is one number)."""
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run starts (``workers`` when it is one number)."""
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
 
     @property
     def loss(self) -> str:
@@ -350,6 +400,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", list[int]: "[min, max]"}
+"""How a message names a type of a field that takes one of several."""
+
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
 
 
@@ -360,7 +413,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        annotation = next(a for a in options if a is not type(None))
+        choices = [a for a in options if a is not type(None)]
+        if len(choices) > 1:  # int | list[int]: by the value's shape
+            lists = [a for a in choices if typing.get_origin(a) is list]
+            if isinstance(value, list) and lists:
+                return _coerce(key, value, lists[0])
+            scalars = [a for a in choices if typing.get_origin(a) is not list]
+            try:
+                _check(key, value, not isinstance(value, list) and bool(scalars), "")
+                return _coerce(key, value, scalars[0])
+            except ConfigError:
+                names = " or ".join(_KINDS.get(a, str(a)) for a in choices)
+                raise ConfigError(f"{key} = {value!r}: must be {names}") from None
+        annotation = choices[0]
         origin = typing.get_origin(annotation)
     if origin is list:
         (item,) = typing.get_args(annotation)

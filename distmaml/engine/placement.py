@@ -201,10 +201,11 @@ def worker_resources(config: Config, cluster: ClusterShape | None = None) -> Wor
 
 
 def bundles(config: Config, res: WorkerResources) -> list[Bundle]:
-    """The driver's bundle, then one per worker, with the config keys that set them."""
+    """The driver's bundle, then one per worker (the fewest an elastic run goes on with), with the config keys
+    that set them."""
     driver = Bundle("driver", {"CPU": config.engine.driver_cpus}, {"CPU": "engine.driver_cpus"})
     keys = {"CPU": "engine.cpus_per_worker", "GPU": "engine.gpus_per_worker"}
-    return [driver] + [Bundle("worker", res.bundle(), keys) for _ in range(config.workers)]
+    return [driver] + [Bundle("worker", res.bundle(), keys) for _ in range(config.min_workers)]
 
 
 def check_feasible(config: Config, res: WorkerResources, cluster: ClusterShape | None = None) -> None:
@@ -233,10 +234,10 @@ def reserve(config: Config, res: WorkerResources) -> Placement:
     current = get_current_placement_group()
     if current is not None:
         count = current.bundle_count
-        if count < config.workers + 1:
+        if count < config.max_workers + 1:
             raise EngineError(
                 f"the trial's placement group has {count} bundles but workers = {config.workers} "
-                f"needs {config.workers + 1} (a driver bundle and one per worker)"
+                f"needs {config.max_workers + 1} (a driver bundle and one per worker)"
             )
         return Placement(current, 1, owned=False)
     cluster = cluster_shape()

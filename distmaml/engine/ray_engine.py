@@ -31,7 +31,7 @@ from distmaml.engine.placement import (
     reserve,
     worker_resources,
 )
-from distmaml.engine.shard import balanced_ranges
+from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
@@ -71,12 +71,12 @@ class RayEngine:
         *,
         runtime_env: dict[str, Any] | None = None,
     ) -> None:
-        if config.workers < 1:
-            raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
+        if config.elastic or config.max_workers < 1:
+            raise EngineError(f"workers = {config.workers}: the Ray engine needs a fixed number of workers, 1 or more")
         self.config = config
-        self.workers = config.workers
+        self.workers = config.max_workers
         self._build_runner = build_runner
-        cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
+        cpus = self.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
         self._started_ray = connect(address, cpus, runtime_env)
         # Ray started by someone else (a test, a notebook's ray.init) without the user's code: the
         # actors carry it themselves. A job that ships code already (a Tune trial) passes it on.
@@ -95,7 +95,7 @@ class RayEngine:
             self._batching = [d["batching"] for d in described]
             for i, d in enumerate(described):
                 log.info("worker %d: %s", i, d["batching_line"])
-            self._common = self._common_batching()
+            self._common = common_batching(self._batching)
             if self._common is not None:
                 ray.get([a.use_batching.remote(self._common) for a in self.actors])
         except BaseException:
@@ -187,18 +187,6 @@ class RayEngine:
             f"{split} evaluation",
         )
         return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
-
-    def _common_batching(self) -> str | None:
-        """With ``batching: auto``: the candidate with the least seconds summed over the workers' timings.
-
-        Every worker then computes with it, so that shards of one step come
-        from the same computation (rounding included) whatever each timed.
-        """
-        timed = [b["seconds"] for b in self._batching if b["seconds"]]
-        if not timed:
-            return None
-        names = set.intersection(*(set(t) for t in timed))
-        return min(sorted(names), key=lambda n: sum(t[n] for t in timed))
 
     def batching(self) -> dict[str, Any]:
         """The batching every worker uses, and each worker's own timings from start-up."""
