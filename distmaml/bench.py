@@ -34,6 +34,7 @@ from distmaml.bench_engines import (
     RESNET12_PARAMS,
     engine_rows,
     engine_summary,
+    flat_size,
     parse_reduces,
     reduce_cost,
     reduce_table,
@@ -388,7 +389,7 @@ def run(
     """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
     the baseline, and learn2learn where installed, are added. With ``workers``: a row per engine
     (``reduces``) and worker count, and the reduce cost of a flat gradient of ``reduce_params``
-    entries (0: none)."""
+    entries (0: none) and of each config's own."""
     from distmaml.assembly import build_network
 
     matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
@@ -440,8 +441,10 @@ def run(
         "auto_batching": auto,
         "learn2learn_agreement": agreement,
     }
-    if workers and reduce_params:
-        report["reduce_cost"] = _in_subprocess(reduce_cost, workers, reduce_params)
+    if workers:
+        sizes = {"12M": reduce_params} if reduce_params == RESNET12_PARAMS else {f"{reduce_params:,}": reduce_params}
+        sizes = {**(sizes if reduce_params else {}), **{name: flat_size(name) for name in configs}}
+        report["reduce_cost"] = _in_subprocess(reduce_cost, workers, sizes)
     if "omniglot" in configs:
         report["sampler"] = sampler_row(rows)
     return report

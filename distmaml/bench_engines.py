@@ -17,11 +17,11 @@ one gloo ``all_reduce`` among W processes.
 
 from __future__ import annotations
 
-import functools
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -35,16 +35,16 @@ REDUCE_STEPS = 10
 """Timed reduces per engine and worker count (after one untimed)."""
 
 
-# -- the reduce alone: a 12M-parameter gradient ------------------------------------------------
+# -- the reduce alone: a 12M-parameter gradient, and each config's own ----------------------------
 class ReadyGradient:
     """Stands in for a ``TaskRunner`` in the Ray engine's worker actors: its "meta-gradient" is a ready
-    flat tensor of ``numel`` entries, so a step of the engine is its reduce and nothing else."""
+    flat tensor as long as the parameters it is sent, so a step of the engine is its reduce alone."""
 
     device = torch.device("cpu")
     batching = "ready"
 
-    def __init__(self, numel: int) -> None:
-        self.grad = torch.ones(numel)
+    def __init__(self) -> None:
+        self.grads: dict[int, Tensor] = {}
 
     def choose_batching(self, tasks: int) -> str:
         return self.batching
@@ -56,36 +56,41 @@ class ReadyGradient:
         return "a ready gradient (reduce-cost benchmark)"
 
     def meta_grad(self, flat: Tensor, step: int, ids: range) -> GradShard:
-        return GradShard(self.grad, 0.0, 0.0, len(ids))
+        n = flat.numel()
+        if n not in self.grads:
+            self.grads[n] = torch.ones(n)
+        return GradShard(self.grads[n], 0.0, 0.0, len(ids))
 
     def evaluate(self, flat: Tensor, split: str, ids: range, steps: int) -> EvalShard:
         raise NotImplementedError("the reduce-cost benchmark only takes meta-steps")
 
 
 class AllReduceProbe:
-    """One of W processes of a gloo group, holding a flat float32 gradient of ``numel`` entries."""
+    """One of W processes of a gloo group, holding flat float32 gradients."""
 
-    def __init__(self, numel: int, rank: int, world: int) -> None:
+    def __init__(self, rank: int, world: int) -> None:
         torch.set_num_threads(1)
-        self.grad = torch.ones(numel)
         self.rank, self.world = rank, world
+        self.grads: dict[int, Tensor] = {}
 
     def join(self, init_method: str) -> None:
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=init_method, rank=self.rank, world_size=self.world)
 
-    def all_reduce(self) -> float:
-        """Seconds of one ``all_reduce(SUM)``, started once every rank is there (after a barrier)."""
+    def all_reduce(self, numel: int) -> float:
+        """Seconds of one ``all_reduce(SUM)`` of ``numel`` entries, started once every rank is there (after
+        a barrier)."""
         import torch.distributed as dist
 
-        self.grad.fill_(1.0)  # the sum grows every call: start from the same values
+        grad = self.grads.setdefault(numel, torch.empty(numel))
+        grad.fill_(1.0)  # the sum grows every call: start from the same values
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(self.grad, op=dist.ReduceOp.SUM)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         seconds = time.perf_counter() - t0
-        if float(self.grad[0]) != self.world:
-            raise RuntimeError(f"all_reduce gave {float(self.grad[0])}, not {self.world}")
+        if float(grad[0]) != self.world:
+            raise RuntimeError(f"all_reduce gave {float(grad[0])}, not {self.world}")
         return seconds
 
 
@@ -97,15 +102,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def reduce_cost(workers: list[int], numel: int = RESNET12_PARAMS, steps: int = REDUCE_STEPS) -> list[dict[str, Any]]:
-    """Seconds per step to reduce a flat float32 gradient of ``numel`` entries from W workers, both ways.
+def flat_size(name: str) -> int:
+    """Entries of a bench config's flat meta-parameters (what its engines reduce every step)."""
+    from distmaml.assembly import build_algorithm, build_network
+    from distmaml.bench import bench_config
+    from distmaml.core.algorithm import init_algorithm_params
+
+    config = bench_config(name)
+    return sum(p.numel() for p in init_algorithm_params(build_network(config), build_algorithm(config)).values())
+
+
+def reduce_cost(workers: list[int], sizes: dict[str, int], steps: int = REDUCE_STEPS) -> list[dict[str, Any]]:
+    """Seconds per step to reduce a flat float32 gradient from W workers that compute nothing, both ways,
+    for each of ``sizes`` (a label, e.g. ``12M`` or a config's name: entries).
 
     One Ray engine (with ``ReadyGradient`` workers) and one gloo group per
     worker count are started up front; then, round by round, each takes a
-    reduce in turn, so all share the machine's conditions. ``driver``: the
-    driver's wall time of ``RayEngine.meta_batch``. ``collective``: the slowest
-    rank's ``all_reduce``. Reported: medians over ``steps`` rounds after one
-    untimed.
+    reduce of each size in turn, so all share the machine's conditions.
+    ``driver``: the driver's wall time of ``RayEngine.meta_batch`` (``ray.put``
+    of the parameters, every actor returning its gradient, the sum).
+    ``collective``: the slowest rank's ``all_reduce``. Reported: medians over
+    ``steps`` rounds after one untimed.
     """
     import ray
 
@@ -118,28 +135,27 @@ def reduce_cost(workers: list[int], numel: int = RESNET12_PARAMS, steps: int = R
     probe = ray.remote(num_cpus=1)(AllReduceProbe)
     engines: dict[int, RayEngine] = {}
     groups: dict[int, list[Any]] = {}
+    times: dict[tuple[str, str, int], list[float]] = {}
     try:
         for w in workers:
             config = bench_config("sinusoid", f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
-            build = cast("Callable[[], TaskRunner]", functools.partial(ReadyGradient, numel))
-            engines[w] = RayEngine(config, build)
-            groups[w] = [probe.remote(numel, r, w) for r in range(w)]  # type: ignore[attr-defined]
+            engines[w] = RayEngine(config, cast("Callable[[], TaskRunner]", ReadyGradient))
+            groups[w] = [probe.remote(r, w) for r in range(w)]  # type: ignore[attr-defined]
             init = f"tcp://127.0.0.1:{_free_port()}"
             ray.get([p.join.remote(init) for p in groups[w]])
-        flat = torch.zeros(numel)
-        driver: dict[int, list[float]] = {w: [] for w in workers}
-        collective: dict[int, list[float]] = {w: [] for w in workers}
+        flats = {label: torch.zeros(n) for label, n in sizes.items()}
         for i in range(steps + 1):
-            for w in workers:
-                t0 = time.perf_counter()
-                shard = engines[w].meta_batch(flat, i, w)
-                seconds = time.perf_counter() - t0
-                if float(shard.grad[0]) != w:
-                    raise RuntimeError(f"the driver's sum gave {float(shard.grad[0])}, not {w}")
-                reduce = max(ray.get([p.all_reduce.remote() for p in groups[w]]))
-                if i:
-                    driver[w].append(seconds)
-                    collective[w].append(reduce)
+            for label, flat in flats.items():
+                for w in workers:
+                    t0 = time.perf_counter()
+                    shard = engines[w].meta_batch(flat, i, w)
+                    seconds = time.perf_counter() - t0
+                    if float(shard.grad[0]) != w:
+                        raise RuntimeError(f"the driver's sum gave {float(shard.grad[0])}, not {w}")
+                    reduce = max(ray.get([p.all_reduce.remote(flat.numel()) for p in groups[w]]))
+                    if i:
+                        times.setdefault((label, "driver", w), []).append(seconds)
+                        times.setdefault((label, "collective", w), []).append(reduce)
     finally:
         for e in engines.values():
             e.close()
@@ -148,38 +164,36 @@ def reduce_cost(workers: list[int], numel: int = RESNET12_PARAMS, steps: int = R
                 ray.kill(p)
         if started:
             ray.shutdown()
-    rows = []
-    for reduce, times in (("driver", driver), ("collective", collective)):
-        for w in workers:
-            rows.append(
-                {
-                    "reduce": reduce,
-                    "workers": w,
-                    "params": numel,
-                    "megabytes": numel * 4 / 1e6,
-                    "seconds_per_step": statistics.median(times[w]),
-                }
-            )
-    return rows
+    return [
+        {
+            "gradient": label,
+            "reduce": reduce,
+            "workers": w,
+            "params": sizes[label],
+            "megabytes": sizes[label] * 4 / 1e6,
+            "seconds_per_step": statistics.median(ts),
+        }
+        for (label, reduce, w), ts in sorted(
+            times.items(), key=lambda kv: (list(sizes).index(kv[0][0]), kv[0][1] != "driver", kv[0][2])
+        )
+    ]
 
 
 def reduce_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'reduce':<11} {'workers':>7} {'params':>11} {'MB each':>8} {'ms/step':>9}"
+    head = f"{'gradient':<9} {'reduce':<11} {'workers':>7} {'params':>11} {'MB each':>8} {'ms/step':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['reduce']:<11} {r['workers']:>7} {r['params']:>11,} {r['megabytes']:>8.1f} "
+            f"{r['gradient']:<9} {r['reduce']:<11} {r['workers']:>7} {r['params']:>11,} {r['megabytes']:>8.2f} "
             f"{1000 * r['seconds_per_step']:>9.1f}"
         )
     return "\n".join(lines)
 
 
 # -- the engines: tasks/s per reduce and worker count ------------------------------------------
-def _engine_row(
-    name: str, reduce: str, workers: int, tasks: int, walls: list[float], computes: list[float]
-) -> dict[str, Any]:
-    """A row from per-step wall times and the slowest worker's compute times (medians)."""
-    wall, compute = statistics.median(walls), statistics.median(computes)
+def _engine_row(name: str, reduce: str, workers: int, tasks: int, wall: float, compute: float) -> dict[str, Any]:
+    """A row from the seconds of the timed steps: ``wall``, the engine's ``meta_batch`` (shards and reduce),
+    and ``compute``, the slowest worker's shard, each summed over the steps and divided by their number."""
     return {
         "config": name,
         "impl": f"{reduce} x{workers}",
@@ -200,9 +214,9 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
     One engine per worker count is started up front; then, step by step, each
     engine takes a meta-step in turn and the baseline (in this process, while
     every worker is idle) computes one, so that all are timed under the same
-    conditions. A step's wall time is the driver's ``Trainer.train_step``
-    (the engine's reduce and the outer step); its compute, the slowest worker's
-    shard. Reported: medians over the timed steps.
+    conditions. A step's wall time is the driver's ``RayEngine.meta_batch``
+    (``ray.put``, the shards, the sum); its compute, the slowest worker's
+    shard. Reported: means over the timed steps (the baseline: the median).
     """
     import ray
 
@@ -228,10 +242,9 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
         base_times: list[float] = []
         for i in range(steps + 1):  # the first round is a warm-up
             for w, (_, engine, trainer) in engines.items():
-                t0 = time.perf_counter()
                 trainer.train_step()
                 if i:
-                    walls[w].append(time.perf_counter() - t0)
+                    walls[w].append(engine.last_timing["wall"])
                     computes[w].append(engine.last_timing["compute"])
             t0 = time.perf_counter()
             baseline()
@@ -253,7 +266,68 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
             "tasks_per_second": tasks / base,
         }
     ]
-    return rows + [_engine_row(name, "driver", w, tasks, walls[w], computes[w]) for w in workers]
+    return rows + [
+        _engine_row(name, "driver", w, tasks, statistics.fmean(walls[w]), statistics.fmean(computes[w]))
+        for w in workers
+    ]
+
+
+def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
+    """The collective engine (``engine.reduce: collective``) with W single-thread workers: one run of
+    ``steps`` meta-steps per worker count, in turn, in a temporary run directory.
+
+    The workers' own timing gives the row (``CollectiveEngine.timing``): per
+    step, rank 0's ``meta_batch`` (its shard and the all-reduce) and the
+    slowest worker's shard. The group's start-up, where ``batching: auto``
+    times its candidates, and the final validation and meta-test (2 tasks per
+    worker) are outside it.
+    """
+    import tempfile
+
+    import ray
+
+    from distmaml.assembly import assemble
+    from distmaml.bench import bench_config
+    from distmaml.engine.collective import CollectiveEngine
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=max(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
+    rows = []
+    try:
+        for w in workers:
+            config = bench_config(
+                name,
+                "engine.reduce=collective",
+                f"workers={w}",
+                "engine.cpus_per_worker=1",
+                "engine.driver_cpus=0.01",
+                f"meta.steps={steps}",
+                "meta.val_every=0",
+                f"meta.checkpoint_every={steps}",
+                f"meta.val_tasks={2 * w}",
+                f"meta.test_tasks={2 * w}",
+            )
+            run = assemble(config)
+            engine = run.engine
+            assert isinstance(engine, CollectiveEngine)
+            with tempfile.TemporaryDirectory(prefix="distmaml-bench-") as tmp:
+                run.fit(Path(tmp) / "run", progress=False)
+            n = engine.timing["steps"]
+            rows.append(
+                _engine_row(
+                    name,
+                    "collective",
+                    w,
+                    config.meta.batch_size,
+                    engine.timing["wall"] / n,
+                    engine.timing["compute"] / n,
+                )
+            )
+    finally:
+        if started:
+            ray.shutdown()
+    return rows
 
 
 def engine_summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -289,7 +363,10 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-ENGINES: dict[str, Callable[[str, list[int], int], list[dict[str, Any]]]] = {"driver": driver_rows}
+ENGINES: dict[str, Callable[[str, list[int], int], list[dict[str, Any]]]] = {
+    "driver": driver_rows,
+    "collective": collective_rows,
+}
 """Per ``engine.reduce``: the function timing its rows (each runs in a fresh process)."""
 
 
