@@ -11,7 +11,7 @@ The builders are named, one per piece (torchtitan's ``TrainSpec`` shape):
   by ``config.seed``, in ``config.precision``;
 * ``build_algorithm(config)`` -> ``core.Algorithm``;
 * ``build_runner(config)`` -> ``TaskRunner``, the ready task program an engine runs;
-* ``make_engine(config)`` -> in-process or Ray engine;
+* ``make_engine(config)`` -> in-process or Ray engine, or the collective engine's launcher;
 * ``tracking_callbacks(config, ...)`` -> ``[MlflowCallback]`` or ``[]``;
 * ``assemble(config)`` -> ``Run``: all of them, and the initial meta-parameters.
 
@@ -24,21 +24,27 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import nn
 
+from distmaml import storage
+from distmaml.checkpoint import load_checkpoint
 from distmaml.config import IMAGE_FAMILIES, Config, ConfigError, config_from_dict
 from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
 from distmaml.models import build_model
 from distmaml.runner import TaskRunner
+from distmaml.storage import Location
 from distmaml.tasks import SinusoidTasks, TaskFamily
 from distmaml.tasks.noise import NoiseImageTasks
 from distmaml.trainer import Callback, Engine, Trainer
 from distmaml.typing import Params
+
+if TYPE_CHECKING:
+    from distmaml.engine.collective import CollectiveEngine, Member
 
 
 # -- the task family ----------------------------------------------------------------
@@ -157,8 +163,15 @@ def runner_factory(config: Config) -> Callable[[], TaskRunner]:
     return functools.partial(build_runner, config.to_dict())
 
 
-def make_engine(config: Config, address: str | None = None, *, runner: TaskRunner | None = None) -> Engine:
-    """``workers: 0``: the in-process engine (on ``runner`` if given); else the Ray engine at ``address``."""
+def make_engine(
+    config: Config, address: str | None = None, *, runner: TaskRunner | None = None
+) -> Engine | CollectiveEngine:
+    """``workers: 0``: the in-process engine (on ``runner`` if given); else at ``address`` the Ray engine
+    (``engine.reduce: driver``) or the collective engine's launcher (``engine.reduce: collective``)."""
+    if config.engine.reduce == "collective":
+        from distmaml.engine.collective import CollectiveEngine
+
+        return CollectiveEngine(config, address)
     if config.workers == 0:
         from distmaml.engine import InProcessEngine
 
@@ -201,15 +214,22 @@ class Run:
     algorithm: Algorithm
     params: Params
     """Initial meta-parameters (the network's and the algorithm's own)."""
-    engine: Engine
+    engine: Engine | CollectiveEngine
+    """The driver's engine; with ``engine.reduce: collective`` the launcher of the worker group, which
+    runs the trainer in its workers (``fit_in_group``)."""
     callbacks: list[Callback]
+    tracking: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``MlflowCallback`` (a collective group's rank 0 builds its own)."""
 
     def trainer(
         self, run_dir: Any = None, *, progress: bool = True, resume: bool = False, callbacks: Sequence[Callback] = ()
     ) -> Trainer:
+        """A trainer on the driver's engine (not for ``engine.reduce: collective``: see ``fit``)."""
+        if is_collective(self.engine):
+            raise TypeError("engine.reduce = 'collective' trains in its worker group: call Run.fit")
         return Trainer(
             self.config,
-            self.engine,
+            cast(Engine, self.engine),
             run_dir,
             params=self.params,
             callbacks=[*self.callbacks, *callbacks],
@@ -228,6 +248,17 @@ class Run:
         """
         everyone = [*self.callbacks, *callbacks]
         try:
+            if is_collective(self.engine):  # the group's rank 0 runs the callbacks; they travel there
+                program = functools.partial(
+                    fit_in_group,
+                    config=self.config.to_dict(),
+                    run_dir=storage.location(run_dir) if run_dir is not None else None,
+                    resume=resume,
+                    progress=progress,
+                    tracking=self.tracking,
+                    callbacks=list(callbacks),
+                )
+                return self.engine.fit(program, program.keywords["run_dir"])
             return self.trainer(run_dir, progress=progress, resume=resume, callbacks=callbacks).fit()
         except BaseException as e:
             status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
@@ -259,7 +290,84 @@ def assemble(config: Config, address: str | None = None, *, tracking: dict[str, 
     network = build_network(config)
     algorithm = build_algorithm(config)
     params = init_algorithm_params(network, algorithm)
-    callbacks = tracking_callbacks(config, network=network, algorithm=algorithm, family=family, **(tracking or {}))
+    collective = config.engine.reduce == "collective"  # its rank 0 builds the tracking callbacks
+    callbacks = (
+        []
+        if collective
+        else tracking_callbacks(config, network=network, algorithm=algorithm, family=family, **(tracking or {}))
+    )
     runner = build_runner(config, network=network, family=family) if config.workers == 0 else None
     engine = make_engine(config, address, runner=runner)
-    return Run(config, family, network, algorithm, params, engine, callbacks)
+    return Run(config, family, network, algorithm, params, engine, callbacks, dict(tracking or {}))
+
+
+# -- a collective group's worker --------------------------------------------------------
+def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
+    return type(engine).__name__ == "CollectiveEngine"
+
+
+class GroupReporter(Callback):
+    """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file)."""
+
+    def __init__(self, member: Member) -> None:
+        self.member = member
+
+    def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
+        self.member.report({**metrics, "step": step}, checkpoint)
+
+
+def fit_in_group(
+    member: Member,
+    *,
+    config: dict[str, Any],
+    run_dir: Location | None,
+    resume: bool,
+    progress: bool,
+    tracking: dict[str, Any],
+    callbacks: list[Callback],
+) -> None:
+    """The run in one worker of a collective group (``engine.collective``'s program).
+
+    Every worker builds the same run from ``config`` and trains it on its
+    ``GroupEngine``; rank 0 alone writes ``run_dir``, runs the tracking and
+    the given ``callbacks`` and reports the result. A group restarted by Ray
+    Train continues from ``member.restored``; ``resume`` from ``run_dir``'s
+    newest checkpoint.
+    """
+    cfg = config_from_dict(config)
+    family = build_family(cfg)
+    network = build_network(cfg)
+    algorithm = build_algorithm(cfg)
+    params = init_algorithm_params(network, algorithm)
+    engine = member.engine(build_runner(cfg, network=network, family=family), cfg.meta.batch_size)
+    everyone: list[Callback] = []
+    if member.lead:
+        everyone = [
+            *tracking_callbacks(cfg, network=network, algorithm=algorithm, family=family, **tracking),
+            *callbacks,
+        ]
+    trainer = Trainer(
+        cfg,
+        engine,
+        run_dir if member.lead else None,
+        params=params,
+        callbacks=[*everyone, GroupReporter(member)],
+        progress=progress and member.lead,
+    )
+    if member.restored is not None:
+        trainer.restore(load_checkpoint(member.restored))
+    elif resume:
+        if run_dir is None:
+            raise ValueError("resume needs a run directory")
+        trainer.restore(load_checkpoint(run_dir))
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
+        for cb in everyone:
+            fail = getattr(cb, "fail", None)
+            if fail is not None:
+                fail(status)
+        raise
+    timing = engine.timing()  # every worker: a collective call
+    member.report({"step": trainer.step}, trainer.last_checkpoint, result={**result, "timing": timing})

@@ -170,6 +170,7 @@ class TrackingConfig:
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+REDUCES = ("driver", "collective")
 
 
 @dataclass(kw_only=True)
@@ -186,6 +187,10 @@ class EngineConfig:
     """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run."""
     startup_timeout: float = 120.0
     """Seconds to wait for the placement group before failing with the resources asked and available."""
+    reduce: str = "driver"
+    """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
+    steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with
+    torch.distributed and every worker takes the same step; nothing passes through the driver per step)."""
 
     def validate(self) -> None:
         _positive("engine.cpus_per_worker", self.cpus_per_worker)
@@ -195,6 +200,7 @@ class EngineConfig:
         _one_of("engine.placement", self.placement, PLACEMENT_STRATEGIES)
         _at_least("engine.max_worker_failures", self.max_worker_failures, 0)
         _positive("engine.startup_timeout", self.startup_timeout)
+        _one_of("engine.reduce", self.reduce, REDUCES)
 
 
 MAML_TEST_STEPS = 10
@@ -268,6 +274,11 @@ class Config:
             need = "conv4" if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
+            )
+        if self.engine.reduce == "collective" and self.workers < 1:
+            raise ConfigError(
+                "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "
+                "(workers = 0 computes in the driver process)"
             )
         if self.workers > self.meta.batch_size:
             raise ConfigError(

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from distmaml.config import Config
 from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
-from distmaml.engine.shard import balanced_ranges
+from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
@@ -63,7 +63,7 @@ class RayEngine:
             self._batching = [d["batching"] for d in described]
             for i, d in enumerate(described):
                 log.info("worker %d: %s", i, d["batching_line"])
-            self._common = self._common_batching()
+            self._common = common_batching(self._batching)
             if self._common is not None:
                 ray.get([a.use_batching.remote(self._common) for a in self.actors])
         except BaseException:
@@ -154,18 +154,6 @@ class RayEngine:
             f"{split} evaluation",
         )
         return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
-
-    def _common_batching(self) -> str | None:
-        """With ``batching: auto``: the candidate with the least seconds summed over the workers' timings.
-
-        Every worker then computes with it, so that shards of one step come
-        from the same computation (rounding included) whatever each timed.
-        """
-        timed = [b["seconds"] for b in self._batching if b["seconds"]]
-        if not timed:
-            return None
-        names = set.intersection(*(set(t) for t in timed))
-        return min(sorted(names), key=lambda n: sum(t[n] for t in timed))
 
     def batching(self) -> dict[str, Any]:
         """The batching every worker uses, and each worker's own timings from start-up."""
