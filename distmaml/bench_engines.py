@@ -191,19 +191,25 @@ def reduce_table(rows: list[dict[str, Any]]) -> str:
 
 
 # -- the engines: tasks/s per reduce and worker count ------------------------------------------
-def _engine_row(name: str, reduce: str, workers: int, tasks: int, wall: float, compute: float) -> dict[str, Any]:
-    """A row from the seconds of the timed steps: ``wall``, the engine's ``meta_batch`` (shards and reduce),
-    and ``compute``, the slowest worker's shard, each summed over the steps and divided by their number."""
+def _engine_row(
+    name: str, reduce: str, workers: int, tasks: int, step: float, meta_batch: float, compute: float
+) -> dict[str, Any]:
+    """A row from mean seconds per meta-step: ``step``, the whole step (shards, reduce, outer step,
+    the trainer's bookkeeping); ``meta_batch``, the engine's part (shards and reduce); ``compute``, the
+    slowest worker's shard. ``outside_share`` is the share of ``step`` outside ``compute``, split into
+    ``reduce_seconds`` (``meta_batch - compute``) and ``outer_seconds`` (``step - meta_batch``)."""
     return {
         "config": name,
         "impl": f"{reduce} x{workers}",
         "reduce": reduce,
         "workers": workers,
         "threads": 1,
-        "seconds_per_step": wall,
+        "seconds_per_step": step,
         "compute_seconds": compute,
-        "tasks_per_second": tasks / wall,
-        "outside_share": max(0.0, 1 - compute / wall),
+        "reduce_seconds": meta_batch - compute,
+        "outer_seconds": step - meta_batch,
+        "tasks_per_second": tasks / step,
+        "outside_share": max(0.0, 1 - compute / step),
     }
 
 
@@ -214,9 +220,10 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
     One engine per worker count is started up front; then, step by step, each
     engine takes a meta-step in turn and the baseline (in this process, while
     every worker is idle) computes one, so that all are timed under the same
-    conditions. A step's wall time is the driver's ``RayEngine.meta_batch``
-    (``ray.put``, the shards, the sum); its compute, the slowest worker's
-    shard. Reported: means over the timed steps (the baseline: the median).
+    conditions. A step is the driver's ``Trainer.train_step``; its engine part
+    ``RayEngine.meta_batch`` (``ray.put``, the shards, the sum); its compute,
+    the slowest worker's shard. Reported: means over the timed steps (the
+    baseline: the median).
     """
     import ray
 
@@ -237,13 +244,16 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
             engines[w] = (run, run.engine, run.trainer(progress=False))
         torch.set_num_threads(2)
         base_config, baseline = _step_fn(name, "baseline", "auto")
+        steps_s: dict[int, list[float]] = {w: [] for w in workers}
         walls: dict[int, list[float]] = {w: [] for w in workers}
         computes: dict[int, list[float]] = {w: [] for w in workers}
         base_times: list[float] = []
         for i in range(steps + 1):  # the first round is a warm-up
             for w, (_, engine, trainer) in engines.items():
+                t0 = time.perf_counter()
                 trainer.train_step()
                 if i:
+                    steps_s[w].append(time.perf_counter() - t0)
                     walls[w].append(engine.last_timing["wall"])
                     computes[w].append(engine.last_timing["compute"])
             t0 = time.perf_counter()
@@ -267,7 +277,15 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
         }
     ]
     return rows + [
-        _engine_row(name, "driver", w, tasks, statistics.fmean(walls[w]), statistics.fmean(computes[w]))
+        _engine_row(
+            name,
+            "driver",
+            w,
+            tasks,
+            statistics.fmean(steps_s[w]),
+            statistics.fmean(walls[w]),
+            statistics.fmean(computes[w]),
+        )
         for w in workers
     ]
 
@@ -276,11 +294,12 @@ def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str,
     """The collective engine (``engine.reduce: collective``) with W single-thread workers: one run of
     ``steps`` meta-steps per worker count, in turn, in a temporary run directory.
 
-    The workers' own timing gives the row (``CollectiveEngine.timing``): per
-    step, rank 0's ``meta_batch`` (its shard and the all-reduce) and the
-    slowest worker's shard. The group's start-up, where ``batching: auto``
-    times its candidates, and the final validation and meta-test (2 tasks per
-    worker) are outside it.
+    The workers' own timing gives the row: per step, rank 0's training loop
+    (the trainer's ``tasks_per_second``), its ``GroupEngine.meta_batch`` (its
+    shard and the all-reduce) and the slowest worker's shard
+    (``CollectiveEngine.timing``); means over the run's steps. The group's
+    start-up, where ``batching: auto`` times its candidates, and the final
+    validation and meta-test (2 tasks per worker) are outside it.
     """
     import tempfile
 
@@ -312,17 +331,11 @@ def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str,
             engine = run.engine
             assert isinstance(engine, CollectiveEngine)
             with tempfile.TemporaryDirectory(prefix="distmaml-bench-") as tmp:
-                run.fit(Path(tmp) / "run", progress=False)
-            n = engine.timing["steps"]
+                result = run.fit(Path(tmp) / "run", progress=False)
+            n, tasks = engine.timing["steps"], config.meta.batch_size
+            step = tasks / result["tasks_per_second"]  # rank 0's training loop, per step
             rows.append(
-                _engine_row(
-                    name,
-                    "collective",
-                    w,
-                    config.meta.batch_size,
-                    engine.timing["wall"] / n,
-                    engine.timing["compute"] / n,
-                )
+                _engine_row(name, "collective", w, tasks, step, engine.timing["wall"] / n, engine.timing["compute"] / n)
             )
     finally:
         if started:
@@ -339,7 +352,9 @@ def engine_summary(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"{r['config']} {r['reduce']} x{r['workers']}: {r['scaling_vs_1_worker']:.2f}x the tasks/s of 1 worker, "
                 + (f"{base:.2f}x the baseline on 2 threads, " if base is not None else "")
-                + f"{100 * r['outside_share']:.1f}% of the step outside the workers' compute"
+                + f"{100 * r['outside_share']:.1f}% of the step outside the workers' compute "
+                f"(per step: compute {1000 * r['compute_seconds']:.2f} ms, reduce {1000 * r['reduce_seconds']:.2f} ms, "
+                f"outer step {1000 * r['outer_seconds']:.2f} ms)"
             )
     return lines
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distmaml.bench_engines import ENGINES, parse_reduces, with_ratios
+from distmaml.bench_engines import ENGINES, flat_size, parse_reduces, with_ratios
 from distmaml.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +62,11 @@ def test_bench_rows_per_config_reduce_and_workers(tmp_path):
     one = {r["reduce"]: r for r in engines if r["workers"] == 1}
     for r in engines:
         assert r["scaling_vs_1_worker"] == pytest.approx(r["tasks_per_second"] / one[r["reduce"]]["tasks_per_second"])
-    costs = report["reduce_cost"]
-    assert sorted((r["reduce"], r["workers"]) for r in costs) == [
-        (r, w) for r in ("collective", "driver") for w in (1, 2)
+    costs = report["reduce_cost"]  # the --reduce-params gradient and the config's own, both ways
+    assert sorted((r["gradient"], r["reduce"], r["workers"]) for r in costs) == [
+        (g, r, w) for g in ("1,000", "sinusoid") for r in ("collective", "driver") for w in (1, 2)
     ]
-    for r in costs:
-        assert r["params"] == 1000 and r["seconds_per_step"] > 0
+    params = {r["gradient"]: r["params"] for r in costs}
+    assert params == {"1,000": 1000, "sinusoid": flat_size("sinusoid")} and params["sinusoid"] > 1000
+    assert all(r["seconds_per_step"] > 0 for r in costs)
     assert "reduce alone, per step" in proc.stdout
