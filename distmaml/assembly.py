@@ -203,6 +203,16 @@ def tracking_callbacks(
 
 
 # -- the run ------------------------------------------------------------------------
+def fail_callbacks(callbacks: Sequence[Callback], error: BaseException) -> None:
+    """Ends each callback's run (MLflow) as KILLED (a scheduler's ``SystemExit``, SIGTERM/SIGINT's
+    ``KeyboardInterrupt``) or FAILED."""
+    status = "KILLED" if isinstance(error, (SystemExit, KeyboardInterrupt)) else "FAILED"
+    for cb in callbacks:
+        fail = getattr(cb, "fail", None)
+        if fail is not None:
+            fail(status)
+
+
 @dataclass
 class Run:
     """A run, assembled: its pieces, ready for a ``Trainer``."""
@@ -261,11 +271,7 @@ class Run:
                 return self.engine.fit(program, program.keywords["run_dir"])
             return self.trainer(run_dir, progress=progress, resume=resume, callbacks=callbacks).fit()
         except BaseException as e:
-            status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
-            for cb in everyone:
-                fail = getattr(cb, "fail", None)
-                if fail is not None:
-                    fail(status)
+            fail_callbacks(everyone, e)
             raise
         finally:
             self.close()
@@ -307,13 +313,28 @@ def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
 
 
 class GroupReporter(Callback):
-    """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file)."""
+    """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file and the
+    run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end."""
+
+    SIDE_FILES = ("config.yaml", "mlflow_run_id")
 
     def __init__(self, member: Member) -> None:
         self.member = member
+        self.run_dir: Location | None = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.run_dir = trainer.run_dir
+
+    def files(self) -> list[Location]:
+        if self.run_dir is None:
+            return []
+        return [f for name in self.SIDE_FILES if storage.is_file(f := storage.join(self.run_dir, name))]
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
-        self.member.report({**metrics, "step": step}, checkpoint)
+        self.member.report({**metrics, "step": step}, checkpoint, files=self.files() if checkpoint else ())
+
+    def finish(self, step: int, checkpoint: Location | None, result: dict[str, Any]) -> None:
+        self.member.report({"step": step}, checkpoint, result=result, files=self.files())
 
 
 def fit_in_group(
@@ -331,8 +352,8 @@ def fit_in_group(
     Every worker builds the same run from ``config`` and trains it on its
     ``GroupEngine``; rank 0 alone writes ``run_dir``, runs the tracking and
     the given ``callbacks`` and reports the result. A group restarted by Ray
-    Train continues from ``member.restored``; ``resume`` from ``run_dir``'s
-    newest checkpoint.
+    Train continues from ``member.restored``, with ``resume`` from
+    ``run_dir``'s newest checkpoint if that is newer.
     """
     cfg = config_from_dict(config)
     family = build_family(cfg)
@@ -346,28 +367,26 @@ def fit_in_group(
             *tracking_callbacks(cfg, network=network, algorithm=algorithm, family=family, **tracking),
             *callbacks,
         ]
+    reporter = GroupReporter(member)
     trainer = Trainer(
         cfg,
         engine,
         run_dir if member.lead else None,
         params=params,
-        callbacks=[*everyone, GroupReporter(member)],
+        callbacks=[*everyone, reporter],
         progress=progress and member.lead,
     )
-    if member.restored is not None:
-        trainer.restore(load_checkpoint(member.restored))
-    elif resume:
+    saved = [load_checkpoint(member.restored)] if member.restored is not None else []
+    if resume:
         if run_dir is None:
             raise ValueError("resume needs a run directory")
-        trainer.restore(load_checkpoint(run_dir))
+        saved.append(load_checkpoint(run_dir))
+    if saved:  # the newest: rank 0 writes the run directory's checkpoint before reporting it to Ray Train
+        trainer.restore(max(saved, key=lambda c: c.step))
     try:
         result = trainer.fit()
     except BaseException as e:
-        status = "KILLED" if isinstance(e, (SystemExit, KeyboardInterrupt)) else "FAILED"
-        for cb in everyone:
-            fail = getattr(cb, "fail", None)
-            if fail is not None:
-                fail(status)
+        fail_callbacks(everyone, e)
         raise
     timing = engine.timing()  # every worker: a collective call
-    member.report({"step": trainer.step}, trainer.last_checkpoint, result={**result, "timing": timing})
+    reporter.finish(trainer.step, trainer.last_checkpoint, {**result, "timing": timing})

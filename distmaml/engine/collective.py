@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,15 @@ class Member:
         return GroupEngine(runner, self.rank, self.world, batch_size=batch_size)
 
     def report(
-        self, metrics: dict[str, Any], checkpoint: Location | None = None, result: dict[str, Any] | None = None
+        self,
+        metrics: dict[str, Any],
+        checkpoint: Location | None = None,
+        result: dict[str, Any] | None = None,
+        files: Sequence[Location] = (),
     ) -> None:
-        """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``checkpoint`` (a step file) and
-        ``result`` as a ``ray.train.Checkpoint`` in a run-directory layout."""
+        """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``checkpoint`` (a step file),
+        ``result`` and ``files`` of its run directory (``config.yaml``, ``mlflow_run_id``) as a
+        ``ray.train.Checkpoint`` in a run-directory layout."""
         import ray.train
 
         if not self.lead or (checkpoint is None and result is None):
@@ -85,6 +90,8 @@ class Member:
             if checkpoint is not None:
                 (folder / "checkpoints").mkdir()
                 _copy(checkpoint, folder / "checkpoints" / storage.name(checkpoint))
+            for file in files:
+                _copy(file, folder / storage.name(file))
             if result is not None:
                 write_json(folder / RESULT_FILE, result)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -156,25 +163,22 @@ class CollectiveEngine:
 
     def run_config(self, run_dir: Location | None) -> Any:
         """Ray Train's ``RunConfig``: its folder inside the run directory, failure handling, callbacks."""
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
-        keep = CheckpointConfig(num_to_keep=self.config.meta.keep_checkpoints + 1)  # +1: the result's report
-        failures = FailureConfig(max_failures=self.config.engine.max_worker_failures)
+        common: dict[str, Any] = {
+            "failure_config": FailureConfig(max_failures=self.config.engine.max_worker_failures),
+            "checkpoint_config": CheckpointConfig(num_to_keep=self.config.meta.keep_checkpoints + 1),  # +1: result
+            "callbacks": self.callbacks,
+            "logging_config": LoggingConfig(log_level="WARNING"),  # not two lines per checkpoint on the console
+        }
         if run_dir is None:  # Ray Train's default storage, a fresh name
-            return RunConfig(
-                name=f"distmaml-{uuid.uuid4().hex[:8]}",
-                failure_config=failures,
-                checkpoint_config=keep,
-                callbacks=self.callbacks,
-            )
+            return RunConfig(name=f"distmaml-{uuid.uuid4().hex[:8]}", **common)
         if storage.is_uri(run_dir):
             filesystem, path = storage.resolve(str(run_dir))
             where: dict[str, Any] = {"storage_path": path, "storage_filesystem": filesystem}
         else:
             where = {"storage_path": str(Path(run_dir).absolute())}
-        return RunConfig(
-            name=TRAIN_FOLDER, failure_config=failures, checkpoint_config=keep, callbacks=self.callbacks, **where
-        )
+        return RunConfig(name=TRAIN_FOLDER, **where, **common)
 
     def fit(self, program: Program, run_dir: Location | None) -> dict[str, Any]:
         """Runs ``program`` in every worker of a new group; returns the result rank 0 reported last."""

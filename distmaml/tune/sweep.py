@@ -190,9 +190,12 @@ def run_sweep(
         threads=max(1, int(spec.resources.driver_cpus)),
         exit_after_step=exit_after_step,
     )
+    bundles = spec.resources.bundles()
+    if base.engine.reduce == "collective":  # a trial's Ray Train worker group reserves its own bundles
+        bundles = bundles[:1]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, ctx=ctx),
-        tune.PlacementGroupFactory(spec.resources.bundles(), strategy=base.engine.placement),
+        tune.PlacementGroupFactory(bundles, strategy=base.engine.placement),
     )
     tuner = tune.Tuner(
         trainable,
