@@ -157,7 +157,9 @@ class CollectiveEngine:
 
     replacements = 0
 
-    def __init__(self, config: Config, address: str | None = None) -> None:
+    def __init__(
+        self, config: Config, address: str | None = None, *, runtime_env: dict[str, Any] | None = None
+    ) -> None:
         if config.workers < 1:
             raise EngineError(f"workers = {config.workers}: the collective engine needs at least 1 worker")
         self.config = config
@@ -167,7 +169,7 @@ class CollectiveEngine:
         self.timing: dict[str, float] = {}
         """After ``fit``: steps, compute (slowest worker's shard, summed over steps) and wall seconds."""
         cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
-        self._started_ray = connect(address, cpus)
+        self._started_ray = connect(address, cpus, runtime_env)  # the job's: Ray Train workers inherit it
         try:
             self.resources: WorkerResources = worker_resources(config)
             check_feasible(config, self.resources)
