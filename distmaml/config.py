@@ -47,6 +47,21 @@ def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
     _check(key, value, value in allowed, f"allowed values are {', '.join(allowed)}")
 
 
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_<][\w<>]*(\.[A-Za-z_<][\w<>]*)*")
+"""``package.module:attr`` (uvicorn's and entry points' convention); ``attr`` may be dotted
+(``Class.method``); ``<locals>`` and ``<lambda>`` appear where ``distmaml.train`` records a callable."""
+
+
+def is_import_path(name: str) -> bool:
+    """True for ``package.module:attr``: a user's model or task family rather than a built-in name."""
+    return IMPORT_PATH.fullmatch(name) is not None
+
+
+def _builtin_or_path(key: str, value: str, builtins: tuple[str, ...]) -> None:
+    ok = value in builtins or is_import_path(value)
+    _check(key, value, ok, f"allowed values are {', '.join(builtins)}, or your own as package.module:attr")
+
+
 @dataclass(kw_only=True)
 class MetaConfig:
     steps: int = 10000
@@ -102,14 +117,21 @@ class InnerConfig:
 
 DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
 IMAGE_FAMILIES = ("glyphs", "store", "noise")
+LOSS_NAMES = ("mse", "cross_entropy")
+BUILTIN_LOSS = {"sinusoid": "mse", **{name: "cross_entropy" for name in IMAGE_FAMILIES}}
+"""The loss of each built-in family (``data.loss`` resolves to it)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
     """Task family: ``sinusoid`` (synthetic regression), ``glyphs`` (generated glyph images, prepared
-    on first use), ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``) or
-    ``noise`` (random images, for benchmarks)."""
+    on first use), ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``),
+    ``noise`` (random images, for benchmarks), or your own as ``package.module:attr``:
+    ``attr(config)`` returns an object with ``loss`` and ``sample(split, step, task_ids)``."""
+    loss: str | None = None
+    """``mse`` or ``cross_entropy``; None (the default): the family's own, resolved when the config
+    is made for the built-in families and when the run is assembled for your own (its ``loss``)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -124,7 +146,9 @@ class DataConfig:
     """Channels of the ``noise`` family's images."""
 
     def validate(self) -> None:
-        _one_of("data.family", self.family, DATA_FAMILIES)
+        _builtin_or_path("data.family", self.family, DATA_FAMILIES)
+        if self.loss is not None:
+            _one_of("data.loss", self.loss, LOSS_NAMES)
         _at_least("data.ways", self.ways, 2)
         _at_least("data.shots", self.shots, 1)
         _at_least("data.queries", self.queries, 1)
@@ -134,17 +158,21 @@ class DataConfig:
         _at_least("data.channels", self.channels, 1)
 
 
+MODEL_NAMES = ("mlp", "conv4")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "mlp"
-    """``mlp`` or ``conv4``."""
+    """``mlp`` (1 input, 1 output), ``conv4`` or your own as ``package.module:attr``:
+    ``attr(config)`` returns a ``torch.nn.Module``."""
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """Hidden widths of the MLP."""
     filters: int = 64
     """Filters per block of conv4 (64 Omniglot, 32 miniImageNet)."""
 
     def validate(self) -> None:
-        _one_of("model.name", self.name, ("mlp", "conv4"))
+        _builtin_or_path("model.name", self.name, MODEL_NAMES)
         for width in self.hidden:
             _check("model.hidden", self.hidden, width >= 1, "every width must be at least 1")
         _at_least("model.filters", self.filters, 1)
@@ -270,7 +298,8 @@ class Config:
                 "the cosine schedule anneals down to it; lower mamlpp.min_lr or set mamlpp.cosine_lr=false"
             )
         image = self.data.family in IMAGE_FAMILIES
-        if image != (self.model.name == "conv4"):
+        builtin = not (is_import_path(self.data.family) or is_import_path(self.model.name))
+        if builtin and image != (self.model.name == "conv4"):  # a user's model or family: its own business
             need = "conv4" if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
@@ -280,6 +309,14 @@ class Config:
                 "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "
                 "(workers = 0 computes in the driver process)"
             )
+        builtin_loss = BUILTIN_LOSS.get(self.data.family)
+        if builtin_loss is not None:
+            if self.data.loss not in (None, builtin_loss):
+                raise ConfigError(
+                    f"data.loss = {self.data.loss!r}: data.family = {self.data.family!r} has loss {builtin_loss!r}; "
+                    "drop data.loss"
+                )
+            self.data.loss = builtin_loss
         if self.workers > self.meta.batch_size:
             raise ConfigError(
                 f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "
@@ -288,7 +325,13 @@ class Config:
 
     @property
     def loss(self) -> str:
-        return "mse" if self.data.family == "sinusoid" else "cross_entropy"
+        """``data.loss``; for a user's family not yet resolved, the family is built here to ask it (and kept)."""
+        if self.data.loss is None:
+            from distmaml.usercode import resolve_loss  # lazily: the user's code is imported only when needed
+
+            resolve_loss(self)
+        assert self.data.loss is not None
+        return self.data.loss
 
     @property
     def test_steps(self) -> int:

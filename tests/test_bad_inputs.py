@@ -30,6 +30,15 @@ FILES = {
     "bad-value.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.steps: {choice: [1, 0]}}\n",
     "lr.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
     "workers.yaml": "base: sinusoid\nmetric: val_mse\nspace: {workers: {choice: [1, 2]}}\n",
+    "badcode.py": (
+        "import torch\n"
+        "def not_a_net(config):\n    return 42\n"
+        "class WrongShapes:\n    loss = 'mse'\n    def __init__(self, config):\n        pass\n"
+        "    def sample(self, split, step, ids):\n"
+        "        n = len(ids)\n"
+        "        return torch.zeros(n, 4, 1), torch.zeros(n, 3, 1), torch.zeros(n, 4, 1), torch.zeros(n, 4, 1)\n"
+        "class L1(WrongShapes):\n    loss = 'l1'\n"
+    ),
 }
 
 

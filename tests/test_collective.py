@@ -86,6 +86,20 @@ def test_collective_matches_in_process(workers, reference, tmp_path):
     assert timing["steps"] == 5 and 0 < timing["compute"] <= timing["wall"]
 
 
+def test_an_error_every_worker_raises_ends_the_group_at_once(tmp_path):
+    """A meta-loss that turns NaN: every worker sees it in the reduced loss, rank 0 reports it, the driver
+    raises it; the group is not restarted into the same error."""
+    from distmaml.trainer import NonFiniteError
+
+    sets = [*BASE, "engine.reduce=collective", "workers=2", "inner.lr=1e30", "engine.max_worker_failures=3"]
+    with pytest.raises(NonFiniteError, match=r"meta-step 0: the meta-loss or meta-gradient is not finite"):
+        assemble(load_config("sinusoid", sets)).fit(tmp_path / "nan", progress=False)
+    assert [c.name for c in list_checkpoints(tmp_path / "nan")] == ["step_000000000.pt"]  # the last good state
+    reports = [p for p in (tmp_path / "nan" / "train").glob("checkpoint_*") if p.is_dir()]
+    assert len(reports) == 1 and (reports[0] / "error.pickle").is_file()
+    assert (reports[0] / "checkpoints" / "step_000000000.pt").is_file()
+
+
 def test_collective_needs_workers():
     with pytest.raises(ConfigError, match="engine.reduce = 'collective' needs workers"):
         load_config("sinusoid", ["engine.reduce=collective", "workers=0"])

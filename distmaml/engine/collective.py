@@ -23,8 +23,10 @@ reach: a storage URI (``s3://...``) or a shared folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import uuid
@@ -49,6 +51,7 @@ log = logging.getLogger("distmaml.engine")
 TRAIN_FOLDER = "train"
 """Ray Train's own folder inside the run directory (its reported checkpoints and state)."""
 RESULT_FILE = "result.json"
+ERROR_FILE = "error.pickle"
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Member:
     restored: Path | None
     """A local run-directory layout (``checkpoints/step_N.pt``) of the checkpoint Ray Train restarts
     the group from, or None on a first start."""
+    device: str | None = None
+    """This worker's GPU (``cuda:K``, Ray Train's choice among the node's) where it has one, else None."""
 
     @property
     def lead(self) -> bool:
@@ -76,13 +81,15 @@ class Member:
         checkpoint: Location | None = None,
         result: dict[str, Any] | None = None,
         files: Sequence[Location] = (),
+        error: BaseException | None = None,
     ) -> None:
         """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``checkpoint`` (a step file),
         ``result`` and ``files`` of its run directory (``config.yaml``, ``mlflow_run_id``) as a
-        ``ray.train.Checkpoint`` in a run-directory layout."""
+        ``ray.train.Checkpoint`` in a run-directory layout, and ``error``: an error every worker raised
+        alike, which ``CollectiveEngine.fit`` raises on the driver (the group ends without a restart)."""
         import ray.train
 
-        if not self.lead or (checkpoint is None and result is None):
+        if not self.lead or (checkpoint is None and result is None and error is None):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="distmaml-report-") as tmp:
@@ -94,6 +101,8 @@ class Member:
                 _copy(file, folder / storage.name(file))
             if result is not None:
                 write_json(folder / RESULT_FILE, result)
+            if error is not None:
+                (folder / ERROR_FILE).write_bytes(pickle.dumps(error))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -120,12 +129,17 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     program: Program = loop_config["program"]
+    device = None
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())  # workers sharing a node see its GPUs, each uses its own
     restored = ray.train.get_checkpoint()
     if restored is None:
-        program(Member(rank, world, None))
+        program(Member(rank, world, None, device))
         return
     with restored.as_directory() as folder:
-        program(Member(rank, world, Path(folder)))
+        program(Member(rank, world, Path(folder), device))
 
 
 class CollectiveEngine:
@@ -143,7 +157,9 @@ class CollectiveEngine:
 
     replacements = 0
 
-    def __init__(self, config: Config, address: str | None = None) -> None:
+    def __init__(
+        self, config: Config, address: str | None = None, *, runtime_env: dict[str, Any] | None = None
+    ) -> None:
         if config.workers < 1:
             raise EngineError(f"workers = {config.workers}: the collective engine needs at least 1 worker")
         self.config = config
@@ -153,7 +169,7 @@ class CollectiveEngine:
         self.timing: dict[str, float] = {}
         """After ``fit``: steps, compute (slowest worker's shard, summed over steps) and wall seconds."""
         cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
-        self._started_ray = connect(address, cpus)
+        self._started_ray = connect(address, cpus, runtime_env)  # the job's: Ray Train workers inherit it
         try:
             self.resources: WorkerResources = worker_resources(config)
             check_feasible(config, self.resources)
@@ -205,12 +221,21 @@ class CollectiveEngine:
             if user is not None:
                 raise user from None
             raise
-        if outcome.checkpoint is None:
-            raise EngineError("the worker group ended without reporting a result")
-        with outcome.checkpoint.as_directory() as folder:
-            import json
-
-            result: dict[str, Any] = json.loads((Path(folder) / RESULT_FILE).read_text())
+        if outcome.error is not None:
+            raise outcome.error
+        result: dict[str, Any] | None = None
+        if outcome.checkpoint is not None:
+            with outcome.checkpoint.as_directory() as folder:
+                path, error = Path(folder) / RESULT_FILE, Path(folder) / ERROR_FILE
+                if error.is_file():  # written by this run's own rank 0
+                    raise pickle.loads(error.read_bytes())
+                result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None:  # Ray Train aborted the group (Ctrl-C) after its last checkpoint, before the end
+            where = f"; continue it with distmaml train --resume {run_dir}" if run_dir is not None else ""
+            step = (outcome.metrics or {}).get("step", 0)
+            raise EngineError(
+                f"the worker group stopped before the end of the run (last checkpoint: step {step}){where}"
+            )
         self.timing = result.pop("timing", {})
         return result
 

@@ -65,13 +65,16 @@ class WorkerResources:
         return b
 
 
-def connect(address: str | None, cpus_needed: float) -> bool:
+def connect(address: str | None, cpus_needed: float, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connects to Ray unless already connected; returns True if this call started or joined Ray.
 
     ``local`` (the default) starts a private instance sized for the run, never
     joining a cluster already running on the machine; ``auto`` joins the
     running cluster (what ``ray submit`` needs); anything else is probed, then
     goes to ``ray.init(address=...)`` (see ``distmaml.raycluster``).
+
+    ``runtime_env`` is the job's (``distmaml.shipping``: the user's packages):
+    every actor, Ray Train worker and Tune trial of the job inherits it.
     """
     from distmaml.raycluster import ClusterError
     from distmaml.raycluster import connect as join
@@ -80,6 +83,8 @@ def connect(address: str | None, cpus_needed: float) -> bool:
         return False
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
     if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         kwargs["include_dashboard"] = False
     try:
@@ -95,6 +100,12 @@ class ClusterShape:
 
     nodes: list[NodeShape]
     max_launches: int
+
+
+def job_ships_code() -> bool:
+    """True when the connected job's runtime environment ships code (a ``working_dir`` or ``py_modules``)."""
+    env = ray.get_runtime_context().runtime_env
+    return bool(env.get("working_dir") or env.get("py_modules"))
 
 
 def cluster_shape() -> ClusterShape:

@@ -10,6 +10,7 @@ and its shard re-run: the step's result is unchanged.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +22,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
-from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
+from distmaml.engine.placement import (
+    EngineError,
+    Placement,
+    WorkerResources,
+    connect,
+    job_ships_code,
+    reserve,
+    worker_resources,
+)
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker
 from distmaml.runner import EvalShard, GradShard, TaskRunner
@@ -29,6 +38,17 @@ from distmaml.runner import EvalShard, GradShard, TaskRunner
 log = logging.getLogger("distmaml.engine")
 
 _RemoteWorker = ray.remote(ShardWorker)
+
+
+def _uploaded(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with its local ``working_dir`` uploaded to the cluster, as ``ray.init`` does for a job's.
+
+    An actor's runtime environment may only name a URI, not a local folder;
+    Ray 2.60 has no public call for the upload that ``ray.init`` performs.
+    """
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    return upload_working_dir_if_needed(dict(env), include_gitignore=True, scratch_dir=tempfile.gettempdir())
 
 
 class WorkerFailure(EngineError):
@@ -43,14 +63,26 @@ class RayEngine:
     engine reads only ``workers`` and ``engine.*``.
     """
 
-    def __init__(self, config: Config, build_runner: Callable[[], TaskRunner], address: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        build_runner: Callable[[], TaskRunner],
+        address: str | None = None,
+        *,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:
         if config.workers < 1:
             raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
         self.config = config
         self.workers = config.workers
         self._build_runner = build_runner
         cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
-        self._started_ray = connect(address, cpus)
+        self._started_ray = connect(address, cpus, runtime_env)
+        # Ray started by someone else (a test, a notebook's ray.init) without the user's code: the
+        # actors carry it themselves. A job that ships code already (a Tune trial) passes it on.
+        self._actor_env = (
+            _uploaded(runtime_env) if runtime_env and not self._started_ray and not job_ships_code() else None
+        )
         self.replacements = 0
         self.events: list[dict[str, Any]] = []
         self.last_timing: dict[str, float] = {}
@@ -81,6 +113,7 @@ class RayEngine:
             num_gpus=self.resources.gpus,
             scheduling_strategy=strategy,
             max_restarts=0,
+            **({"runtime_env": self._actor_env} if self._actor_env else {}),
         ).remote(self._build_runner, self.resources.threads, -(-self.config.meta.batch_size // self.workers))
 
     def _start_worker(self, index: int) -> Any:
