@@ -132,11 +132,13 @@ class GroupEngine:
 
     def timing(self) -> dict[str, float]:
         """Totals over the meta-steps so far: ``steps``; ``compute``, the sum over steps of the slowest
-        worker's shard; ``wall``, rank 0's ``meta_batch`` time. A collective call: every worker calls it."""
-        compute = torch.tensor(self.compute, dtype=torch.float64, device=self.device)
+        worker's shard; ``wall``, the sum over steps of the longest ``meta_batch`` (never less than
+        ``compute``: each worker's includes its own shard). A collective call: every worker calls it."""
+        both = torch.tensor([self.compute, self.wall], dtype=torch.float64, device=self.device)
         if self.workers > 1:
-            dist.all_reduce(compute, op=dist.ReduceOp.MAX)
-        return {"steps": len(self.compute), "compute": float(compute.sum()), "wall": float(sum(self.wall))}
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        compute, wall = both.sum(dim=1).tolist()
+        return {"steps": len(self.compute), "compute": compute, "wall": wall}
 
     def close(self) -> None:
         pass
