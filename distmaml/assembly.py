@@ -484,6 +484,7 @@ def fit_in_group(
         params=params,
         callbacks=[*everyone, reporter],
         progress=progress and member.lead,
+        echo=member.lead,
     )
     restored = member.restored
     saved = [load_checkpoint(restored)] if restored is not None and (restored / "checkpoints").is_dir() else []

@@ -124,6 +124,7 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         progress: bool = True,
         resume: bool = False,
+        echo: bool = True,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -132,6 +133,8 @@ class Trainer:
             storage.check_writable(self.run_dir, "--resume" if resume else "--out")
         self.callbacks = callbacks or []
         self.progress = progress
+        self.echo = echo
+        """Print each validation line (a collective group's workers other than rank 0 do not)."""
         self.metric = METRIC_NAME[config.loss]
         self.params = params
         self.layout = ParamLayout(self.params)
@@ -282,7 +285,8 @@ class Trainer:
                 if validate_now or last:
                     val = self.validate()
                     self.history.val.append((self.step, next(iter(val.values()))))
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    if self.echo:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                     for cb in self.callbacks:
                         cb.on_validation(self.step, val, self.last_checkpoint)
                     metrics = {**metrics, **val}

@@ -122,11 +122,20 @@ Program = Callable[[Member], None]
 """The run's program in each worker: trains, and ends with ``member.report(..., result=...)``."""
 
 
+def _quiet_reports() -> None:
+    """Drops Ray Train's INFO line per ``ray.train.report`` ("Reporting training result ...", its logger is
+    named by its module's file): each would reach the driver's console from every worker."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_main(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: pins threads, finds the restart checkpoint, runs the program."""
     import ray.train
 
     torch.set_num_threads(max(1, loop_config["threads"]))
+    _quiet_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     program: Program = loop_config["program"]
