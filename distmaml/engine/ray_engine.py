@@ -32,7 +32,7 @@ from distmaml.engine.placement import (
     worker_resources,
 )
 from distmaml.engine.shard import balanced_ranges, common_batching
-from distmaml.engine.worker import ShardWorker
+from distmaml.engine.worker import ShardWorker, to_wire
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 log = logging.getLogger("distmaml.engine")
@@ -164,12 +164,15 @@ class RayEngine:
     # -- the engine interface -----------------------------------------------------
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
         t0 = time.perf_counter()
-        ref = ray.put(flat)  # once per step, whatever the number of workers
-        shards: list[GradShard] = self._run(
-            balanced_ranges(batch_size, self.workers),
-            lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
-            f"meta-step {step}",
-        )
+        ref = ray.put(to_wire(flat))  # once per step, whatever the number of workers; a raw buffer, not a pickle
+        shards = [
+            w.shard()
+            for w in self._run(
+                balanced_ranges(batch_size, self.workers),
+                lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
+                f"meta-step {step}",
+            )
+        ]
         grad = shards[0].grad.clone()
         for s in shards[1:]:
             grad += s.grad
@@ -180,7 +183,7 @@ class RayEngine:
         )
 
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
-        ref = ray.put(flat)
+        ref = ray.put(to_wire(flat))
         shards: list[EvalShard] = self._run(
             balanced_ranges(tasks, self.workers),
             lambda a, r: a.evaluate.remote(ref, split, r.start, r.stop, steps),
