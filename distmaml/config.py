@@ -134,17 +134,22 @@ class DataConfig:
         _at_least("data.channels", self.channels, 1)
 
 
+MODEL_NAMES = ("mlp", "conv4", "resnet12")
+IMAGE_MODELS = ("conv4", "resnet12")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "mlp"
-    """``mlp`` or ``conv4``."""
+    """``mlp``, ``conv4`` or ``resnet12`` (the few-shot ResNet-12, ``models.resnet12``)."""
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """Hidden widths of the MLP."""
     filters: int = 64
-    """Filters per block of conv4 (64 Omniglot, 32 miniImageNet)."""
+    """Filters per block of conv4 (64 Omniglot, 32 miniImageNet); resnet12: the first block's, the
+    others 2.5x, 5x and 10x it (64: the papers' 64-160-320-640)."""
 
     def validate(self) -> None:
-        _one_of("model.name", self.name, ("mlp", "conv4"))
+        _one_of("model.name", self.name, MODEL_NAMES)
         for width in self.hidden:
             _check("model.hidden", self.hidden, width >= 1, "every width must be at least 1")
         _at_least("model.filters", self.filters, 1)
@@ -264,8 +269,8 @@ class Config:
                 "the cosine schedule anneals down to it; lower mamlpp.min_lr or set mamlpp.cosine_lr=false"
             )
         image = self.data.family in IMAGE_FAMILIES
-        if image != (self.model.name == "conv4"):
-            need = "conv4" if image else "mlp"
+        if image != (self.model.name in IMAGE_MODELS):
+            need = " or model.name=".join(IMAGE_MODELS) if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
             )
