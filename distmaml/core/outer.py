@@ -91,12 +91,12 @@ def meta_grad(
         net,
         algorithm,
         step,
-        autograd=mode != "vmap" and not algorithm.recompute,
+        autograd=mode != "vmap",
         channels_last=mode == "loop_channels_last",
         batched=mode == "batched",
     )
     if algorithm.recompute:
-        objective = program.recomputed_grad
+        objective = program.autograd_recomputed_grad if program.autograd else program.recomputed_grad
     elif program.autograd:
         objective = program.autograd_grad_and_value
     else:
