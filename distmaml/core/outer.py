@@ -96,7 +96,7 @@ def meta_grad(
         batched=mode == "batched",
     )
     if algorithm.recompute:
-        objective = program.autograd_recomputed_grad if program.autograd else program.recomputed_grad
+        objective = program.recomputed_grad
     elif program.autograd:
         objective = program.autograd_grad_and_value
     else:
