@@ -13,8 +13,10 @@ more query per class, in the same process after a warm-up; activation
 memory and compute grow linearly with the images a task holds, so the three
 points fix ``fixed + per support image x support images + per query image x
 query images``, and that line gives the row's memory and time at
-``--memory-at`` (default 5 shots, 15 queries). The README's "what fits where"
-compares that fit with direct measurements.
+``--memory-at`` (default 5 shots, 15 queries). With ``inner.recompute`` the
+peak is the larger of two phases (query backward, one rebuilt support step)
+and a phase hidden at the small shape makes the line a lower bound. The
+README's "what fits where" compares the fit with direct measurements.
 
 Seconds per task are wall-clock and, beside them, the process's CPU time
 (one thread): on a shared machine the CPU time is what a quiet core would
