@@ -9,7 +9,9 @@ that ``setup_commands`` installed on every node, not from files beside it.
 
 It joins the running cluster first (``RAY_ADDRESS`` where set, else
 ``address="auto"``: the cluster ``ray start`` started on this node), failing in
-seconds with one line if none answers; then it runs exactly what
+seconds with one line if none answers, with the runtime environment that
+ships the user's own model and task family (``model.name: pkg.mod:attr``) to
+every node; then it runs exactly what
 ``distmaml train|tune|evaluate ...`` would run, passing ``--address`` on to the
 subcommands that take one, so their engines join the same cluster.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 MLFLOW_PORT_ENV = "DISTMAML_MLFLOW_PORT"
 PROBE_TIMEOUT = 2.0
@@ -45,26 +48,57 @@ def _with_address(argv: list[str], address: str) -> list[str]:
     return [argv[0], "--address", address, *argv[1:]]
 
 
-def _default_tracking(argv: list[str]) -> bool:
-    """True when ``train``/``tune`` ``argv`` tracks to MLflow at the default URI: the user named none."""
+def _config(argv: list[str]) -> Any:
+    """The config a ``train`` (a resumed one: its checkpoint's) or ``tune`` command line runs, else None."""
     from distmaml.cli import build_parser
-    from distmaml.config import TrackingConfig, load_config
+    from distmaml.config import load_config
 
-    if any(a.startswith(("tracking.uri=", "--set=tracking.uri=")) for a in argv):
-        return False  # named, even if it is the default
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train" and not args.resume:
-            config = load_config(args.config, list(args.set or []))
-        elif args.command == "tune":
+            return load_config(args.config, list(args.set or []))
+        if args.command == "tune":
             from distmaml.tune import load_space, with_overrides
 
-            config = with_overrides(load_space(args.space), overrides=list(args.set or [])).base_config()
-        else:
-            return False
+            return with_overrides(load_space(args.space), overrides=list(args.set or [])).base_config()
+        if args.command == "train":
+            from distmaml.checkpoint import load_checkpoint
+            from distmaml.config import config_from_dict
+
+            return config_from_dict(load_checkpoint(args.resume).config)
     except (Exception, SystemExit):  # a bad command line: distmaml reports it below, in its own words
-        return False
-    return config.tracking.enabled and config.tracking.uri == TrackingConfig().uri
+        return None
+    return None
+
+
+def _default_tracking(argv: list[str]) -> bool:
+    """True when ``train``/``tune`` ``argv`` tracks to MLflow at the default URI: the user named none."""
+    from distmaml.config import TrackingConfig
+
+    if any(a.startswith(("tracking.uri=", "--set=tracking.uri=")) for a in argv):
+        return False  # named, even if it is the default
+    if any(a == "--resume" or a.startswith("--resume=") for a in argv):
+        return False  # the run keeps its own config
+    config = _config(argv)
+    return config is not None and config.tracking.enabled and config.tracking.uri == TrackingConfig().uri
+
+
+def _runtime_env(argv: list[str]) -> dict[str, Any] | None:
+    """The job's runtime environment shipping the user's model and task family (``model.name: pkg.mod:attr``).
+
+    Set when this script joins the cluster, so the engine's actors, Ray Train
+    workers and Tune trials of the command all inherit it.
+    """
+    from distmaml.assembly import user_runtime_env
+    from distmaml.errors import DistmamlError
+
+    config = _config(argv)
+    if config is None:
+        return None
+    try:
+        return user_runtime_env(config)
+    except DistmamlError:  # an import path that does not resolve: the command reports it in one line
+        return None
 
 
 def _head_ip() -> str:
@@ -114,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     address = os.environ.get("RAY_ADDRESS") or "auto"
     if argv and argv[0] in ("train", "tune", "evaluate"):
+        env = _runtime_env(argv)
         try:
-            joined = connect(address)
+            joined = connect(address, **({"runtime_env": env} if env else {}))
         except ClusterError as e:
             print(f"distmaml: error: {e}", file=sys.stderr)
             return 2

@@ -4,6 +4,10 @@ The core is importable on its own and loads only torch:
 
     >>> import distmaml
     >>> mg = distmaml.meta_gradient(model, None, sx, sy, qx, qy, inner_lr=0.01, inner_steps=1, loss="mse")
+
+and the trainer from Python, with your own network and tasks as callables:
+
+    >>> result = distmaml.train("sinusoid", model=make_net, tasks=make_tasks, workers=2)
 """
 
 from distmaml.core import meta_gradient
@@ -11,7 +15,7 @@ from distmaml.core.outer import MetaGradient
 
 __version__ = "0.1.0"
 
-__all__ = ["MetaGradient", "__version__", "load_checkpoint", "meta_gradient"]
+__all__ = ["MetaGradient", "__version__", "load_checkpoint", "meta_gradient", "train"]
 
 
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
@@ -20,4 +24,8 @@ def __getattr__(name: str):  # type: ignore[no-untyped-def]
         from distmaml.checkpoint import load_checkpoint
 
         return load_checkpoint
+    if name == "train":
+        from distmaml.api import train
+
+        return train
     raise AttributeError(f"module 'distmaml' has no attribute {name!r}")

@@ -18,18 +18,27 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import multiprocessing as mp
 import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from distmaml.bench_engines import (
+    RESNET12_PARAMS,
+    engine_rows,
+    engine_summary,
+    flat_size,
+    parse_reduces,
+    reduce_cost,
+    reduce_table,
+)
 from distmaml.checkpoint import write_json
 from distmaml.config import Config, ConfigError, load_config
 from distmaml.core.batching import BATCHINGS, candidates, describe_batching
@@ -257,79 +266,6 @@ def _in_subprocess(fn: Any, *args: Any, env: dict[str, str] | None = None) -> An
 EXACT_RSS = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-# -- the Ray engine: tasks/s per worker count --------------------------------------------------
-def measure_engine(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
-    """Tasks/s of W single-thread workers, the share of a step outside their compute, and the
-    per-task baseline alone on 2 threads.
-
-    One engine per worker count is started up front; then, step by step, each
-    engine takes a meta-step in turn and the baseline (in this process, while
-    every worker is idle) computes one, so that all are timed under the same
-    conditions. Reported: medians over the timed steps.
-    """
-    import ray
-
-    from distmaml.assembly import Run, assemble
-    from distmaml.engine.ray_engine import RayEngine
-    from distmaml.trainer import Trainer
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=sum(workers) + 1, include_dashboard=False, logging_level=logging.WARNING)
-    engines: dict[int, tuple[Run, RayEngine, Trainer]] = {}
-    try:
-        for w in workers:
-            config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
-            run = assemble(config)
-            assert isinstance(run.engine, RayEngine)
-            engines[w] = (run, run.engine, run.trainer(progress=False))
-        torch.set_num_threads(2)
-        base_config, baseline = _step_fn(name, "baseline", "auto")
-        walls: dict[int, list[float]] = {w: [] for w in workers}
-        computes: dict[int, list[float]] = {w: [] for w in workers}
-        base_times: list[float] = []
-        for i in range(steps + 1):  # the first round is a warm-up
-            for w, (_, engine, trainer) in engines.items():
-                t0 = time.perf_counter()
-                trainer.train_step()
-                if i:
-                    walls[w].append(time.perf_counter() - t0)
-                    computes[w].append(engine.last_timing["compute"])
-            t0 = time.perf_counter()
-            baseline()
-            if i:
-                base_times.append(time.perf_counter() - t0)
-    finally:
-        for _, engine, _ in engines.values():
-            engine.close()
-        if started:
-            ray.shutdown()
-    base = statistics.median(base_times)
-    rows = [
-        {
-            "config": name,
-            "impl": "baseline",
-            "threads": 2,
-            "seconds_per_step": base,
-            "tasks_per_second": base_config.meta.batch_size / base,
-        }
-    ]
-    for w in workers:
-        wall, compute = statistics.median(walls[w]), statistics.median(computes[w])
-        rows.append(
-            {
-                "config": name,
-                "impl": f"ray x{w}",
-                "workers": w,
-                "threads": 1,
-                "seconds_per_step": wall,
-                "tasks_per_second": base_config.meta.batch_size / wall,
-                "outside_compute_share": 1 - compute / wall,
-            }
-        )
-    return rows
-
-
 # -- per algorithm: memory and time against inner steps ----------------------------------------
 def _malloc_trim() -> None:
     """Returns freed heap memory to the OS (glibc), so the next peak starts from what is in use."""
@@ -428,7 +364,7 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
         peak = r.get("peak_mb")
         gf = r.get("gflops")
         pct = 100 * gf / matmul[r["threads"]] if gf is not None and r["threads"] in matmul else None
-        out = r.get("outside_compute_share")
+        out = r.get("outside_share")
         impl = f"core ({r['batching']})" if r["impl"] == "core" else r["impl"]
         lines.append(
             f"{r['config']:<9} {impl:<26} {r.get('workers', r['threads']):>6} {r['seconds_per_step']:>9.4f} "
@@ -441,10 +377,19 @@ def _table(rows: list[dict[str, Any]], matmul: dict[int, float]) -> str:
 
 
 def run(
-    configs: list[str], threads: list[int], steps: int, impls: list[str], workers: list[int], engine_steps: int
+    configs: list[str],
+    threads: list[int],
+    steps: int,
+    impls: list[str],
+    workers: list[int],
+    engine_steps: int,
+    reduces: Sequence[str] = ("driver",),
+    reduce_params: int = RESNET12_PARAMS,
 ) -> dict[str, Any]:
     """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
-    the baseline, and learn2learn where installed, are added."""
+    the baseline, and learn2learn where installed, are added. With ``workers``: a row per engine
+    (``reduces``) and worker count, and the reduce cost of a flat gradient of ``reduce_params``
+    entries (0: none) and of each config's own."""
     from distmaml.assembly import build_network
 
     matmul = {t: _in_subprocess(_matmul_gflops, t) for t in sorted(set(threads) | ({2} if workers else set()))}
@@ -488,14 +433,7 @@ def run(
                     r["memory_vs_learn2learn"] = r["peak_mb"] / l2l["peak_mb"] if l2l["peak_mb"] >= 1 else None
             rows += measured
         if workers:
-            engine_rows = _in_subprocess(measure_engine, name, workers, engine_steps or n)
-            two = engine_rows[0]
-            one = next((r for r in engine_rows if r.get("workers") == 1), None)
-            for r in engine_rows[1:]:
-                r["vs_baseline_2_threads"] = r["tasks_per_second"] / two["tasks_per_second"]
-                if one:
-                    r["scaling_vs_1_worker"] = r["tasks_per_second"] / one["tasks_per_second"]
-            rows += engine_rows
+            rows += engine_rows(name, workers, reduces, engine_steps or n)
     report: dict[str, Any] = {
         "machine": _machine(),
         "matmul_gflops": matmul,
@@ -503,6 +441,10 @@ def run(
         "auto_batching": auto,
         "learn2learn_agreement": agreement,
     }
+    if workers:
+        sizes = {"12M": reduce_params} if reduce_params == RESNET12_PARAMS else {f"{reduce_params:,}": reduce_params}
+        sizes = {**(sizes if reduce_params else {}), **{name: flat_size(name) for name in configs}}
+        report["reduce_cost"] = _in_subprocess(reduce_cost, workers, sizes)
     if "omniglot" in configs:
         report["sampler"] = sampler_row(rows)
     return report
@@ -533,7 +475,8 @@ def main(args: argparse.Namespace) -> int:
     threads = [int(t) for t in str(args.threads).split(",")]
     workers = [int(w) for w in str(args.workers).split(",")] if args.workers else []
     impls = ["core"] + ([f"core-{b}" for b in BATCHINGS] if args.batchings else [])
-    report = run(configs, threads, args.steps, impls, workers, args.engine_steps)
+    reduces = parse_reduces(args.reduce)
+    report = run(configs, threads, args.steps, impls, workers, args.engine_steps, reduces, args.reduce_params)
     for name, per_thread in report["auto_batching"].items():
         for t, choice in per_thread.items():
             print(f"{name}, {t} thread(s): {describe_batching(choice)}")
@@ -545,13 +488,11 @@ def main(args: argparse.Namespace) -> int:
         print("learn2learn is not installed: no learn2learn row (README: bench)")
     print(_table(report["rows"], report["matmul_gflops"]))
     print(f"matmul rate: {', '.join(f'{v:.1f} GFLOP/s at {k} thread(s)' for k, v in report['matmul_gflops'].items())}")
-    for r in report["rows"]:
-        if "scaling_vs_1_worker" in r:
-            print(
-                f"{r['config']} {r['impl']}: {r['scaling_vs_1_worker']:.2f}x the tasks/s of 1 worker, "
-                f"{r['vs_baseline_2_threads']:.2f}x the baseline on 2 threads, "
-                f"{100 * r['outside_compute_share']:.1f}% of the step outside the workers' compute"
-            )
+    for line in engine_summary(report["rows"]):
+        print(line)
+    if "reduce_cost" in report:
+        print("reduce alone, per step (workers compute nothing):")
+        print(reduce_table(report["reduce_cost"]))
     if "sampler" in report:
         s = report["sampler"]
         ratio = f", {s['vs_worker']:.0f}x the rate one worker consumes them" if s["vs_worker"] else ""

@@ -275,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default="1", help="torch threads per measurement, comma-separated")
     bench.add_argument("--steps", type=int, default=0, help="timed meta-steps (0: chosen per config)")
     bench.add_argument("--workers", default="", help="Ray engine worker counts to compare, e.g. 1,2")
+    bench.add_argument(
+        "--reduce", default="driver", help="with --workers: engines to compare (engine.reduce), e.g. driver,collective"
+    )
+    bench.add_argument(
+        "--reduce-params",
+        type=int,
+        default=12_000_000,
+        help="with --workers: entries of the flat gradient whose reduce alone is timed (0: not timed)",
+    )
     bench.add_argument("--engine-steps", type=int, default=0, help="timed steps per worker count (0: --steps)")
     bench.add_argument("--batchings", action="store_true", help="also time the core forced to each batching candidate")
     bench.add_argument(

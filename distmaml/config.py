@@ -47,6 +47,21 @@ def _one_of(key: str, value: object, allowed: tuple[str, ...]) -> None:
     _check(key, value, value in allowed, f"allowed values are {', '.join(allowed)}")
 
 
+IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_<][\w<>]*(\.[A-Za-z_<][\w<>]*)*")
+"""``package.module:attr`` (uvicorn's and entry points' convention); ``attr`` may be dotted
+(``Class.method``); ``<locals>`` and ``<lambda>`` appear where ``distmaml.train`` records a callable."""
+
+
+def is_import_path(name: str) -> bool:
+    """True for ``package.module:attr``: a user's model or task family rather than a built-in name."""
+    return IMPORT_PATH.fullmatch(name) is not None
+
+
+def _builtin_or_path(key: str, value: str, builtins: tuple[str, ...]) -> None:
+    ok = value in builtins or is_import_path(value)
+    _check(key, value, ok, f"allowed values are {', '.join(builtins)}, or your own as package.module:attr")
+
+
 @dataclass(kw_only=True)
 class MetaConfig:
     steps: int = 10000
@@ -102,14 +117,21 @@ class InnerConfig:
 
 DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
 IMAGE_FAMILIES = ("glyphs", "store", "noise")
+LOSS_NAMES = ("mse", "cross_entropy")
+BUILTIN_LOSS = {"sinusoid": "mse", **{name: "cross_entropy" for name in IMAGE_FAMILIES}}
+"""The loss of each built-in family (``data.loss`` resolves to it)."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     family: str = "sinusoid"
     """Task family: ``sinusoid`` (synthetic regression), ``glyphs`` (generated glyph images, prepared
-    on first use), ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``) or
-    ``noise`` (random images, for benchmarks)."""
+    on first use), ``store`` (the task store that ``distmaml prepare`` wrote at ``data.path``),
+    ``noise`` (random images, for benchmarks), or your own as ``package.module:attr``:
+    ``attr(config)`` returns an object with ``loss`` and ``sample(split, step, task_ids)``."""
+    loss: str | None = None
+    """``mse`` or ``cross_entropy``; None (the default): the family's own, resolved when the config
+    is made for the built-in families and when the run is assembled for your own (its ``loss``)."""
     ways: int = 5
     """Classes per task (N); classification only."""
     shots: int = 10
@@ -124,7 +146,9 @@ class DataConfig:
     """Channels of the ``noise`` family's images."""
 
     def validate(self) -> None:
-        _one_of("data.family", self.family, DATA_FAMILIES)
+        _builtin_or_path("data.family", self.family, DATA_FAMILIES)
+        if self.loss is not None:
+            _one_of("data.loss", self.loss, LOSS_NAMES)
         _at_least("data.ways", self.ways, 2)
         _at_least("data.shots", self.shots, 1)
         _at_least("data.queries", self.queries, 1)
@@ -141,7 +165,9 @@ IMAGE_MODELS = ("conv4", "resnet12")
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "mlp"
-    """``mlp``, ``conv4`` or ``resnet12`` (the few-shot ResNet-12, ``models.resnet12``)."""
+    """``mlp`` (1 input, 1 output), ``conv4``, ``resnet12`` (the few-shot ResNet-12,
+    ``models.resnet12``) or your own as ``package.module:attr``: ``attr(config)`` returns a
+    ``torch.nn.Module``."""
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """Hidden widths of the MLP."""
     filters: int = 64
@@ -149,7 +175,7 @@ class ModelConfig:
     others 2.5x, 5x and 10x it (64: the papers' 64-160-320-640)."""
 
     def validate(self) -> None:
-        _one_of("model.name", self.name, MODEL_NAMES)
+        _builtin_or_path("model.name", self.name, MODEL_NAMES)
         for width in self.hidden:
             _check("model.hidden", self.hidden, width >= 1, "every width must be at least 1")
         _at_least("model.filters", self.filters, 1)
@@ -175,6 +201,7 @@ class TrackingConfig:
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+REDUCES = ("driver", "collective")
 
 
 @dataclass(kw_only=True)
@@ -188,9 +215,20 @@ class EngineConfig:
     placement: str = "PACK"
     """Placement-group strategy: PACK (fewest nodes) or SPREAD (one worker per node where possible)."""
     max_worker_failures: int = 3
-    """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run."""
+    """Worker deaths tolerated in a run; each dead worker is replaced and its shard re-run (``engine.reduce:
+    collective``: the group restarts from its latest checkpoint; a lost node counts as a death)."""
+    resize_interval: float = 60.0
+    """Elastic ``workers: [min, max]``: seconds between a running group's looks for room for more workers
+    (it then restarts larger from its latest checkpoint)."""
+    regroup_timeout: float = 30.0
+    """Collective engine: seconds a (re)starting group waits for its workers before Ray Train tries again
+    with the workers it then finds (after a node is lost, Ray may count it for up to 20 s more)."""
     startup_timeout: float = 120.0
     """Seconds to wait for the placement group before failing with the resources asked and available."""
+    reduce: str = "driver"
+    """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
+    steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with
+    torch.distributed and every worker takes the same step; nothing passes through the driver per step)."""
 
     def validate(self) -> None:
         _positive("engine.cpus_per_worker", self.cpus_per_worker)
@@ -199,7 +237,10 @@ class EngineConfig:
         _positive("engine.driver_cpus", self.driver_cpus)
         _one_of("engine.placement", self.placement, PLACEMENT_STRATEGIES)
         _at_least("engine.max_worker_failures", self.max_worker_failures, 0)
+        _check("engine.resize_interval", self.resize_interval, self.resize_interval >= 0, "must be 0 or more")
+        _positive("engine.regroup_timeout", self.regroup_timeout)
         _positive("engine.startup_timeout", self.startup_timeout)
+        _one_of("engine.reduce", self.reduce, REDUCES)
 
 
 MAML_TEST_STEPS = 10
@@ -242,8 +283,11 @@ class Config:
     """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
     device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
     ``batched`` (``core.batching``)."""
-    workers: int = 0
-    """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks)."""
+    workers: int | list[int] = 0
+    """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks). ``[min, max]``
+    (``engine.reduce: collective`` only): an elastic group of as many workers as the cluster has room
+    for, from min to max; it restarts from its latest checkpoint with fewer when a node is lost, and
+    with more when one joins (``engine.resize_interval``)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -257,7 +301,7 @@ class Config:
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("batching", self.batching, ("auto", *BATCHINGS))
-        _at_least("workers", self.workers, 0)
+        self._check_workers()
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()
         if self.inner.test_steps is None:  # the algorithm's default, written into the resolved config
@@ -269,20 +313,67 @@ class Config:
                 "the cosine schedule anneals down to it; lower mamlpp.min_lr or set mamlpp.cosine_lr=false"
             )
         image = self.data.family in IMAGE_FAMILIES
-        if image != (self.model.name in IMAGE_MODELS):
+        builtin = not (is_import_path(self.data.family) or is_import_path(self.model.name))
+        if builtin and image != (self.model.name in IMAGE_MODELS):  # a user's model or family: its own business
             need = " or model.name=".join(IMAGE_MODELS) if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
             )
-        if self.workers > self.meta.batch_size:
+        builtin_loss = BUILTIN_LOSS.get(self.data.family)
+        if builtin_loss is not None:
+            if self.data.loss not in (None, builtin_loss):
+                raise ConfigError(
+                    f"data.loss = {self.data.loss!r}: data.family = {self.data.family!r} has loss {builtin_loss!r}; "
+                    "drop data.loss"
+                )
+            self.data.loss = builtin_loss
+        if self.engine.reduce == "collective" and self.max_workers < 1:
+            raise ConfigError(
+                "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "
+                "(workers = 0 computes in the driver process)"
+            )
+        if self.elastic and self.engine.reduce != "collective":
+            raise ConfigError(
+                f"workers = {self.workers}: a range of workers needs engine.reduce=collective (the driver's "
+                "engine keeps a fixed pool); set engine.reduce=collective or give one number"
+            )
+        if self.max_workers > self.meta.batch_size:
             raise ConfigError(
                 f"workers = {self.workers} exceeds meta.batch_size = {self.meta.batch_size}: "
                 "some workers would get no task; lower workers or raise meta.batch_size"
             )
 
+    def _check_workers(self) -> None:
+        if isinstance(self.workers, int):
+            _at_least("workers", self.workers, 0)
+            return
+        ok = len(self.workers) == 2 and 1 <= self.workers[0] <= self.workers[1]
+        _check("workers", self.workers, ok, "an elastic range is [min, max] with 1 <= min <= max, e.g. workers=[2,4]")
+
+    @property
+    def elastic(self) -> bool:
+        """``workers`` is a range ``[min, max]``."""
+        return isinstance(self.workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run goes on with (``workers`` when it is one number)."""
+        return self.workers[0] if isinstance(self.workers, list) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run starts (``workers`` when it is one number)."""
+        return self.workers[1] if isinstance(self.workers, list) else self.workers
+
     @property
     def loss(self) -> str:
-        return "mse" if self.data.family == "sinusoid" else "cross_entropy"
+        """``data.loss``; for a user's family not yet resolved, the family is built here to ask it (and kept)."""
+        if self.data.loss is None:
+            from distmaml.usercode import resolve_loss  # lazily: the user's code is imported only when needed
+
+            resolve_loss(self)
+        assert self.data.loss is not None
+        return self.data.loss
 
     @property
     def test_steps(self) -> int:
@@ -312,6 +403,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_KINDS: dict[Any, str] = {int: "an integer", float: "a number", str: "a string", list[int]: "[min, max]"}
+"""How a message names a type of a field that takes one of several."""
+
 _FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?\d+[eE][-+]?\d+$")
 
 
@@ -322,7 +416,19 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
-        annotation = next(a for a in options if a is not type(None))
+        choices = [a for a in options if a is not type(None)]
+        if len(choices) > 1:  # int | list[int]: by the value's shape
+            lists = [a for a in choices if typing.get_origin(a) is list]
+            if isinstance(value, list) and lists:
+                return _coerce(key, value, lists[0])
+            scalars = [a for a in choices if typing.get_origin(a) is not list]
+            try:
+                _check(key, value, not isinstance(value, list) and bool(scalars), "")
+                return _coerce(key, value, scalars[0])
+            except ConfigError:
+                names = " or ".join(_KINDS.get(a, str(a)) for a in choices)
+                raise ConfigError(f"{key} = {value!r}: must be {names}") from None
+        annotation = choices[0]
         origin = typing.get_origin(annotation)
     if origin is list:
         (item,) = typing.get_args(annotation)

@@ -13,6 +13,8 @@ and keeps its traceback.
 | ``StorageError`` (also an ``OSError``) | ``storage`` | 2 |
 | ``CheckpointError`` (also a ``FileNotFoundError``) | ``checkpoint`` | 2 |
 | ``UserError`` | ``cli`` | 2 |
+| ``UserCodeError`` (also a ``ValueError``) | ``usercode`` | 2 |
+| ``TrainError`` | ``api`` | 2 |
 | ``EngineError`` (also a ``RuntimeError``) | ``engine`` | 3 |
 | ``ClusterError`` (also a ``ConnectionError``) | ``raycluster`` | 3 |
 | ``NonFiniteError`` (also a ``RuntimeError``) | ``trainer`` | 3 |

@@ -26,7 +26,8 @@ def evaluate_checkpoint(
     data = ckpt.config
     for assignment in overrides or []:
         apply_override(data, assignment)
-    data["workers"] = 0
+    data["workers"] = 0  # in this process, whichever engine trained it
+    data.setdefault("engine", {})["reduce"] = "driver"
     config = config_from_dict(data)
     n = tasks or config.meta.test_tasks
     if n < 1:

@@ -64,8 +64,10 @@ class ParamLayout:
     def numel(self) -> int:
         return sum(self.sizes)
 
-    def flatten(self, tensors: Params) -> Tensor:
-        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+    def flatten(self, tensors: Params, out: Tensor | None = None) -> Tensor:
+        """One flat tensor; written into ``out`` (``numel`` elements, any device) if given."""
+        parts = [tensors[k].reshape(-1) for k in self.names]
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     def unflatten(self, flat: Tensor) -> Params:
         parts = torch.split(flat, self.sizes)
@@ -145,8 +147,12 @@ class TaskRunner:
     def _tasks(self, split: str, step: int, ids: Sequence[int]) -> TaskBatch:
         return self.family.sample(split, step, ids).to(self.device, self.dtype)
 
-    def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int]) -> GradShard:
-        """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor."""
+    def meta_grad(self, flat: Tensor, step: int, ids: Sequence[int], out: Tensor | None = None) -> GradShard:
+        """Summed meta-gradient of tasks ``ids`` of meta-train step ``step``, as one flat CPU tensor.
+
+        ``out``: a flat tensor to write the gradient into instead (on any device,
+        e.g. a collective's buffer on this runner's GPU); it is returned as ``grad``.
+        """
         s = meta_grad(
             self.model,
             self._params(flat),
@@ -155,6 +161,9 @@ class TaskRunner:
             batching=self.choose_batching(len(ids)),
             step=step,
         )
+        if out is not None:
+            self.layout.flatten(s.grads, out=out)
+            return GradShard(out, float(s.loss), float(s.metric), s.tasks)
         grad = self.layout.flatten(s.grads).cpu()  # the CPU waits for the device here
         return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
 

@@ -18,7 +18,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from distmaml import interrupt, storage
-from distmaml.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint, write_json
+from distmaml.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    atomic_write_text,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+)
 from distmaml.config import Config, ConfigError, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
@@ -55,6 +62,10 @@ class Callback:
     def on_start(self, trainer: Trainer) -> None: ...
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
     def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None: ...
+    def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
+        """After each checkpoint of the training loop (and its validation, whose metrics ``metrics`` then
+        holds with the step's); ``checkpoint`` is None without a run directory."""
+
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None: ...
 
 
@@ -113,6 +124,7 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         progress: bool = True,
         resume: bool = False,
+        echo: bool = True,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -121,6 +133,8 @@ class Trainer:
             storage.check_writable(self.run_dir, "--resume" if resume else "--out")
         self.callbacks = callbacks or []
         self.progress = progress
+        self.echo = echo
+        """Print each validation line (a collective group's workers other than rank 0 do not)."""
         self.metric = METRIC_NAME[config.loss]
         self.params = params
         self.layout = ParamLayout(self.params)
@@ -140,12 +154,16 @@ class Trainer:
     def _resume(self) -> None:
         if self.run_dir is None:
             raise ValueError("resume needs a run directory")
-        ckpt = load_checkpoint(self.run_dir)
+        self.restore(load_checkpoint(self.run_dir))
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continues from ``ckpt`` (its config must be this run's): parameters, optimizer, schedule, step."""
+        self.resumed = True
         saved = config_from_dict(ckpt.config)
         if saved.to_dict() != self.config.to_dict():
             changed = sorted(k for k, v in saved.flat().items() if self.config.flat().get(k) != v)
             raise ConfigError(
-                f"--resume {self.run_dir}: the config differs from the checkpoint's in {', '.join(changed)}; "
+                f"--resume {self.run_dir or ckpt.path}: the config differs from the checkpoint's in {', '.join(changed)}; "
                 "resume with the run's own config (omit --config and --set)"
             )
         with torch.no_grad():
@@ -154,7 +172,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         if self.scheduler is not None:
             if ckpt.scheduler is None:
-                raise CheckpointError(f"--resume {self.run_dir}: the checkpoint has no learning-rate schedule state")
+                raise CheckpointError(
+                    f"--resume {self.run_dir or ckpt.path}: the checkpoint has no learning-rate schedule state"
+                )
             self.scheduler.load_state_dict(ckpt.scheduler)
         self.step = self.checkpoint_step = ckpt.step
         self.last_checkpoint = ckpt.path
@@ -259,14 +279,20 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", tasks_s=f"{self.tasks_per_second:.0f}", refresh=False)
                 last = self.step == cfg.meta.steps
                 validate_now = cfg.meta.val_every and self.step % cfg.meta.val_every == 0
-                if self.step % cfg.meta.checkpoint_every == 0 or last or validate_now:
+                save_now = self.step % cfg.meta.checkpoint_every == 0 or last or validate_now
+                if save_now:
                     self.checkpoint()
                 if validate_now or last:
                     val = self.validate()
                     self.history.val.append((self.step, next(iter(val.values()))))
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                    if self.echo:
+                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
                     for cb in self.callbacks:
                         cb.on_validation(self.step, val, self.last_checkpoint)
+                    metrics = {**metrics, **val}
+                if save_now:
+                    for cb in self.callbacks:
+                        cb.on_checkpoint(self.step, metrics, self.last_checkpoint)
         finally:
             bar.close()
         result = self.result(self.meta_test())

@@ -1,10 +1,19 @@
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# Decoded splits (distmaml.data.splitcache) and copies of stores from buckets go to a cache folder of
+# this session, inherited by the Ray workers and subprocesses the tests start, not to ~/.cache/distmaml.
+if "DISTMAML_CACHE" not in os.environ:
+    os.environ["DISTMAML_CACHE"] = tempfile.mkdtemp(prefix="distmaml-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DISTMAML_CACHE"], True)
 
 
 @pytest.fixture

@@ -30,6 +30,15 @@ FILES = {
     "bad-value.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.steps: {choice: [1, 0]}}\n",
     "lr.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
     "workers.yaml": "base: sinusoid\nmetric: val_mse\nspace: {workers: {choice: [1, 2]}}\n",
+    "badcode.py": (
+        "import torch\n"
+        "def not_a_net(config):\n    return 42\n"
+        "class WrongShapes:\n    loss = 'mse'\n    def __init__(self, config):\n        pass\n"
+        "    def sample(self, split, step, ids):\n"
+        "        n = len(ids)\n"
+        "        return torch.zeros(n, 4, 1), torch.zeros(n, 3, 1), torch.zeros(n, 4, 1), torch.zeros(n, 4, 1)\n"
+        "class L1(WrongShapes):\n    loss = 'l1'\n"
+    ),
 }
 
 
@@ -62,7 +71,7 @@ ROWS = readme_rows()
 
 def test_the_table_covers_every_area_with_at_least_15_rows():
     assert len(ROWS) >= 15
-    assert {r[0] for r in ROWS} == {"config", "data", "checkpoints", "cluster", "sweeps"}
+    assert {r[0] for r in ROWS} == {"config", "data", "checkpoints", "cluster", "sweeps", "bench"}
     assert len({r[2] for r in ROWS}) == len(ROWS)  # no command twice
 
 

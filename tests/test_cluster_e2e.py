@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from rayhead import start_head
+from userpkg import SETS, assert_shipped, worker_calls, write_package
 
 SUBMIT = Path(__file__).resolve().parent.parent / "cluster" / "submit.py"
 WORKERS = 2
@@ -64,6 +65,32 @@ def test_submit_runs_train_on_the_cluster(head, tmp_path):
     assert mlrun.data.params["workers"] == str(WORKERS) and mlrun.data.params["meta.steps"] == str(STEPS)
     assert mlrun.data.metrics["test_mse"] == pytest.approx(result["meta_test"]["mean"])
     assert [m.step for m in client.get_metric_history(mlrun.info.run_id, "train_loss")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_submit_ships_the_users_package_to_the_workers(head, tmp_path):
+    """`model.name: blobs.mod:make` from the folder submit.py runs in: the job's runtime environment carries it."""
+    workdir = tmp_path / "head-home"
+    workdir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    write_package(workdir, log)
+    shutil.copy(SUBMIT, workdir / "submit.py")
+    sets = [*SETS, "meta.steps=2", "meta.val_every=0", "meta.test_tasks=8", "workers=2"]
+    args = ["train", "--quiet", "--out", str(tmp_path / "run"), *(a for s in sets for a in ("--set", s))]
+    proc = subprocess.run(
+        [sys.executable, "submit.py", *args],
+        cwd=workdir,
+        env=head.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"joined the Ray cluster at {head.address}" in proc.stdout
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["meta_test"]["metric"] == "accuracy"
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    driver = {c["pid"] for c in calls if Path(c["cwd"]).resolve() == workdir.resolve()}
+    assert_shipped(worker_calls(log, driver), workdir)
 
 
 @pytest.mark.slow

@@ -27,6 +27,14 @@ BAD = [
     ("model.hidden=[40, 0]", "model.hidden = [40, 0]: every width must be at least 1"),
     ("workers=-1", "workers = -1: must be at least 0"),
     ("workers=26", "workers = 26 exceeds meta.batch_size = 25"),
+    ("workers=two", "workers = 'two': must be an integer or [min, max]"),
+    ("workers=[3,2]", "workers = [3, 2]: an elastic range is [min, max] with 1 <= min <= max, e.g. workers=[2,4]"),
+    ("workers=[0,2]", "workers = [0, 2]: an elastic range is [min, max]"),
+    ("workers=[2]", "workers = [2]: an elastic range is [min, max]"),
+    ("workers=[2,3]", "workers = [2, 3]: a range of workers needs engine.reduce=collective (the driver's engine"),
+    ("workers=[2,30]", "workers = [2, 30]: a range of workers needs engine.reduce=collective"),
+    ("engine.resize_interval=-1", "engine.resize_interval = -1.0: must be 0 or more"),
+    ("engine.regroup_timeout=0", "engine.regroup_timeout = 0.0: must be greater than 0"),
     ("inner.lrr=0.1", "unknown config key 'inner.lrr'; did you mean inner.lr?"),
     ("inner=3", "inner = 3: must be a mapping of keys to values"),
     ("tracking.enabled=3", "tracking.enabled = 3: must be true or false"),
@@ -46,6 +54,20 @@ def test_cli_prints_one_line_and_no_traceback(capsys):
     assert main(["train", "--set", "inner.lr=-1"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "distmaml: error: inner.lr = -1.0: must be greater than 0"
+
+
+def test_elastic_workers_round_trip(tmp_path):
+    cfg = load_config("sinusoid", ["workers=[2,3]", "engine.reduce=collective"])
+    assert (cfg.elastic, cfg.min_workers, cfg.max_workers) == (True, 2, 3)
+    fixed = load_config("sinusoid", ["workers=3"])
+    assert (fixed.elastic, fixed.min_workers, fixed.max_workers) == (False, 3, 3)
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(str(tmp_path / "c.yaml")).to_dict() == cfg.to_dict()
+
+
+def test_elastic_workers_fit_the_meta_batch():
+    with pytest.raises(ConfigError, match=r"^workers = \[2, 30\] exceeds meta.batch_size = 25"):
+        load_config("sinusoid", ["workers=[2,30]", "engine.reduce=collective"])
 
 
 def test_unknown_recipe_lists_the_recipes():

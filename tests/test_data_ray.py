@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import ray
@@ -10,9 +11,11 @@ import torch
 from reference import reference_scores
 
 from distmaml import load_checkpoint
-from distmaml.assembly import build_family, build_network
+from distmaml.assembly import build_family, build_network, make_engine
 from distmaml.cli import main
-from distmaml.config import config_from_dict
+from distmaml.config import config_from_dict, load_config
+from distmaml.data.bench import mapped_memory, write_synthetic_store
+from distmaml.data.splitcache import cache_folder, cache_name
 from distmaml.data.store import open_store
 
 
@@ -46,3 +49,25 @@ def test_glyph_recipe_trains_on_its_two_ray_workers(ray_local, tmp_path):
     assert float(after.mean()) > float(before.mean())  # 3 steps on one shot per class beat chance (0.2) here
     assert len(open_store(store).splits["test"].classes) == 200
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+def test_the_ray_engines_two_workers_map_one_copy_of_the_train_split(ray_local, tmp_path):
+    # the actors inherit the session's DISTMAML_CACHE (tests/conftest.py): the node's cache folder
+    store = write_synthetic_store(tmp_path / "store", classes=40, train_classes=20, val_classes=10, images=20)
+    sets = [f"data.path={store}", "data.family=store", "meta.batch_size=4", "model.filters=8", "workers=2"]
+    config = load_config("glyphs_5w1s", [*sets, "engine.startup_timeout=300"])
+    info = open_store(store)
+    engine = make_engine(config)
+    try:  # at start-up each worker has timed its batching on meta-train tasks
+        pids = [d["pid"] for d in engine.describe()]
+        file = cache_folder() / cache_name(info, "train")
+        maps = [mapped_memory(file.parent, pid) for pid in pids]
+        inodes = [
+            {int(line.split()[4]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if str(file) in line}
+            for pid in pids
+        ]
+    finally:
+        engine.close()
+    assert len(set(pids)) == 2 and all(m["Rss"] > 0 for m in maps)
+    assert inodes == [{file.stat().st_ino}] * 2  # both actors read their tasks from the one file

@@ -87,3 +87,44 @@ def with_implementation(model: nn.Module, implementation: str) -> nn.Module:
         return clone
 
     return view(model)
+
+
+def with_batch_statistics(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """``model`` with each of torch's batch-norm layers replaced by a ``MetaBatchNorm``; the names replaced.
+
+    ``nn.BatchNorm1d/2d/3d`` (and ``SyncBatchNorm``) keep running statistics
+    that their forward pass updates in place: during adaptation that is a
+    side effect the meta-gradient cannot see, under ``vmap`` an error, and in
+    eval mode a different normalisation from MAML's. The replacement keeps
+    the layer's name, ``weight``, ``bias`` and ``eps`` (so parameter names and
+    values are unchanged), drops the running statistics and momentum, and
+    normalises every call by the statistics of the batch it sees, as MAML does.
+    ``model`` is changed in place and returned.
+
+    Raises:
+        ValueError: a layer without a learnable scale and shift (``affine=False``)
+            or not yet initialised (``LazyBatchNorm``): the message names it.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    replaced: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, _BatchNorm):
+            continue
+        where = f"layer {name!r} ({type(module).__name__})"
+        if isinstance(module, LazyModuleMixin):
+            raise ValueError(f"{where} is not initialised yet; give it num_features (nn.BatchNorm2d(C))")
+        if not module.affine:
+            raise ValueError(f"{where} has affine=False: MAML's batch-norm learns its scale and shift; use affine=True")
+        bn = MetaBatchNorm(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            bn.weight = nn.Parameter(module.weight.detach().clone())
+            bn.bias = nn.Parameter(module.bias.detach().clone())
+        if name:
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent).register_module(leaf, bn)
+        else:
+            model = bn
+        replaced.append(name)
+    return model, replaced

@@ -7,8 +7,9 @@ class's support images, the other Q its queries. The class drawn j-th gets
 label j, so labels are shuffled per task. Support is ``x_T(NK)CHW``, ordered
 by label; queries likewise ``x_T(NQ)CHW``.
 
-Each split is read into memory once, on first use, as one uint8 tensor; a
-batch of tasks is one gather from it, converted to float in [0, 1] (or
+Each split is read once, on first use, as one uint8 tensor: mapped from the
+node's cache file (``splitcache``), so the workers of a node share one copy;
+a batch of tasks is one gather from it, converted to float in [0, 1] (or
 normalised with the meta-train mean and std) only at sample time.
 """
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from distmaml.data.errors import DataError
+from distmaml.data.splitcache import shared_split
 from distmaml.data.store import SplitData, StoreInfo, load_split, open_store
 from distmaml.tasks.base import SPLITS
 from distmaml.tasks.seeding import task_generator
@@ -57,6 +59,9 @@ class ImageTasks:
         seed: the run's seed; tasks are a pure function of (seed, split, step, id).
         normalize: subtract the meta-train mean and divide by its std per
             channel instead of scaling to [0, 1].
+        shared: map each split from the node's cache file, one copy for all
+            the node's workers (``splitcache.shared_split``); False reads a
+            private copy into this process. The tasks are the same.
 
     Example:
         >>> tasks = ImageTasks("data/omniglot", ways=5, shots=1, queries=15)
@@ -68,11 +73,19 @@ class ImageTasks:
     loss = "cross_entropy"
 
     def __init__(
-        self, path: str | Path, *, ways: int, shots: int, queries: int, seed: int = 0, normalize: bool = False
+        self,
+        path: str | Path,
+        *,
+        ways: int,
+        shots: int,
+        queries: int,
+        seed: int = 0,
+        normalize: bool = False,
+        shared: bool = True,
     ) -> None:
         self.info: StoreInfo = open_store(path)
         self.ways, self.shots, self.queries, self.seed = ways, shots, queries, seed
-        self.normalize = normalize
+        self.normalize, self.shared = normalize, shared
         self._splits: dict[str, SplitData] = {}
         self._check()
 
@@ -96,11 +109,12 @@ class ImageTasks:
         return self.info.image_shape
 
     def split(self, split: str) -> SplitData:
-        """The split in memory, read from the store on first use."""
+        """The split in memory, mapped from the node's cache (or read privately) on first use."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: allowed values are {', '.join(SPLITS)}")
         if split not in self._splits:
-            self._splits[split] = load_split(self.info, split)
+            read = shared_split if self.shared else load_split
+            self._splits[split] = read(self.info, split)
         return self._splits[split]
 
     def task_indices(self, split: str, step: int, task_id: int) -> Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,32 +131,81 @@ def open_store(path: str | Path) -> StoreInfo:
     return StoreInfo(path, (c, h, w), splits, dict(meta.get("source", {})), meta["mean"], meta["std"])
 
 
-def load_split(info: StoreInfo, split: str) -> SplitData:
-    """Reads one split into memory: a single uint8 tensor and the class offsets."""
+def split_layout(info: StoreInfo, split: str) -> tuple[Tensor | None, Tensor]:
+    """Checks a split's rows against ``metadata.json``; returns (row order, class offsets).
+
+    The order is None when the rows are grouped by class, as ``StoreWriter``
+    writes them; otherwise it is the stable sort of the rows by class (a tool
+    shuffled them). Reads the ``class_index`` column only.
+    """
     file = info.path / split_file(split)
-    table = pq.read_table(file, columns=["class_index", "image"])
-    n = table.num_rows
+    index_np = pq.read_table(file, columns=["class_index"]).column("class_index").to_numpy()
     expected = info.splits[split]
-    if n != expected.images:
-        raise DataError(f"task store {info.path}: {file.name} holds {n} images, metadata says {expected.images}")
-    c, h, w = info.image_shape
-    column = table.column("image").combine_chunks()
-    width = c * h * w
-    if column.type != pa.binary(width):
-        raise DataError(f"task store {info.path}: images in {file.name} are {column.type}, expected {width} bytes each")
-    data = column.buffers()[1]
-    flat = np.frombuffer(data, dtype=np.uint8, count=n * width, offset=column.offset * width)
-    images = torch.from_numpy(flat.copy()).view(n, c, h, w)  # owned, writable memory
-    index = torch.from_numpy(table.column("class_index").to_numpy().astype(np.int64))
-    if n and bool((index[1:] < index[:-1]).any()):  # rows are written grouped; reorder if a tool shuffled them
+    if len(index_np) != expected.images:
+        raise DataError(
+            f"task store {info.path}: {file.name} holds {len(index_np)} images, metadata says {expected.images}"
+        )
+    index = torch.from_numpy(index_np.astype(np.int64))
+    order = None
+    if len(index) and bool((index[1:] < index[:-1]).any()):
         order = torch.argsort(index, stable=True)
-        images, index = images[order], index[order]
     counts = torch.bincount(index, minlength=len(expected.classes))
     if counts.tolist() != expected.counts:
         raise DataError(f"task store {info.path}: class sizes in {file.name} differ from {METADATA}")
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
-    return SplitData(images, offsets, expected.classes)
+    return order, offsets
+
+
+def _pixels(info: StoreInfo, file: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The bytes of an ``image`` column as a flat uint8 view (no copy for one chunk)."""
+    c, h, w = info.image_shape
+    width = c * h * w
+    if column.type != pa.binary(width):
+        raise DataError(f"task store {info.path}: images in {file} are {column.type}, expected {width} bytes each")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return np.frombuffer(column.buffers()[1], dtype=np.uint8, count=len(column) * width, offset=column.offset * width)
+
+
+def split_image_chunks(
+    info: StoreInfo, split: str, order: Tensor | None, chunk_bytes: int = 8 << 20
+) -> Iterator[np.ndarray]:
+    """The split's pixels in class order, as flat uint8 chunks of about ``chunk_bytes``.
+
+    Rows grouped by class stream from the file a batch at a time, so a
+    consumer that writes them out holds one batch, not the split; shuffled
+    rows (``order``) are read whole and reordered.
+    """
+    file = info.path / split_file(split)
+    c, h, w = info.image_shape
+    if order is None:
+        rows = max(1, chunk_bytes // (c * h * w))
+        for batch in pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False).iter_batches(
+            batch_size=rows, columns=["image"], use_threads=False
+        ):
+            yield _pixels(info, file.name, batch.column(0))
+        return
+    flat = _pixels(info, file.name, pq.read_table(file, columns=["image"]).column("image"))
+    yield flat.reshape(-1, c * h * w)[order.numpy()].reshape(-1)
+
+
+def load_split(info: StoreInfo, split: str) -> SplitData:
+    """Reads one split into this process's memory: a single uint8 tensor and the class offsets.
+
+    ``distmaml.data.splitcache.shared_split`` maps the same split from one
+    copy per node instead.
+    """
+    order, offsets = split_layout(info, split)
+    c, h, w = info.image_shape
+    n = int(offsets[-1])
+    images = torch.empty(n * c * h * w, dtype=torch.uint8)
+    out, done = images.numpy(), 0
+    for chunk in split_image_chunks(info, split, order):
+        out[done : done + len(chunk)] = chunk
+        done += len(chunk)
+    pa.default_memory_pool().release_unused()  # the reader's batches: back to the system, not kept by the pool
+    return SplitData(images.view(n, c, h, w), offsets, info.splits[split].classes)
 
 
 _SCHEMA = pa.schema(

@@ -65,13 +65,16 @@ class WorkerResources:
         return b
 
 
-def connect(address: str | None, cpus_needed: float) -> bool:
+def connect(address: str | None, cpus_needed: float, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connects to Ray unless already connected; returns True if this call started or joined Ray.
 
     ``local`` (the default) starts a private instance sized for the run, never
     joining a cluster already running on the machine; ``auto`` joins the
     running cluster (what ``ray submit`` needs); anything else is probed, then
     goes to ``ray.init(address=...)`` (see ``distmaml.raycluster``).
+
+    ``runtime_env`` is the job's (``distmaml.shipping``: the user's packages):
+    every actor, Ray Train worker and Tune trial of the job inherits it.
     """
     from distmaml.raycluster import ClusterError
     from distmaml.raycluster import connect as join
@@ -80,6 +83,8 @@ def connect(address: str | None, cpus_needed: float) -> bool:
         return False
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
     if (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         kwargs["include_dashboard"] = False
     try:
@@ -95,6 +100,12 @@ class ClusterShape:
 
     nodes: list[NodeShape]
     max_launches: int
+
+
+def job_ships_code() -> bool:
+    """True when the connected job's runtime environment ships code (a ``working_dir`` or ``py_modules``)."""
+    env = ray.get_runtime_context().runtime_env
+    return bool(env.get("working_dir") or env.get("py_modules"))
 
 
 def cluster_shape() -> ClusterShape:
@@ -190,10 +201,11 @@ def worker_resources(config: Config, cluster: ClusterShape | None = None) -> Wor
 
 
 def bundles(config: Config, res: WorkerResources) -> list[Bundle]:
-    """The driver's bundle, then one per worker, with the config keys that set them."""
+    """The driver's bundle, then one per worker (the fewest an elastic run goes on with), with the config keys
+    that set them."""
     driver = Bundle("driver", {"CPU": config.engine.driver_cpus}, {"CPU": "engine.driver_cpus"})
     keys = {"CPU": "engine.cpus_per_worker", "GPU": "engine.gpus_per_worker"}
-    return [driver] + [Bundle("worker", res.bundle(), keys) for _ in range(config.workers)]
+    return [driver] + [Bundle("worker", res.bundle(), keys) for _ in range(config.min_workers)]
 
 
 def check_feasible(config: Config, res: WorkerResources, cluster: ClusterShape | None = None) -> None:
@@ -222,10 +234,10 @@ def reserve(config: Config, res: WorkerResources) -> Placement:
     current = get_current_placement_group()
     if current is not None:
         count = current.bundle_count
-        if count < config.workers + 1:
+        if count < config.max_workers + 1:
             raise EngineError(
                 f"the trial's placement group has {count} bundles but workers = {config.workers} "
-                f"needs {config.workers + 1} (a driver bundle and one per worker)"
+                f"needs {config.max_workers + 1} (a driver bundle and one per worker)"
             )
         return Placement(current, 1, owned=False)
     cluster = cluster_shape()

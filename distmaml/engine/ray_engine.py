@@ -10,6 +10,7 @@ and its shard re-run: the step's result is unchanged.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,14 +22,33 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
-from distmaml.engine.placement import EngineError, Placement, WorkerResources, connect, reserve, worker_resources
-from distmaml.engine.shard import balanced_ranges
+from distmaml.engine.placement import (
+    EngineError,
+    Placement,
+    WorkerResources,
+    connect,
+    job_ships_code,
+    reserve,
+    worker_resources,
+)
+from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 log = logging.getLogger("distmaml.engine")
 
 _RemoteWorker = ray.remote(ShardWorker)
+
+
+def _uploaded(env: dict[str, Any]) -> dict[str, Any]:
+    """``env`` with its local ``working_dir`` uploaded to the cluster, as ``ray.init`` does for a job's.
+
+    An actor's runtime environment may only name a URI, not a local folder;
+    Ray 2.60 has no public call for the upload that ``ray.init`` performs.
+    """
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    return upload_working_dir_if_needed(dict(env), include_gitignore=True, scratch_dir=tempfile.gettempdir())
 
 
 class WorkerFailure(EngineError):
@@ -43,14 +63,26 @@ class RayEngine:
     engine reads only ``workers`` and ``engine.*``.
     """
 
-    def __init__(self, config: Config, build_runner: Callable[[], TaskRunner], address: str | None = None) -> None:
-        if config.workers < 1:
-            raise EngineError(f"workers = {config.workers}: the Ray engine needs at least 1 worker")
+    def __init__(
+        self,
+        config: Config,
+        build_runner: Callable[[], TaskRunner],
+        address: str | None = None,
+        *,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:
+        if config.elastic or config.max_workers < 1:
+            raise EngineError(f"workers = {config.workers}: the Ray engine needs a fixed number of workers, 1 or more")
         self.config = config
-        self.workers = config.workers
+        self.workers = config.max_workers
         self._build_runner = build_runner
-        cpus = config.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
-        self._started_ray = connect(address, cpus)
+        cpus = self.workers * config.engine.cpus_per_worker + config.engine.driver_cpus
+        self._started_ray = connect(address, cpus, runtime_env)
+        # Ray started by someone else (a test, a notebook's ray.init) without the user's code: the
+        # actors carry it themselves. A job that ships code already (a Tune trial) passes it on.
+        self._actor_env = (
+            _uploaded(runtime_env) if runtime_env and not self._started_ray and not job_ships_code() else None
+        )
         self.replacements = 0
         self.events: list[dict[str, Any]] = []
         self.last_timing: dict[str, float] = {}
@@ -63,7 +95,7 @@ class RayEngine:
             self._batching = [d["batching"] for d in described]
             for i, d in enumerate(described):
                 log.info("worker %d: %s", i, d["batching_line"])
-            self._common = self._common_batching()
+            self._common = common_batching(self._batching)
             if self._common is not None:
                 ray.get([a.use_batching.remote(self._common) for a in self.actors])
         except BaseException:
@@ -81,6 +113,7 @@ class RayEngine:
             num_gpus=self.resources.gpus,
             scheduling_strategy=strategy,
             max_restarts=0,
+            **({"runtime_env": self._actor_env} if self._actor_env else {}),
         ).remote(self._build_runner, self.resources.threads, -(-self.config.meta.batch_size // self.workers))
 
     def _start_worker(self, index: int) -> Any:
@@ -154,18 +187,6 @@ class RayEngine:
             f"{split} evaluation",
         )
         return EvalShard(torch.cat([s.before for s in shards]), torch.cat([s.after for s in shards]))
-
-    def _common_batching(self) -> str | None:
-        """With ``batching: auto``: the candidate with the least seconds summed over the workers' timings.
-
-        Every worker then computes with it, so that shards of one step come
-        from the same computation (rounding included) whatever each timed.
-        """
-        timed = [b["seconds"] for b in self._batching if b["seconds"]]
-        if not timed:
-            return None
-        names = set.intersection(*(set(t) for t in timed))
-        return min(sorted(names), key=lambda n: sum(t[n] for t in timed))
 
     def batching(self) -> dict[str, Any]:
         """The batching every worker uses, and each worker's own timings from start-up."""

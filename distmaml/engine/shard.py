@@ -6,6 +6,9 @@ decides which worker computes which ids, and adds what comes back.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 def balanced_ranges(total: int, parts: int) -> list[range]:
     """Splits ``range(total)`` into ``parts`` contiguous ranges differing in length by at most one."""
@@ -16,3 +19,18 @@ def balanced_ranges(total: int, parts: int) -> list[range]:
         out.append(range(start, stop))
         start = stop
     return out
+
+
+def common_batching(reports: Sequence[dict[str, Any]]) -> str | None:
+    """With ``batching: auto``: the candidate with the least seconds summed over the workers' timings.
+
+    ``reports`` are the workers' ``TaskRunner.batching_report()``. Every worker
+    then computes with the choice, so that shards of one step come from the
+    same computation (rounding included) whatever each timed. None when no
+    worker timed (a fixed batching).
+    """
+    timed = [b["seconds"] for b in reports if b["seconds"]]
+    if not timed:
+        return None
+    names = set.intersection(*(set(t) for t in timed))
+    return min(sorted(names), key=lambda n: sum(t[n] for t in timed))

@@ -383,7 +383,7 @@ def resources_of(config: Config, driver_gpus: float = 0.0) -> Resources:
     """The bundles a trial of ``config`` needs: its ``workers`` and ``engine`` amounts (GPUs unset: none)."""
     e = config.engine
     return Resources(
-        workers=config.workers,
+        workers=config.max_workers,
         cpus_per_worker=e.cpus_per_worker,
         gpus_per_worker=e.gpus_per_worker or 0.0,
         driver_cpus=e.driver_cpus,

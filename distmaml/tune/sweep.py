@@ -163,7 +163,7 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from distmaml.assembly import with_absolute_uri
+    from distmaml.assembly import user_runtime_env, with_absolute_uri
     from distmaml.engine.placement import cluster_shape
 
     where = tune_storage(storage)
@@ -173,8 +173,8 @@ def run_sweep(
     if data_path and "://" not in data_path and not Path(data_path).expanduser().is_absolute():
         # trials run in their own folders: a relative store path means the driver's directory
         base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=verbose > 0)
+    if not ray.is_initialized():  # the job's runtime environment ships the user's code to every trial and worker
+        ray.init(address=address, log_to_driver=verbose > 0, runtime_env=user_runtime_env(base))
     cluster = cluster_shape()
     check_resources(spec, cluster.nodes, cluster.max_launches)
     if base.tracking.enabled:
@@ -190,9 +190,12 @@ def run_sweep(
         threads=max(1, int(spec.resources.driver_cpus)),
         exit_after_step=exit_after_step,
     )
+    bundles = spec.resources.bundles()
+    if base.engine.reduce == "collective":  # a trial's Ray Train worker group reserves its own bundles
+        bundles = bundles[:1]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, ctx=ctx),
-        tune.PlacementGroupFactory(spec.resources.bundles(), strategy=base.engine.placement),
+        tune.PlacementGroupFactory(bundles, strategy=base.engine.placement),
     )
     tuner = tune.Tuner(
         trainable,

@@ -127,7 +127,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from distmaml.assembly import assemble
+    from distmaml.assembly import assemble, is_collective
 
     torch.set_num_threads(max(1, ctx.threads))
     data = copy.deepcopy(ctx.base_data)
@@ -155,10 +155,21 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                     shutil.copytree(saved, run_dir)
             else:
                 run_dir.mkdir()  # Trainer.fit writes config.yaml into it
-            reporter = TuneReporter(ctx, first_attempt=restored is None, static=_placement_report(run.engine))
+            static = _placement_report(run.engine)
+            reporter = TuneReporter(ctx, first_attempt=restored is None, static=static)
         except BaseException:
             run.close()
             raise
+        if is_collective(run.engine):  # the trainer runs in the group's workers: their reports are relayed
+            from distmaml.checkpoint import load_checkpoint
+            from distmaml.tune.relay import fit_collective_trial
+
+            static["resumed_from"] = load_checkpoint(run_dir).step if restored is not None else 0
+            try:
+                fit_collective_trial(run, run_dir, resume=restored is not None, metric=ctx.metric, static=static)
+            finally:
+                run.close()
+            return
         # Tune stops a trial (ASHA, or the end of the sweep) by raising SystemExit in report(): the child run ends KILLED
         run.fit(run_dir, progress=False, resume=restored is not None, callbacks=[reporter])
     finally:

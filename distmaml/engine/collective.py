@@ -1,0 +1,271 @@
+"""The collective engine (``engine.reduce: collective``): the meta-step loop inside a Ray Train worker group.
+
+The driver starts a ``TorchTrainer`` of ``workers`` workers (torch.distributed:
+gloo on CPUs, NCCL on GPUs) and waits. Each worker runs the whole run's
+program (``assembly.fit_in_group``): it builds the task program, the
+meta-parameters and a ``Trainer`` on a ``GroupEngine``, computes its balanced
+range of every step's task ids, all-reduces one flat buffer with the others and
+takes the same outer step; nothing passes through the driver per step.
+
+Rank 0 alone writes the run directory (checkpoints, ``result.json``) and runs
+the callbacks (MLflow). At each checkpoint every worker calls
+``ray.train.report`` (a barrier: all workers must call it equally often), rank 0
+with a ``ray.train.Checkpoint`` holding the step's checkpoint file in a
+run-directory layout (``checkpoints/step_N.pt``); Ray Train keeps those under
+``RUN_DIR/train`` (a folder or the run's storage URI). A group that Ray Train
+restarts after a failure (``engine.max_worker_failures``) continues from the
+latest (``ray.train.get_checkpoint``). The last report carries the result,
+which ``CollectiveEngine.fit`` returns on the driver.
+
+With workers on several nodes the run directory must be one every worker can
+reach: a storage URI (``s3://...``) or a shared folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmaml import storage
+from distmaml.checkpoint import write_json
+from distmaml.config import Config
+from distmaml.engine import elastic
+from distmaml.engine.group import GroupEngine
+from distmaml.engine.placement import EngineError, WorkerResources, check_feasible, connect, worker_resources
+from distmaml.errors import DistmamlError
+from distmaml.runner import TaskRunner
+from distmaml.storage import Location
+
+log = logging.getLogger("distmaml.engine")
+
+TRAIN_FOLDER = "train"
+"""Ray Train's own folder inside the run directory (its reported checkpoints and state)."""
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.pickle"
+
+
+@dataclass
+class Member:
+    """One worker of the group, as the run's program sees it (built by ``CollectiveEngine``'s workers)."""
+
+    rank: int
+    world: int
+    restored: Path | None
+    """A local run-directory layout (``checkpoints/step_N.pt``) of the checkpoint Ray Train restarts
+    the group from, or None on a first start."""
+    device: str | None = None
+    """This worker's GPU (``cuda:K``, Ray Train's choice among the node's) where it has one, else None."""
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: writes the run directory, runs the callbacks, reports checkpoints."""
+        return self.rank == 0
+
+    def engine(self, runner: TaskRunner, batch_size: int) -> GroupEngine:
+        """This worker's engine on ``runner`` (times ``batching: auto`` on its shard; a collective call)."""
+        return GroupEngine(runner, self.rank, self.world, batch_size=batch_size)
+
+    def report(
+        self,
+        metrics: dict[str, Any],
+        checkpoint: Location | None = None,
+        result: dict[str, Any] | None = None,
+        files: Sequence[Location] = (),
+        error: BaseException | None = None,
+    ) -> None:
+        """``ray.train.report`` on every worker (a barrier); rank 0 attaches ``checkpoint`` (a step file),
+        ``result`` and ``files`` of its run directory (``config.yaml``, ``mlflow_run_id``) as a
+        ``ray.train.Checkpoint`` in a run-directory layout, and ``error``: an error every worker raised
+        alike, which ``CollectiveEngine.fit`` raises on the driver (the group ends without a restart)."""
+        import ray.train
+
+        if not self.lead or (checkpoint is None and result is None and error is None):
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="distmaml-report-") as tmp:
+            folder = Path(tmp)
+            if checkpoint is not None:
+                (folder / "checkpoints").mkdir()
+                _copy(checkpoint, folder / "checkpoints" / storage.name(checkpoint))
+            for file in files:
+                _copy(file, folder / storage.name(file))
+            if result is not None:
+                write_json(folder / RESULT_FILE, result)
+            if error is not None:
+                (folder / ERROR_FILE).write_bytes(pickle.dumps(error))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _copy(source: Location, dest: Path) -> None:
+    """A local file is linked (free) or copied; a URI is downloaded."""
+    if isinstance(source, os.PathLike):
+        try:
+            os.link(source, dest)  # the checkpoint file is never rewritten in place: writes are atomic renames
+        except OSError:
+            shutil.copy2(source, dest)
+    else:
+        dest.write_bytes(storage.read_bytes(source))
+
+
+Program = Callable[[Member], None]
+"""The run's program in each worker: trains, and ends with ``member.report(..., result=...)``."""
+
+
+def _quiet_reports() -> None:
+    """Drops Ray Train's INFO line per ``ray.train.report`` ("Reporting training result ...", its logger is
+    named by its module's file): each would reach the driver's console from every worker."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _worker_main(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: pins threads, finds the restart checkpoint, runs the program."""
+    import ray.train
+
+    torch.set_num_threads(max(1, loop_config["threads"]))
+    _quiet_reports()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    program: Program = loop_config["program"]
+    device = None
+    if torch.cuda.is_available():
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())  # workers sharing a node see its GPUs, each uses its own
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        program(Member(rank, world, None, device))
+        return
+    with restored.as_directory() as folder:
+        program(Member(rank, world, Path(folder), device))
+
+
+class CollectiveEngine:
+    """The driver's side of ``engine.reduce: collective``: starts the worker group, returns its result.
+
+    ``workers`` Ray Train workers, each with ``engine.cpus_per_worker`` CPUs
+    (torch threads) or ``engine.gpus_per_worker`` GPUs, placed by
+    ``engine.placement``; Ray Train restarts the group from its latest
+    checkpoint up to ``engine.max_worker_failures`` times.
+
+    Example:
+        >>> engine = CollectiveEngine(config, "local")
+        >>> result = engine.fit(functools.partial(fit_in_group, ...), "runs/a")
+    """
+
+    replacements = 0
+
+    def __init__(
+        self, config: Config, address: str | None = None, *, runtime_env: dict[str, Any] | None = None
+    ) -> None:
+        if config.min_workers < 1:
+            raise EngineError(f"workers = {config.workers}: the collective engine needs at least 1 worker")
+        self.config = config
+        self.workers = config.max_workers
+        self.callbacks: list[Any] = []
+        """Ray Train ``UserCallback``s of the group (a Tune trial adds Tune's report callback)."""
+        self.timing: dict[str, float] = {}
+        """After ``fit``: steps, compute (slowest worker's shard, summed over steps) and wall seconds."""
+        cpus = config.max_workers * config.engine.cpus_per_worker + config.engine.driver_cpus
+        self._started_ray = connect(address, cpus, runtime_env)  # the job's: Ray Train's workers inherit it
+        try:
+            self.resources: WorkerResources = worker_resources(config)
+            check_feasible(config, self.resources)
+        except BaseException:
+            self.close()
+            raise
+
+    def run_config(self, run_dir: Location | None) -> Any:
+        """Ray Train's ``RunConfig``: its folder inside the run directory, failure handling, callbacks."""
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+        common: dict[str, Any] = {
+            "failure_config": FailureConfig(max_failures=self.config.engine.max_worker_failures),
+            "checkpoint_config": CheckpointConfig(num_to_keep=self.config.meta.keep_checkpoints + 1),  # +1: result
+            "callbacks": self.callbacks,
+            "logging_config": LoggingConfig(log_level="WARNING"),  # not two lines per checkpoint on the console
+        }
+        if run_dir is None:  # Ray Train's default storage, a fresh name
+            return RunConfig(name=f"distmaml-{uuid.uuid4().hex[:8]}", **common)
+        if storage.is_uri(run_dir):
+            filesystem, path = storage.resolve(str(run_dir))
+            where: dict[str, Any] = {"storage_path": path, "storage_filesystem": filesystem}
+        else:
+            where = {"storage_path": str(Path(run_dir).absolute())}
+        return RunConfig(name=TRAIN_FOLDER, **where, **common)
+
+    def fit(self, program: Program, run_dir: Location | None) -> dict[str, Any]:
+        """Runs ``program`` in every worker of a new group; returns the result rank 0 reported last."""
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        gpus = self.resources.gpus > 0
+        trainer = TorchTrainer(
+            _worker_main,
+            train_loop_config={"program": program, "threads": self.resources.threads},
+            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+            scaling_config=ScalingConfig(
+                **elastic.scaling(self.config),
+                use_gpu=gpus,
+                resources_per_worker=self.resources.bundle(),
+                placement_strategy=self.config.engine.placement,
+            ),
+            run_config=self.run_config(run_dir),
+        )
+        try:
+            with elastic.regroup_timeout(self.config):
+                outcome = trainer.fit()
+        except Exception as e:
+            user = _user_error(e) or elastic.group_failure(e, self.config, run_dir)
+            if user is not None:
+                raise user from None
+            raise
+        if outcome.error is not None:
+            raise outcome.error
+        result: dict[str, Any] | None = None
+        if outcome.checkpoint is not None:
+            with outcome.checkpoint.as_directory() as folder:
+                path, error = Path(folder) / RESULT_FILE, Path(folder) / ERROR_FILE
+                if error.is_file():  # written by this run's own rank 0
+                    raise pickle.loads(error.read_bytes())
+                result = json.loads(path.read_text()) if path.is_file() else None
+        if result is None:  # Ray Train aborted the group (Ctrl-C) after its last checkpoint, before the end
+            where = f"; continue it with distmaml train --resume {run_dir}" if run_dir is not None else ""
+            step = (outcome.metrics or {}).get("step", 0)
+            raise EngineError(
+                f"the worker group stopped before the end of the run (last checkpoint: step {step}){where}"
+            )
+        self.timing = result.pop("timing", {})
+        return result
+
+    def close(self) -> None:
+        if self._started_ray:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+            self._started_ray = False
+
+
+def _user_error(error: BaseException) -> BaseException | None:
+    """The first worker's ``DistmamlError`` (a setting to change, said in one line) inside Ray Train's error."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause: BaseException | None = failures[rank]
+        while cause is not None:
+            if isinstance(cause, DistmamlError):
+                return cause
+            cause = getattr(cause, "cause", None) or cause.__cause__
+    return None

@@ -1,0 +1,108 @@
+"""Elastic worker counts and worker failures of the collective engine: Ray Train's own handling, configured.
+
+``workers: [min, max]`` becomes Ray Train's elastic ``ScalingConfig(num_workers=(min, max))``:
+the group starts with as many workers as the cluster has room for, up to max.
+When a worker dies (its process killed, its node lost) Ray Train stops the
+whole group and starts a new one, from the latest checkpoint rank 0 reported,
+with as many workers as the cluster then holds (at least min); while the group
+runs, Ray Train looks for room for more every ``engine.resize_interval`` seconds
+and restarts it larger from the latest checkpoint when it finds some (Ray's
+behaviour; not shown by the tests here).
+
+A restart changes nothing of the result: the tasks of step s are a pure
+function of (seed, s, task id), every worker's shard is a range of task ids and
+returns sums, and the checkpoint holds the parameters, the optimizer, the
+learning-rate schedule and the step. A group of any size recomputes the steps
+since that checkpoint and goes on where an undisturbed run would be (in float64
+to rounding: the sums are added in another order).
+
+What a restart costs, measured on one 2-core machine (``ray.cluster_utils.Cluster``,
+tiny sinusoid runs): see the README's engine section. Two waits dominate it:
+starting the new group's processes (torch, the run's pieces: seconds, more on
+a busy machine), and, after a lost node, Ray's view of the cluster's free
+resources, refreshed every 20 s, which can still count that node, so the new
+group may first wait for workers that cannot start; ``engine.regroup_timeout``
+bounds that wait (Ray Train's default is 60 s), after which Ray Train tries
+again with the workers it then sees.
+
+Every restart after a worker death counts against ``engine.max_worker_failures``
+(Ray Train's ``FailureConfig.max_failures``; a lost node is such a death, a
+node drained for preemption is not); one more stops the run with
+``GroupFailure``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from distmaml.config import Config
+from distmaml.engine.placement import EngineError
+from distmaml.storage import Location
+
+REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+"""Ray Train's wait for a (re)starting group's workers; propagated from the driver to its controller."""
+
+
+class GroupFailure(EngineError):
+    """The collective group lost workers more often than ``engine.max_worker_failures`` allows."""
+
+
+def scaling(config: Config) -> dict[str, Any]:
+    """The worker-count arguments of Ray Train's ``ScalingConfig``: fixed, or elastic between min and max."""
+    workers: int | tuple[int, int] = (config.min_workers, config.max_workers) if config.elastic else config.max_workers
+    return {"num_workers": workers, "elastic_resize_monitor_interval_s": config.engine.resize_interval}
+
+
+@contextlib.contextmanager
+def regroup_timeout(config: Config) -> Iterator[None]:
+    """Within: Ray Train waits ``engine.regroup_timeout`` seconds for a (re)starting group's workers.
+
+    Ray Train reads the setting from the driver's environment when ``fit``
+    starts; a value the user exported wins.
+    """
+    if REGROUP_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[REGROUP_TIMEOUT_ENV] = str(config.engine.regroup_timeout)
+    try:
+        yield
+    finally:
+        os.environ.pop(REGROUP_TIMEOUT_ENV, None)
+
+
+def _death(errors: dict[int, BaseException]) -> str | None:
+    """Which worker died and why, in a few words; None when no worker died (an error in the program)."""
+    from ray.exceptions import RayActorError
+
+    for rank in sorted(errors):
+        error = getattr(errors[rank], "health_check_failure", errors[rank])
+        if isinstance(error, RayActorError):
+            why = next((line.strip() for line in str(error).splitlines() if " because " in line), "")
+            return f"rank {rank}: {why.split('. ')[0].rstrip('.') or type(error).__name__}"
+    return None
+
+
+def group_failure(error: BaseException, config: Config, where: Location | None = None) -> GroupFailure | None:
+    """``GroupFailure`` for Ray Train's error after a worker died once more than the config allows, else None.
+
+    An error the program raised (not a death) is left as it is: a bug keeps its
+    traceback. ``where``: the run directory, named so the user can resume from
+    its last checkpoint.
+    """
+    from ray.train import WorkerGroupError
+
+    if not isinstance(error, WorkerGroupError):
+        return None
+    death = _death(dict(error.worker_failures))
+    if death is None:
+        return None
+    limit = config.engine.max_worker_failures
+    cause = f" (last: {death[:200]})"
+    resume = f"; its last checkpoint is in {where}, --resume {where} continues it" if where is not None else ""
+    return GroupFailure(
+        f"the worker group failed {limit + 1} times{cause}, more than engine.max_worker_failures = {limit} "
+        f"allows; the run stops{resume}"
+    )

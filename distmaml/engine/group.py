@@ -1,0 +1,144 @@
+"""The engine inside each worker of a collective group: its own shard, then an all-reduce.
+
+Every worker of a ``torch.distributed`` process group holds the same
+meta-parameters and runs the same ``Trainer``; this engine gives it what the
+driver's engines give theirs, computed among the workers:
+
+* ``meta_batch``: the worker computes the summed meta-gradient of its balanced
+  range of the step's task ids (``balanced_ranges``, as the Ray engine splits
+  them) into one preallocated flat buffer whose last three entries carry the
+  loss, metric and task sums; one ``all_reduce(SUM)`` of that buffer gives
+  every worker the whole batch's sums, so all take the identical outer step;
+* ``evaluate``: each worker scores its range of the held-out tasks and one
+  ``all_gather`` returns every score in task order.
+
+Only torch.distributed is used (gloo on CPUs, NCCL on GPUs); the group itself
+is set up by whoever starts the workers (``engine.collective``, Ray Train). One
+worker is the degenerate case: no collective call is made.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from distmaml.engine.shard import balanced_ranges, common_batching
+from distmaml.runner import EvalShard, GradShard, TaskRunner
+
+EXTRA = 3
+"""Entries after the gradient in the all-reduced buffer: loss, metric and task sums."""
+
+
+class GroupEngine:
+    """This worker's part of a collective group of ``world`` workers (rank ``rank``).
+
+    Args:
+        runner: the run's task program, built in this worker.
+        rank, world: this worker's rank and the group's size (``torch.distributed``
+            must be initialised when ``world > 1``).
+        shard_hint: the meta-batch size, to time ``batching: auto`` on this
+            worker's shard size at start-up; every worker then uses the
+            candidate with the least summed time (a collective call).
+    """
+
+    replacements = 0
+
+    def __init__(self, runner: TaskRunner, rank: int, world: int, *, batch_size: int = 0) -> None:
+        self.runner = runner
+        self.rank = rank
+        self.workers = world
+        self.device = runner.device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
+        """Where the collectives' tensors live: the GPU for NCCL, else the CPU (gloo)."""
+        n = runner.layout.numel
+        self._buffer = torch.zeros(n + EXTRA, dtype=runner.dtype, device=self.device)
+        self._grad = self._buffer[:n]
+        self._ranges: dict[int, range] = {}
+        self.compute: list[float] = []
+        """Per meta-step: seconds this worker computed its shard."""
+        self.wall: list[float] = []
+        """Per meta-step: seconds of the whole ``meta_batch`` (shard, all-reduce, copy back)."""
+        self.last_timing: dict[str, float] = {}
+        """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
+        self._reports = [runner.batching_report()]
+        self._common: str | None = None
+        if batch_size:
+            runner.choose_batching(len(self._my_range(batch_size)))
+            self._reports = self._gather_objects(runner.batching_report())
+            self._common = common_batching(self._reports)
+            if self._common is not None:
+                runner.batching = self._common
+
+    # -- helpers ------------------------------------------------------------------
+    def _gather_objects(self, obj: Any) -> list[Any]:
+        if self.workers == 1:
+            return [obj]
+        out: list[Any] = [None] * self.workers
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _my_range(self, total: int) -> range:
+        """This worker's task ids of a batch of ``total`` (cached: one list per batch size, not per step)."""
+        r = self._ranges.get(total)
+        if r is None:
+            r = self._ranges[total] = balanced_ranges(total, self.workers)[self.rank]
+        return r
+
+    # -- the engine interface -------------------------------------------------------
+    def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
+        t0 = time.perf_counter()
+        ids = self._my_range(batch_size)
+        shard = self.runner.meta_grad(flat, step, ids, out=self._grad)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the shard's compute ends here, not at the all-reduce
+        t1 = time.perf_counter()
+        n = self._grad.numel()
+        extra = self._buffer[n:]
+        extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
+        if self.workers > 1:
+            dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM)
+        loss, metric, tasks = extra.tolist()
+        grad = self._grad if self.device.type == "cpu" else self._grad.cpu()
+        t2 = time.perf_counter()
+        self.compute.append(t1 - t0)
+        self.wall.append(t2 - t0)
+        self.last_timing = {"wall": t2 - t0, "compute": t1 - t0}
+        return GradShard(grad, loss, metric, round(tasks), t1 - t0)
+
+    def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
+        ranges = balanced_ranges(tasks, self.workers)
+        mine = ranges[self.rank]
+        longest = max(len(r) for r in ranges)
+        local = torch.zeros(2, longest, dtype=torch.float64, device=self.device)
+        if len(mine):
+            scores = self.runner.evaluate(flat, split, mine, steps)
+            local[0, : len(mine)] = scores.before
+            local[1, : len(mine)] = scores.after
+        if self.workers == 1:
+            parts = [local]
+        else:
+            parts = [torch.empty_like(local) for _ in range(self.workers)]
+            dist.all_gather(parts, local)
+        before = torch.cat([p[0, : len(r)] for p, r in zip(parts, ranges)]).cpu()
+        after = torch.cat([p[1, : len(r)] for p, r in zip(parts, ranges)]).cpu()
+        return EvalShard(before, after)
+
+    def batching(self) -> dict[str, Any]:
+        """The batching every worker uses, and each worker's own timings from start-up."""
+        return {"choice": self._common or self._reports[0]["choice"], "workers": self._reports}
+
+    def timing(self) -> dict[str, float]:
+        """Totals over the meta-steps so far: ``steps``; ``compute``, the sum over steps of the slowest
+        worker's shard; ``wall``, the sum over steps of the longest ``meta_batch`` (never less than
+        ``compute``: each worker's includes its own shard). A collective call: every worker calls it."""
+        both = torch.tensor([self.compute, self.wall], dtype=torch.float64, device=self.device)
+        if self.workers > 1:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        compute, wall = both.sum(dim=1).tolist()
+        return {"steps": len(self.compute), "compute": compute, "wall": wall}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,228 @@
+"""Elastic worker counts and worker failures of the collective engine, on a local cluster of 3 worker nodes.
+
+A group that loses a worker (its process killed by pid, or its node removed)
+restarts from its latest checkpoint, smaller if it must, and ends with the
+parameters and optimizer state of the undisturbed fixed-size run (float64,
+1e-10). One failure more than ``engine.max_worker_failures`` stops the run
+with one line.
+
+The disturbance is synchronised, not timed: at a given step of its first
+attempt rank 0 writes its pid and waits (``PauseAt``) while the test kills a
+worker or removes a node.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from ray import cloudpickle
+from ray._private import state  # the GCS actor table: pids and nodes without the dashboard's state API
+from ray.cluster_utils import Cluster
+
+from distmaml.assembly import assemble
+from distmaml.checkpoint import load_checkpoint
+from distmaml.config import load_config
+from distmaml.engine.elastic import GroupFailure
+from distmaml.trainer import Callback
+
+pytestmark = pytest.mark.slow  # each run starts a Ray Train group; a restart waits for Ray to notice
+
+BASE = [
+    "engine.reduce=collective",
+    "precision=float64",
+    "algorithm=mamlpp",  # a step-dependent inner loop and a cosine schedule: both must resume exactly
+    "mamlpp.msl_anneal_steps=4",
+    "mamlpp.first_order_steps=3",
+    "batching=loop",
+    "meta.batch_size=6",
+    "meta.steps=8",
+    "meta.checkpoint_every=2",
+    "meta.val_every=4",
+    "meta.val_tasks=4",
+    "meta.test_tasks=6",
+    "model.hidden=[8,8]",
+    "tracking.enabled=false",
+    "engine.cpus_per_worker=2",  # only a worker node has room for a worker, never the head
+    "engine.driver_cpus=1",
+]
+PAUSE_STEP = 5
+"""The step rank 0 pauses at: after the checkpoint of step 4, so a restart recomputes at least one step."""
+
+
+class PauseAt(Callback):
+    """On rank 0: records each start's pid; at ``step`` of the first attempt, writes ``ready`` and waits for ``go``."""
+
+    def __init__(self, folder: Path, step: int, times: int = 1) -> None:
+        self.folder, self.step, self.times = folder, step, times
+
+    def on_start(self, trainer: Any) -> None:
+        with open(self.folder / "starts", "a") as f:
+            f.write(f"{os.getpid()} {trainer.step} {time.time()}\n")
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        done = len(list(self.folder.glob("ready-*")))
+        if step != self.step or done >= self.times or (self.folder / f"ready-{os.getpid()}").exists():
+            return
+        (self.folder / f"ready-{os.getpid()}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + 300
+        while not (self.folder / f"go-{os.getpid()}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # PauseAt travels to the workers, which lack tests/
+
+
+def group_workers() -> list[dict[str, Any]]:
+    """The live Ray Train workers of this cluster: pid and node id."""
+    return [
+        {"pid": a["Pid"], "node": a["Address"]["NodeID"]}
+        for a in state.actors().values()
+        if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"
+    ]
+
+
+def disturb(folder: Path, act: Any, times: int = 1) -> threading.Thread:
+    """In the background: each time rank 0 is ready, note the time in ``acted``, ``act(rank0_pid)``, let it go on."""
+
+    def run() -> None:
+        seen: set[str] = set()
+        for _ in range(times):
+            deadline = time.monotonic() + 300
+            while not (ready := [p for p in folder.glob("ready-*") if p.name not in seen]):
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.05)
+            pid = int(ready[0].read_text())
+            with open(folder / "acted", "a") as f:
+                f.write(f"{time.time()}\n")
+            act(pid)
+            (folder / f"go-{pid}").write_text("")
+            seen.add(ready[0].name)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_a_peer(rank0_pid: int) -> None:
+    """SIGKILL to a worker of the group other than rank 0."""
+    peers = [w["pid"] for w in group_workers() if w["pid"] != rank0_pid]
+    assert peers, "no worker besides rank 0"
+    os.kill(max(peers), 9)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head of 1 CPU (the driver, Ray Train's controller) and 3 worker nodes of 2 CPUs, room for one worker each."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    for _ in range(3):
+        c.add_node(num_cpus=2)
+    c.wait_for_nodes()
+    # Ray Train's own actors look the cluster up by RAY_ADDRESS; without it they may find another user's
+    ray.init(address=c.address, logging_level="WARNING", runtime_env={"env_vars": {"RAY_ADDRESS": c.address}})
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, tmp_path_factory):
+    """The fixed-size run of 3 workers, never disturbed: its checkpoint."""
+    run_dir = tmp_path_factory.mktemp("elastic") / "undisturbed"
+    result = assemble(load_config("sinusoid", [*BASE, "workers=3"])).fit(run_dir, progress=False)
+    assert result["workers"] == 3 and result["steps"] == 8
+    return load_checkpoint(run_dir)
+
+
+def assert_same_state(got: Any, ref: Any) -> None:
+    assert got.step == ref.step == 8
+    for k, v in ref.params.items():
+        torch.testing.assert_close(got.params[k], v, rtol=0, atol=1e-10, msg=f"parameter {k}")
+    for key, a in ref.optimizer["state"].items():
+        b = got.optimizer["state"][key]
+        assert float(a["step"]) == float(b["step"]) == 8
+        torch.testing.assert_close(b["exp_avg"], a["exp_avg"], rtol=0, atol=1e-10)
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=0, atol=1e-10)
+    assert got.scheduler == ref.scheduler
+
+
+def starts(folder: Path) -> list[tuple[int, int, float]]:
+    """(pid, step, time) of each start of rank 0's trainer."""
+    return [(int(p), int(s), float(t)) for p, s, t in (x.split() for x in (folder / "starts").read_text().splitlines())]
+
+
+def restart_seconds(folder: Path) -> float:
+    """From the (first) disturbance to the restarted group's trainer start."""
+    acted = float((folder / "acted").read_text().split()[0])
+    return starts(folder)[1][2] - acted
+
+
+def test_a_killed_worker_restarts_the_group_from_its_checkpoint(undisturbed, tmp_path):
+    folder = tmp_path / "signals"
+    folder.mkdir()
+    run = assemble(load_config("sinusoid", [*BASE, "workers=3"]))
+    thread = disturb(folder, kill_a_peer)
+    start = time.monotonic()
+    result = run.fit(tmp_path / "run", progress=False, callbacks=[PauseAt(folder, PAUSE_STEP)])
+    thread.join(5)
+    runs = starts(folder)
+    assert len(runs) == 2, runs  # the first group, then the restarted one
+    assert runs[0][1] == 0 and 0 < runs[1][1] <= 4  # restarted from a checkpoint before the pause
+    assert result["workers"] == 3 and result["steps"] == 8
+    assert_same_state(load_checkpoint(tmp_path / "run"), undisturbed)
+    print(
+        f"\nkilled worker: run {time.monotonic() - start:.1f} s, the group restarted "
+        f"{restart_seconds(folder):.1f} s after the kill, from step {runs[1][1]}"
+    )
+
+
+def test_failures_beyond_the_limit_stop_the_run(cluster, tmp_path):
+    folder = tmp_path / "signals"
+    folder.mkdir()
+    run = assemble(load_config("sinusoid", [*BASE, "workers=3", "engine.max_worker_failures=1"]))
+    thread = disturb(folder, kill_a_peer, times=2)
+    with pytest.raises(GroupFailure) as e:
+        run.fit(tmp_path / "run", progress=False, callbacks=[PauseAt(folder, PAUSE_STEP, times=2)])
+    thread.join(5)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("the worker group failed 2 times (last: rank ")
+    assert message.endswith(
+        f"more than engine.max_worker_failures = 1 allows; the run stops; its last checkpoint is in "
+        f"{tmp_path / 'run'}, --resume {tmp_path / 'run'} continues it"
+    )
+    assert len(starts(folder)) == 2
+
+
+def test_a_group_that_loses_a_node_goes_on_smaller_and_ends_where_the_fixed_size_run_ends(
+    cluster, undisturbed, tmp_path
+):
+    folder = tmp_path / "signals"
+    folder.mkdir()
+
+    def remove_a_peer_node(rank0_pid: int) -> None:
+        rank0_node = next(w["node"] for w in group_workers() if w["pid"] == rank0_pid)
+        peer_nodes = {w["node"] for w in group_workers()} - {rank0_node}
+        node = next(n for n in cluster.worker_nodes if n.node_id in peer_nodes)
+        cluster.remove_node(node)
+
+    run = assemble(load_config("sinusoid", [*BASE, "workers=[2,3]"]))
+    thread = disturb(folder, remove_a_peer_node)
+    result = run.fit(tmp_path / "run", progress=False, callbacks=[PauseAt(folder, PAUSE_STEP)])
+    thread.join(5)
+    runs = starts(folder)
+    assert len(runs) == 2, runs
+    assert result["workers"] == 2 and result["steps"] == 8  # the group went on with 2
+    assert_same_state(load_checkpoint(tmp_path / "run"), undisturbed)
+    print(
+        f"\nlost node: the group restarted with 2 workers {restart_seconds(folder):.1f} s after the removal, "
+        f"from step {runs[1][1]}"
+    )
