@@ -107,7 +107,8 @@ def _mlp(config: Config) -> nn.Module:
     return build_model("mlp", in_features=1, out_features=1, hidden=config.model.hidden)
 
 
-def _conv4(config: Config) -> nn.Module:
+def _image_network(name: str, config: Config) -> nn.Module:
+    """``conv4`` or ``resnet12`` on the family's images: ``data.ways`` outputs, ``model.filters`` wide."""
     if config.data.family == "noise" or is_import_path(config.data.family):  # no store: the data section says
         channels, height, width = config.data.channels, config.data.image_size, config.data.image_size
     else:
@@ -115,13 +116,17 @@ def _conv4(config: Config) -> nn.Module:
 
         channels, height, width = image_shape(config)  # the store's metadata (glyphs: generated if missing)
     if height != width:
-        raise DataError(f"conv4 needs square images; the store at data.path holds {height}x{width}")
+        raise DataError(f"{name} needs square images; the store at data.path holds {height}x{width}")
     return build_model(
-        "conv4", out_features=config.data.ways, in_channels=channels, image_size=height, filters=config.model.filters
+        name, out_features=config.data.ways, in_channels=channels, image_size=height, filters=config.model.filters
     )
 
 
-NETWORKS: dict[str, Callable[[Config], nn.Module]] = {"mlp": _mlp, "conv4": _conv4}
+NETWORKS: dict[str, Callable[[Config], nn.Module]] = {
+    "mlp": _mlp,
+    "conv4": functools.partial(_image_network, "conv4"),
+    "resnet12": functools.partial(_image_network, "resnet12"),
+}
 """``model.name`` -> builder of the network from the config."""
 
 

@@ -462,6 +462,10 @@ def sampler_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "model", ""):
+        from distmaml.bench_model import model_main
+
+        return model_main(args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in BENCH_CONFIGS]
     if unknown:

@@ -292,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--inner-steps", default="1,5", help="inner steps per --algorithms row, comma-separated")
     bench.add_argument("--recompute", action="store_true", help="--algorithms rows also with inner.recompute=true")
     bench.add_argument("--tasks", type=int, default=0, help="tasks per meta-step in --algorithms rows (0: config's)")
+    bench.add_argument(
+        "--model", default="", help="--algorithms rows on this network instead (resnet12: generated 84x84 RGB, 5-way)"
+    )
+    bench.add_argument("--filters", type=int, default=64, help="--model rows: model.filters (64: the papers' widths)")
+    bench.add_argument("--image-size", type=int, default=84, help="--model rows: side of the generated images")
+    bench.add_argument("--shots", type=int, default=1, help="--model rows: support examples per class")
+    bench.add_argument("--queries", type=int, default=1, help="--model rows: query examples per class")
+    bench.add_argument(
+        "--memory-at", default="5,15", help="--model rows: SHOTS,QUERIES to give memory and time at, by a linear fit"
+    )
     bench.add_argument("--json", default="bench.json", help="where to write the JSON results")
     bench.set_defaults(func=cmd_bench)
 

@@ -158,18 +158,21 @@ class DataConfig:
         _at_least("data.channels", self.channels, 1)
 
 
-MODEL_NAMES = ("mlp", "conv4")
+MODEL_NAMES = ("mlp", "conv4", "resnet12")
+IMAGE_MODELS = ("conv4", "resnet12")
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "mlp"
-    """``mlp`` (1 input, 1 output), ``conv4`` or your own as ``package.module:attr``:
-    ``attr(config)`` returns a ``torch.nn.Module``."""
+    """``mlp`` (1 input, 1 output), ``conv4``, ``resnet12`` (the few-shot ResNet-12,
+    ``models.resnet12``) or your own as ``package.module:attr``: ``attr(config)`` returns a
+    ``torch.nn.Module``."""
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     """Hidden widths of the MLP."""
     filters: int = 64
-    """Filters per block of conv4 (64 Omniglot, 32 miniImageNet)."""
+    """Filters per block of conv4 (64 Omniglot, 32 miniImageNet); resnet12: the first block's, the
+    others 2.5x, 5x and 10x it (64: the papers' 64-160-320-640)."""
 
     def validate(self) -> None:
         _builtin_or_path("model.name", self.name, MODEL_NAMES)
@@ -311,8 +314,8 @@ class Config:
             )
         image = self.data.family in IMAGE_FAMILIES
         builtin = not (is_import_path(self.data.family) or is_import_path(self.model.name))
-        if builtin and image != (self.model.name == "conv4"):  # a user's model or family: its own business
-            need = "conv4" if image else "mlp"
+        if builtin and image != (self.model.name in IMAGE_MODELS):  # a user's model or family: its own business
+            need = " or model.name=".join(IMAGE_MODELS) if image else "mlp"
             raise ConfigError(
                 f"model.name = {self.model.name!r} does not fit data.family = {self.data.family!r}; use model.name={need}"
             )

@@ -71,7 +71,7 @@ ROWS = readme_rows()
 
 def test_the_table_covers_every_area_with_at_least_15_rows():
     assert len(ROWS) >= 15
-    assert {r[0] for r in ROWS} == {"config", "data", "checkpoints", "cluster", "sweeps"}
+    assert {r[0] for r in ROWS} == {"config", "data", "checkpoints", "cluster", "sweeps", "bench"}
     assert len({r[2] for r in ROWS}) == len(ROWS)  # no command twice
 
 

@@ -91,7 +91,7 @@ def meta_grad(
         net,
         algorithm,
         step,
-        autograd=mode != "vmap" and not algorithm.recompute,
+        autograd=mode != "vmap",
         channels_last=mode == "loop_channels_last",
         batched=mode == "batched",
     )

@@ -8,10 +8,14 @@ from torch import nn
 
 from distmaml.models.conv4 import Conv4
 from distmaml.models.mlp import MLP
+from distmaml.models.resnet12 import ResNet12
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda *, in_features, out_features, hidden, **_: MLP(in_features, hidden, out_features),
     "conv4": lambda *, out_features, in_channels, image_size, filters, **_: Conv4(
+        out_features, in_channels, image_size, filters
+    ),
+    "resnet12": lambda *, out_features, in_channels, image_size, filters, **_: ResNet12(
         out_features, in_channels, image_size, filters
     ),
 }
