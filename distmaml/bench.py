@@ -42,6 +42,7 @@ from distmaml.bench_engines import (
 from distmaml.checkpoint import write_json
 from distmaml.config import Config, ConfigError, load_config
 from distmaml.core.batching import BATCHINGS, candidates, describe_batching
+from distmaml.environ import environ
 from distmaml.typing import TaskBatch
 
 BENCH_CONFIGS: dict[str, list[str]] = {
@@ -246,17 +247,8 @@ def _measure(name: str, impl: str, batching: str, threads: int, steps: int) -> d
 
 def _in_subprocess(fn: Any, *args: Any, env: dict[str, str] | None = None) -> Any:
     """``fn(*args)`` in a fresh process, with ``env`` added to its environment."""
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        with mp.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, args)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environ(env or {}), mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 # For peak memory: glibc then serves every allocation of 64 kB or more with its own

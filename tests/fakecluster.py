@@ -48,7 +48,6 @@ Two such clusters on one machine at once: what was checked in Ray 2.60's
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from rayhead import RayHead, free_port, new_temp_dir, start_head
+
+from distmaml.environ import environ
 
 HEAD_TYPE = "ray.head.default"  # the fake provider tags its head node with this type name
 GPU_WORKER = {"resources": {"CPU": 2, "GPU": 1}, "min_workers": 0, "max_workers": 2}
@@ -106,21 +107,16 @@ class FakeCluster:
             Config.initialize("")
             AuthenticationTokenLoader.instance().reset_cache()
 
-        keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-        saved = {k: os.environ.get(k) for k in keys}
-        os.environ.update({k: self.env[k] for k in keys})
-        refresh()
         try:
-            ray.init(address=self.address, logging_level="WARNING")
-            yield
+            with environ({k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}):
+                refresh()
+                try:
+                    ray.init(address=self.address, logging_level="WARNING")
+                    yield
+                finally:
+                    ray.shutdown()
         finally:
-            ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            refresh()
+            refresh()  # after the variables are put back
 
     def stop(self) -> None:
         self.head.stop()

@@ -6,19 +6,12 @@ to AWS, through ``AWS_ENDPOINT_URL`` or ``DISTMAML_S3_ENDPOINT``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
-_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "AWS_EC2_METADATA_DISABLED",
-)
+from distmaml.environ import environ
 
 
 @contextmanager
@@ -30,30 +23,25 @@ def s3_server(buckets: tuple[str, ...] = ("bucket",)) -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in _ENV}
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
+    aws = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     try:
-        admin = pafs.S3FileSystem(
-            endpoint_override=f"{host}:{port}",
-            scheme="http",
-            access_key="testing",
-            secret_key="testing",
-            region="us-east-1",
-            allow_bucket_creation=True,
-        )
-        for bucket in buckets:
-            admin.create_dir(bucket)
-        yield endpoint
+        with environ(aws):
+            admin = pafs.S3FileSystem(
+                endpoint_override=f"{host}:{port}",
+                scheme="http",
+                access_key="testing",
+                secret_key="testing",
+                region="us-east-1",
+                allow_bucket_creation=True,
+            )
+            for bucket in buckets:
+                admin.create_dir(bucket)
+            yield endpoint
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()

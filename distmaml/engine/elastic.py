@@ -40,6 +40,7 @@ from typing import Any
 
 from distmaml.config import Config
 from distmaml.engine.placement import EngineError
+from distmaml.environ import environ
 from distmaml.storage import Location
 
 REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -63,14 +64,9 @@ def regroup_timeout(config: Config) -> Iterator[None]:
     Ray Train reads the setting from the driver's environment when ``fit``
     starts; a value the user exported wins.
     """
-    if REGROUP_TIMEOUT_ENV in os.environ:
+    exported = REGROUP_TIMEOUT_ENV in os.environ
+    with environ({} if exported else {REGROUP_TIMEOUT_ENV: str(config.engine.regroup_timeout)}):
         yield
-        return
-    os.environ[REGROUP_TIMEOUT_ENV] = str(config.engine.regroup_timeout)
-    try:
-        yield
-    finally:
-        os.environ.pop(REGROUP_TIMEOUT_ENV, None)
 
 
 def _death(errors: dict[int, BaseException]) -> str | None:
