@@ -40,7 +40,7 @@ class GroupEngine:
         runner: the run's task program, built in this worker.
         rank, world: this worker's rank and the group's size (``torch.distributed``
             must be initialised when ``world > 1``).
-        shard_hint: the meta-batch size, to time ``batching: auto`` on this
+        batch_size: the meta-batch size, to time ``batching: auto`` on this
             worker's shard size at start-up; every worker then uses the
             candidate with the least summed time (a collective call).
     """
