@@ -58,7 +58,16 @@ import pyarrow as pa
 import torch
 
 from distmaml import storage
-from distmaml.data.store import METADATA, SplitData, StoreInfo, load_split, split_file, split_image_chunks, split_layout
+from distmaml.data.store import (
+    METADATA,
+    SplitData,
+    StoreInfo,
+    class_offsets,
+    load_split,
+    split_file,
+    split_image_chunks,
+    split_layout,
+)
 
 CACHE_VERSION = 1
 """Bumped when the cache file's layout changes, so old files are never read as new ones."""
@@ -106,7 +115,7 @@ def shared_split(info: StoreInfo, split: str, root: str | os.PathLike[str] | Non
         >>> train = shared_split(open_store("data/omniglot"), "train")  # every worker of the node: one copy
     """
     c, h, w = info.image_shape
-    offsets = _offsets(info, split)
+    offsets = class_offsets(info.splits[split].counts)  # metadata.json's, checked against the rows when written
     size = int(offsets[-1]) * c * h * w
     if size == 0:
         return load_split(info, split)
@@ -123,14 +132,6 @@ def shared_split(info: StoreInfo, split: str, root: str | os.PathLike[str] | Non
         )
         return load_split(info, split)
     return SplitData(_map(path, size).view(-1, c, h, w), offsets, info.splits[split].classes)
-
-
-def _offsets(info: StoreInfo, split: str) -> torch.Tensor:
-    # metadata.json's counts, which the writer checked against the rows (and which are part of the key)
-    counts = torch.tensor(info.splits[split].counts, dtype=torch.int64)
-    offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return offsets
 
 
 def _complete(path: Path, size: int) -> bool:

@@ -152,9 +152,15 @@ def split_layout(info: StoreInfo, split: str) -> tuple[Tensor | None, Tensor]:
     counts = torch.bincount(index, minlength=len(expected.classes))
     if counts.tolist() != expected.counts:
         raise DataError(f"task store {info.path}: class sizes in {file.name} differ from {METADATA}")
+    return order, class_offsets(counts)
+
+
+def class_offsets(counts: Tensor | list[int]) -> Tensor:
+    """Where each class's rows start, and the end: ``[0, n0, n0 + n1, ...]`` (int64)."""
+    counts = torch.as_tensor(counts, dtype=torch.int64)
     offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
-    return order, offsets
+    return offsets
 
 
 def _pixels(info: StoreInfo, file: str, column: pa.Array | pa.ChunkedArray) -> np.ndarray:
