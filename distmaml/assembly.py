@@ -349,10 +349,13 @@ class Run:
         everyone = [*self.callbacks, *callbacks]
         try:
             if is_collective(self.engine):  # the group's rank 0 runs the callbacks; they travel there
+                where = storage.location(run_dir) if run_dir is not None else None
+                if isinstance(where, Path):  # rank 0 writes it from its own working directory (Ray's copy of
+                    where = where.absolute()  # the user's code, or elsewhere): a relative folder would land there
                 program = functools.partial(
                     fit_in_group,
                     config=self.config.to_dict(),
-                    run_dir=storage.location(run_dir) if run_dir is not None else None,
+                    run_dir=where,
                     resume=resume,
                     progress=progress,
                     tracking=self.tracking,

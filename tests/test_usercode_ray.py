@@ -100,6 +100,27 @@ def _notebook_tasks(module):
     return NotebookBlobs
 
 
+@pytest.mark.slow
+def test_cli_runs_the_package_through_the_collective_engine_with_tracking_on(project):
+    """engine.reduce=collective: the Ray Train workers get the package the same way; MLflow on (the default)."""
+    folder, log = project
+    sets = [s for s in SETS if s != "tracking.enabled=false"]
+    sets += ["meta.steps=30", "meta.val_every=15", "engine.reduce=collective"]
+    done = _distmaml(
+        ["train", "--quiet", "--workers", "2", "--out", "run", *[a for s in sets for a in ("--set", s)]], folder
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((folder / "run" / "result.json").read_text())
+    assert result["workers"] == 2 and result["steps"] == 30
+    assert result["mlflow_run_id"] and (folder / "mlflow.db").is_file()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    driver = {c["pid"] for c in calls if Path(c["cwd"]).resolve() == folder.resolve()}
+    assert len(driver) == 1
+    assert_shipped(worker_calls(log, driver), folder)
+    test, unadapted = result["meta_test"], result["meta_test_unadapted"]
+    assert test["mean"] > unadapted["mean"] + 0.1, (test, unadapted)
+
+
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_distmaml_train_with_callables(blobs, workers, tmp_path):
     folder, mod, log = blobs
