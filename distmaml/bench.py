@@ -377,6 +377,7 @@ def run(
     engine_steps: int,
     reduces: Sequence[str] = ("driver",),
     reduce_params: int = RESNET12_PARAMS,
+    engine_sets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """``impls``: ``core`` and any ``core-<batching>`` (kept where a candidate for the config's model);
     the baseline, and learn2learn where installed, are added. With ``workers``: a row per engine
@@ -425,7 +426,7 @@ def run(
                     r["memory_vs_learn2learn"] = r["peak_mb"] / l2l["peak_mb"] if l2l["peak_mb"] >= 1 else None
             rows += measured
         if workers:
-            rows += engine_rows(name, workers, reduces, engine_steps or n)
+            rows += engine_rows(name, workers, reduces, engine_steps or n, engine_sets)
     report: dict[str, Any] = {
         "machine": _machine(),
         "matmul_gflops": matmul,
@@ -468,7 +469,10 @@ def main(args: argparse.Namespace) -> int:
     workers = [int(w) for w in str(args.workers).split(",")] if args.workers else []
     impls = ["core"] + ([f"core-{b}" for b in BATCHINGS] if args.batchings else [])
     reduces = parse_reduces(args.reduce)
-    report = run(configs, threads, args.steps, impls, workers, args.engine_steps, reduces, args.reduce_params)
+    sets = list(getattr(args, "engine_set", None) or [])
+    if sets:
+        bench_config(configs[0], *sets)  # a wrong override is said now, not after the core's rows
+    report = run(configs, threads, args.steps, impls, workers, args.engine_steps, reduces, args.reduce_params, sets)
     for name, per_thread in report["auto_batching"].items():
         for t, choice in per_thread.items():
             print(f"{name}, {t} thread(s): {describe_batching(choice)}")
@@ -480,6 +484,8 @@ def main(args: argparse.Namespace) -> int:
         print("learn2learn is not installed: no learn2learn row (README: bench)")
     print(_table(report["rows"], report["matmul_gflops"]))
     print(f"matmul rate: {', '.join(f'{v:.1f} GFLOP/s at {k} thread(s)' for k, v in report['matmul_gflops'].items())}")
+    if sets:
+        print(f"engine rows with {' '.join(sets)}")
     for line in engine_summary(report["rows"]):
         print(line)
     if "reduce_cost" in report:

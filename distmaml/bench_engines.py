@@ -213,7 +213,7 @@ def _engine_row(
     }
 
 
-def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
+def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The Ray engine (``engine.reduce: driver``) with W single-thread workers, and the per-task
     baseline alone on 2 threads.
 
@@ -238,7 +238,7 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
     engines: dict[int, tuple[Run, RayEngine, Trainer]] = {}
     try:
         for w in workers:
-            config = bench_config(name, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
+            config = bench_config(name, *sets, f"workers={w}", "engine.cpus_per_worker=1", "engine.driver_cpus=0.01")
             run = assemble(config)
             assert isinstance(run.engine, RayEngine)
             engines[w] = (run, run.engine, run.trainer(progress=False))
@@ -290,7 +290,7 @@ def driver_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any
     ]
 
 
-def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str, Any]]:
+def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The collective engine (``engine.reduce: collective``) with W single-thread workers: one run of
     ``steps`` meta-steps per worker count, in turn, in a temporary run directory.
 
@@ -317,6 +317,7 @@ def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str,
         for w in workers:
             config = bench_config(
                 name,
+                *sets,
                 "engine.reduce=collective",
                 f"workers={w}",
                 "engine.cpus_per_worker=1",
@@ -334,9 +335,11 @@ def collective_rows(name: str, workers: list[int], steps: int) -> list[dict[str,
                 result = run.fit(Path(tmp) / "run", progress=False)
             n, tasks = engine.timing["steps"], config.meta.batch_size
             step = tasks / result["tasks_per_second"]  # rank 0's training loop, per step
-            rows.append(
-                _engine_row(name, "collective", w, tasks, step, engine.timing["wall"] / n, engine.timing["compute"] / n)
+            row = _engine_row(
+                name, "collective", w, tasks, step, engine.timing["wall"] / n, engine.timing["compute"] / n
             )
+            how = engine.timing["sum"]  # shm (one node), gloo or nccl; none with 1 worker
+            rows.append({**row, "sum": how, "impl": row["impl"] + (f" ({how})" if w > 1 else "")})
     finally:
         if started:
             ray.shutdown()
@@ -378,7 +381,7 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-ENGINES: dict[str, Callable[[str, list[int], int], list[dict[str, Any]]]] = {
+ENGINES: dict[str, Callable[[str, list[int], int, Sequence[str]], list[dict[str, Any]]]] = {
     "driver": driver_rows,
     "collective": collective_rows,
 }
@@ -396,12 +399,15 @@ def parse_reduces(text: str) -> list[str]:
     return reduces
 
 
-def engine_rows(name: str, workers: list[int], reduces: Sequence[str], steps: int) -> list[dict[str, Any]]:
+def engine_rows(
+    name: str, workers: list[int], reduces: Sequence[str], steps: int, sets: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Rows of every reduce in ``reduces`` and worker count, each reduce in its own process, with the
-    ratios to the same reduce's 1-worker row and to the baseline on 2 threads."""
+    ratios to the same reduce's 1-worker row and to the baseline on 2 threads. ``sets``: config
+    overrides of the engine rows (``--engine-set``, e.g. ``batching=compiled``)."""
     from distmaml.bench import _in_subprocess
 
     rows: list[dict[str, Any]] = []
     for reduce in reduces:
-        rows += _in_subprocess(ENGINES[reduce], name, workers, steps)
+        rows += [{**r, "sets": list(sets)} for r in _in_subprocess(ENGINES[reduce], name, workers, steps, list(sets))]
     return with_ratios(rows)

@@ -285,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --workers: entries of the flat gradient whose reduce alone is timed (0: not timed)",
     )
     bench.add_argument("--engine-steps", type=int, default=0, help="timed steps per worker count (0: --steps)")
+    bench.add_argument(
+        "--engine-set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --workers: a config override of the engine rows, e.g. batching=batched (repeatable)",
+    )
     bench.add_argument("--batchings", action="store_true", help="also time the core forced to each batching candidate")
     bench.add_argument(
         "--algorithms", default="", help="instead: peak memory and time per algorithm, e.g. maml,fomaml,anil"

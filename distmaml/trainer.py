@@ -136,9 +136,24 @@ class Trainer:
         self.echo = echo
         """Print each validation line (a collective group's workers other than rank 0 do not)."""
         self.metric = METRIC_NAME[config.loss]
+        self.layout = ParamLayout(params)
+        # The meta-parameters live in one flat tensor, and ``params`` (the
+        # caller's dict, updated in place) holds views of it: the engines get
+        # it without a copy, and Adam steps one tensor with its fused kernel.
+        # Per step on the sinusoid MLP (1,761 entries in 6 tensors), whose
+        # meta-step computes in about a millisecond: 157 us for the per-tensor
+        # loop, 50 us fused over the 6, 33 us fused over one flat tensor; the
+        # same values to the last bit in float64. Its gradient is one flat
+        # buffer too, divided into in place each step.
+        first = next(iter(params.values()))
+        self._flat = self.layout.flatten({k: v.detach() for k, v in params.items()})
+        params.update(self.layout.unflatten(self._flat))
         self.params = params
-        self.layout = ParamLayout(self.params)
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=config.meta.lr)
+        self._flat.grad = torch.zeros_like(self._flat)
+        for k, g in self.layout.unflatten(self._flat.grad).items():
+            params[k].grad = g  # each tensor's gradient of the last step, a view as well
+        fused = first.device.type in ("cpu", "cuda") and first.is_floating_point()
+        self.optimizer = torch.optim.Adam([self._flat], lr=config.meta.lr, fused=fused or None)
         self.scheduler = make_scheduler(config, self.optimizer)
         self.step = 0
         self.history = History()
@@ -169,7 +184,7 @@ class Trainer:
         with torch.no_grad():
             for k, v in ckpt.params.items():
                 self.params[k].copy_(v)
-        self.optimizer.load_state_dict(ckpt.optimizer)
+        self._load_optimizer_state(ckpt.optimizer)
         if self.scheduler is not None:
             if ckpt.scheduler is None:
                 raise CheckpointError(
@@ -181,7 +196,47 @@ class Trainer:
 
     @property
     def flat(self) -> Tensor:
-        return self.layout.flatten(self.params)
+        """The meta-parameters as one flat tensor: the live one, which the next outer step changes."""
+        return self._flat
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """Adam's ``state_dict`` as if it stepped each named tensor (the checkpoint's form, the
+        parameters in ``self.layout.names`` order): it steps one flat tensor."""
+        saved = self.optimizer.state_dict()
+        group = {**saved["param_groups"][0], "params": list(range(len(self.layout.names)))}
+        state: dict[int, dict[str, Tensor]] = {}
+        if saved["state"]:
+            flat = saved["state"][0]
+            parts = {k: self.layout.unflatten(v) for k, v in flat.items() if k != "step"}
+            state = {
+                i: {"step": flat["step"].clone(), **{k: parts[k][name].clone() for k in parts}}
+                for i, name in enumerate(self.layout.names)
+            }
+        return {"state": state, "param_groups": [group]}
+
+    def _load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        """Loads ``optimizer_state``'s form (per named tensor) into the flat tensor's Adam."""
+        n = len(self.layout.names)
+        groups = saved["param_groups"]
+        if len(groups) != 1 or list(groups[0]["params"]) != list(range(n)):
+            raise CheckpointError(
+                f"the checkpoint's optimizer state is not Adam's over this run's {n} parameter tensors"
+            )
+        state: dict[int, dict[str, Tensor]] = {}
+        if saved["state"]:
+            per = [saved["state"][i] for i in range(n)]
+            state = {
+                0: {
+                    "step": per[0]["step"],
+                    **{
+                        k: self.layout.flatten({name: s[k] for name, s in zip(self.layout.names, per)})
+                        for k in per[0]
+                        if k != "step"
+                    },
+                }
+            }
+        group = {**groups[0], "params": [0], "fused": self.optimizer.param_groups[0]["fused"]}
+        self.optimizer.load_state_dict({"state": state, "param_groups": [group]})
 
     def checkpoint(self) -> Location | None:
         if self.run_dir is None:
@@ -191,7 +246,7 @@ class Trainer:
                 self.run_dir,
                 self.step,
                 self.params,
-                self.optimizer.state_dict(),
+                self.optimizer_state(),
                 self.config.to_dict(),
                 keep=self.config.meta.keep_checkpoints,
                 scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -206,9 +261,13 @@ class Trainer:
         shard = self.engine.meta_batch(self.flat, self.step, t)
         if shard.tasks != t:
             raise RuntimeError(f"engine returned {shard.tasks} tasks for a meta-batch of {t}")
-        grad = shard.grad / t
+        grad = torch.div(shard.grad, t, out=self._flat.grad)
         loss = shard.loss / t
-        if not (math.isfinite(loss) and bool(torch.isfinite(grad).all())):
+        # A sum in float64 is finite exactly when every entry is (no float32 sum can overflow it).
+        finite = math.isfinite(loss) and (
+            math.isfinite(grad.sum(dtype=torch.float64)) or bool(torch.isfinite(grad).all())  # (float64's overflow)
+        )
+        if not finite:
             # Checked before the optimizer step: the parameters are still the last good ones.
             saved = self.checkpoint()
             where = f"; the last good state (step {self.step}) is saved in {saved}" if saved is not None else ""
@@ -218,8 +277,6 @@ class Trainer:
             )
         lr = self.optimizer.param_groups[0]["lr"]
         with interrupt.atomic():  # a SIGTERM here waits: the step is applied whole, then counted
-            for k, g in self.layout.unflatten(grad).items():
-                self.params[k].grad = g.to(self.params[k].dtype)
             self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -275,8 +332,11 @@ class Trainer:
                 self.history.train.append((self.step, metrics["loss"], metrics[self.metric]))
                 for cb in self.callbacks:
                     cb.on_step(self.step, metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tasks_s=f"{self.tasks_per_second:.0f}", refresh=False)
+                if not bar.disable:  # formatting it costs a tenth of a small model's outer step
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", tasks_s=f"{self.tasks_per_second:.0f}", refresh=False
+                    )
                 last = self.step == cfg.meta.steps
                 validate_now = cfg.meta.val_every and self.step % cfg.meta.val_every == 0
                 save_now = self.step % cfg.meta.checkpoint_every == 0 or last or validate_now

@@ -52,11 +52,14 @@ def reference(tmp_path_factory):
     return run_dir, result
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_collective_matches_in_process(workers, reference, tmp_path):
+@pytest.mark.parametrize(("workers", "node_sum"), [(1, "shm"), (2, "shm"), (3, "shm"), (2, "gloo")])
+def test_collective_matches_in_process(workers, node_sum, reference, tmp_path, monkeypatch):
+    """On one node the step's sum goes through shared memory (engine.shm); DISTMAML_NODE_SUM=gloo: gloo's."""
+    monkeypatch.setenv("DISTMAML_NODE_SUM", node_sum)
     ref_dir, ref_result = reference
     run = assemble(load_config("sinusoid", [*BASE, "engine.reduce=collective", f"workers={workers}"]))
     result = run.fit(tmp_path / "run", progress=False)
+    assert run.engine.timing["sum"] == (node_sum if workers > 1 else "none")
 
     ref, got = load_checkpoint(ref_dir), load_checkpoint(tmp_path / "run")
     assert got.step == ref.step == 5

@@ -43,6 +43,7 @@ from distmaml.config import Config
 from distmaml.engine import elastic
 from distmaml.engine.group import GroupEngine
 from distmaml.engine.placement import EngineError, WorkerResources, check_feasible, connect, worker_resources
+from distmaml.engine.shm import NODE_SUM, node_sum_setting
 from distmaml.errors import DistmamlError
 from distmaml.runner import TaskRunner
 from distmaml.storage import Location
@@ -135,6 +136,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     torch.set_num_threads(max(1, loop_config["threads"]))
+    os.environ[NODE_SUM] = loop_config["node_sum"]  # the driver's setting, whatever the workers inherited
     _quiet_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -174,10 +176,12 @@ class CollectiveEngine:
             raise EngineError(f"workers = {config.workers}: the collective engine needs at least 1 worker")
         self.config = config
         self.workers = config.max_workers
+        self.node_sum = node_sum_setting()  # a wrong value is said here, before anything starts
         self.callbacks: list[Any] = []
         """Ray Train ``UserCallback``s of the group (a Tune trial adds Tune's report callback)."""
-        self.timing: dict[str, float] = {}
-        """After ``fit``: steps, compute (slowest worker's shard, summed over steps) and wall seconds."""
+        self.timing: dict[str, Any] = {}
+        """After ``fit``: steps, compute (slowest worker's shard, summed over steps) and wall seconds, and
+        how the workers summed (``GroupEngine.node_sum``)."""
         cpus = config.max_workers * config.engine.cpus_per_worker + config.engine.driver_cpus
         self._started_ray = connect(address, cpus, runtime_env)  # the job's: Ray Train's workers inherit it
         try:
@@ -214,7 +218,7 @@ class CollectiveEngine:
         gpus = self.resources.gpus > 0
         trainer = TorchTrainer(
             _worker_main,
-            train_loop_config={"program": program, "threads": self.resources.threads},
+            train_loop_config={"program": program, "threads": self.resources.threads, "node_sum": self.node_sum},
             torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
             scaling_config=ScalingConfig(
                 **elastic.scaling(self.config),

@@ -7,8 +7,11 @@ driver's engines give theirs, computed among the workers:
 * ``meta_batch``: the worker computes the summed meta-gradient of its balanced
   range of the step's task ids (``balanced_ranges``, as the Ray engine splits
   them) into one preallocated flat buffer whose last three entries carry the
-  loss, metric and task sums; one ``all_reduce(SUM)`` of that buffer gives
-  every worker the whole batch's sums, so all take the identical outer step;
+  loss, metric and task sums; one sum of that buffer over the workers gives
+  every worker the whole batch's sums, so all take the identical outer step.
+  The sum is an ``all_reduce(SUM)``, except in a CPU group on one node, where
+  it goes through shared memory (``engine.shm``: gloo's latency here was
+  about a sinusoid meta-step's compute);
 * ``evaluate``: each worker scores its range of the held-out tasks and one
   ``all_gather`` returns every score in task order.
 
@@ -27,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distmaml.engine.shard import balanced_ranges, common_batching
+from distmaml.engine.shm import SharedSum, uses_shared_memory
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 EXTRA = 3
@@ -63,6 +67,11 @@ class GroupEngine:
         """Per meta-step: seconds of the whole ``meta_batch`` (shard, all-reduce, copy back)."""
         self.last_timing: dict[str, float] = {}
         """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
+        self._sum: SharedSum | None = None
+        """The step's sum through shared memory (a CPU group on one node, ``engine.shm``), else gloo's or NCCL's."""
+        nbytes = self._buffer.numel() * self._buffer.element_size()
+        if world > 1 and self.device.type == "cpu" and uses_shared_memory(world, nbytes):
+            self._sum = SharedSum(rank, world, self._buffer.numel(), self._buffer.dtype)
         self._reports = [runner.batching_report()]
         self._common: str | None = None
         if batch_size:
@@ -98,7 +107,9 @@ class GroupEngine:
         n = self._grad.numel()
         extra = self._buffer[n:]
         extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
-        if self.workers > 1:
+        if self._sum is not None:
+            self._sum.all_reduce(self._buffer)
+        elif self.workers > 1:
             dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM)
         loss, metric, tasks = extra.tolist()
         grad = self._grad if self.device.type == "cpu" else self._grad.cpu()
@@ -130,15 +141,23 @@ class GroupEngine:
         """The batching every worker uses, and each worker's own timings from start-up."""
         return {"choice": self._common or self._reports[0]["choice"], "workers": self._reports}
 
-    def timing(self) -> dict[str, float]:
+    @property
+    def node_sum(self) -> str:
+        """How the step's sum is taken: ``shm`` (``engine.shm``), ``gloo``, ``nccl``, or ``none`` (1 worker)."""
+        if self.workers == 1:
+            return "none"
+        return "shm" if self._sum is not None else str(dist.get_backend())
+
+    def timing(self) -> dict[str, Any]:
         """Totals over the meta-steps so far: ``steps``; ``compute``, the sum over steps of the slowest
         worker's shard; ``wall``, the sum over steps of the longest ``meta_batch`` (never less than
-        ``compute``: each worker's includes its own shard). A collective call: every worker calls it."""
+        ``compute``: each worker's includes its own shard); and ``sum``, ``node_sum``. A collective
+        call: every worker calls it."""
         both = torch.tensor([self.compute, self.wall], dtype=torch.float64, device=self.device)
         if self.workers > 1:
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
         compute, wall = both.sum(dim=1).tolist()
-        return {"steps": len(self.compute), "compute": compute, "wall": wall}
+        return {"steps": len(self.compute), "compute": compute, "wall": wall, "sum": self.node_sum}
 
     def close(self) -> None:
         pass
