@@ -12,7 +12,8 @@ Beside them, ``reduce_cost`` times the reduce alone for a 12M-parameter flat
 float32 gradient (ResNet-12's size), workers computing nothing: ``driver`` is
 the Ray engine's own ``meta_batch`` (``ray.put`` of the parameters, every
 actor returning a ready gradient, the driver summing them); ``collective`` is
-one gloo ``all_reduce`` among W processes.
+the sum among W processes a collective group takes (shared memory on one
+node, else one gloo ``all_reduce``).
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ class ReadyGradient:
 
 
 class AllReduceProbe:
-    """One of W processes of a gloo group, holding flat float32 gradients."""
+    """One of W processes of a gloo group, holding flat float32 gradients, which it sums as a
+    collective group's worker does (``GroupEngine``: through shared memory on one node, else gloo)."""
 
     def __init__(self, rank: int, world: int) -> None:
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.grads: dict[int, Tensor] = {}
+        self.sums: dict[int, Any] = {}
 
     def join(self, init_method: str) -> None:
         import torch.distributed as dist
@@ -83,11 +86,20 @@ class AllReduceProbe:
         a barrier)."""
         import torch.distributed as dist
 
+        from distmaml.engine.shm import SharedSum, uses_shared_memory
+
         grad = self.grads.setdefault(numel, torch.empty(numel))
+        if numel not in self.sums:
+            shared = uses_shared_memory(self.world, 4 * numel)
+            self.sums[numel] = SharedSum(self.rank, self.world, numel, grad.dtype) if shared else None
+        summer = self.sums[numel]
         grad.fill_(1.0)  # the sum grows every call: start from the same values
         dist.barrier()
         t0 = time.perf_counter()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        if summer is not None:
+            summer.all_reduce(grad)
+        else:
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         seconds = time.perf_counter() - t0
         if float(grad[0]) != self.world:
             raise RuntimeError(f"all_reduce gave {float(grad[0])}, not {self.world}")

@@ -123,3 +123,63 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed.fit()
     for k in whole.params:
         torch.testing.assert_close(resumed.params[k], whole.params[k], rtol=0, atol=1e-12)
+
+
+class _GivenGradients:
+    """An engine whose meta-gradient is a fixed random sequence (the outer step alone is under test)."""
+
+    workers, replacements = 1, 0
+
+    def __init__(self, numel):
+        self.numel = numel
+
+    def meta_batch(self, flat, step, batch_size):
+        from distmaml.runner import GradShard
+
+        g = torch.randn(self.numel, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        return GradShard(g * batch_size, 1.0, 1.0, batch_size)
+
+
+def test_the_outer_step_is_torch_adam_with_its_schedule_and_resumes_alike(tmp_path):
+    """The trainer's outer step (fused Adam over one flat tensor, its kernel called directly after the first
+    step) equals torch.optim.Adam's per-tensor step with MAML++'s cosine schedule over 30 steps, float64; a
+    trainer resumed from the checkpoint at step 12 goes on identically."""
+    from distmaml.assembly import init_meta_params
+    from distmaml.trainer import Trainer, make_scheduler
+
+    config = load_config(
+        "sinusoid",
+        ["algorithm=mamlpp", "precision=float64", "meta.steps=30", "meta.lr=0.01", "tracking.enabled=false"],
+    )
+    assert config.mamlpp.cosine_lr
+    params = init_meta_params(config, sinusoid_mlp().double())
+    reference = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    numel = sum(v.numel() for v in params.values())
+    trainer = Trainer(config, _GivenGradients(numel), tmp_path / "run", params=params, progress=False)
+    adam = torch.optim.Adam(reference.values(), lr=config.meta.lr)
+    schedule = make_scheduler(config, adam)
+    for step in range(30):
+        g = torch.randn(numel, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        for p, part in zip(reference.values(), torch.split(g, [v.numel() for v in reference.values()])):
+            p.grad = part.view(p.shape).clone()
+        adam.step()
+        schedule.step()
+        trainer.train_step()
+        if step == 11:
+            trainer.checkpoint()
+    for k, v in reference.items():
+        torch.testing.assert_close(trainer.params[k], v.detach(), rtol=0, atol=1e-15, msg=k)
+    assert trainer.optimizer.param_groups[0]["lr"] == adam.param_groups[0]["lr"] < config.meta.lr
+
+    saved = distmaml.load_checkpoint(tmp_path / "run" / "checkpoints" / "step_000000012.pt")
+    resumed = Trainer(
+        config, _GivenGradients(numel), None, params=init_meta_params(config, sinusoid_mlp().double()), progress=False
+    )
+    resumed.restore(saved)
+    while resumed.step < 30:
+        resumed.train_step()
+    for k, v in trainer.params.items():
+        assert torch.equal(resumed.params[k], v), k
+    # the checkpoint's optimizer state is torch.optim.Adam's per-tensor form
+    assert list(saved.optimizer["state"]) == list(range(len(params)))
+    assert saved.optimizer["state"][2]["exp_avg"].shape == params[list(params)[2]].shape

@@ -60,6 +60,8 @@ class GroupEngine:
         n = runner.layout.numel
         self._buffer = torch.zeros(n + EXTRA, dtype=runner.dtype, device=self.device)
         self._grad = self._buffer[:n]
+        self._extra: Any = self._buffer[n:].numpy() if self.device.type == "cpu" else self._buffer[n:]
+        """The loss, metric and task sums (numpy's view on the CPU: 3 stores of 0.1 us, not 3 us each)."""
         self._ranges: dict[int, range] = {}
         self.compute: list[float] = []
         """Per meta-step: seconds this worker computed its shard."""
@@ -104,8 +106,7 @@ class GroupEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the shard's compute ends here, not at the all-reduce
         t1 = time.perf_counter()
-        n = self._grad.numel()
-        extra = self._buffer[n:]
+        extra = self._extra
         extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
         if self._sum is not None:
             self._sum.all_reduce(self._buffer)
