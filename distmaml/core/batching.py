@@ -49,6 +49,11 @@ import torch
 from torch import nn
 
 BATCHINGS = ("loop", "loop_channels_last", "vmap", "batched")
+"""The eager candidates: what ``auto`` may time and pick."""
+COMPILED = "compiled"
+"""The compiled meta-gradient (``core.compiled``)."""
+ALLOWED_BATCHINGS = ("auto", *BATCHINGS, COMPILED)
+"""Every value of ``batching``: ``compiled`` is opt-in (it compiles for tens of seconds at start-up)."""
 
 
 def _has_conv2d(model: nn.Module) -> bool:
@@ -86,6 +91,9 @@ class BatchingChoice(NamedTuple):
 def describe_batching(report: Mapping[str, Any]) -> str:
     """One line for the log: ``BatchingChoice.as_dict()`` (or a worker's report) in words."""
     times = ", ".join(f"{k} {v:.4f}" for k, v in report["seconds"].items())
+    if report.get("compiled"):
+        done = ", ".join(f"{k} in {v:.1f} s" for k, v in report["compiled"].items())
+        return f"batching {report['choice']} (set in the config; compiled {done})"
     if not times:
         return f"batching {report['choice']} (set in the config)"
     return f"batching {report['choice']} (seconds per meta-step of {report['tasks']} tasks: {times})"
