@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from test_core import _image_batch  # the conv tests' tasks
 
 from distmaml.assembly import assemble
 from distmaml.config import ConfigError, load_config
 from distmaml.core import Algorithm, InnerLoop, MamlppOptions, init_algorithm_params, meta_grad, score_tasks
 from distmaml.core.compiled import _GRAPHS
-from distmaml.models import Conv4, sinusoid_mlp
+from distmaml.models import MLP, Conv4, sinusoid_mlp
 from distmaml.typing import TaskBatch
 
 TOL = 1e-10
@@ -42,15 +43,6 @@ def _sinusoid_batch(tasks, k=5, seed=0):
     x = 10 * torch.rand(tasks, 2 * k, 1, generator=g, dtype=torch.float64) - 5
     y = amp * torch.sin(x + phase)
     return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
-
-
-def _image_batch(tasks=3, ways=3, shots=1, queries=2, size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n_s, n_q = ways * shots, ways * queries
-    x = torch.randn(tasks, n_s + n_q, 1, size, size, generator=g, dtype=torch.float64)
-    labels = torch.arange(ways).repeat_interleave(shots + queries)
-    y = torch.stack([labels[torch.randperm(len(labels), generator=g)] for _ in range(tasks)])
-    return TaskBatch(x[:, :n_s], y[:, :n_s], x[:, n_s:], y[:, n_s:])
 
 
 def test_sinusoid_maml_matches_the_loop_and_compiles_once():
@@ -81,13 +73,13 @@ def test_sinusoid_maml_matches_the_loop_and_compiles_once():
 def test_conv4_batchnorm_mamlpp_across_the_switch_to_second_order():
     """Step 0 first order, steps 1 and 2 second order with other multi-step weights: two graphs."""
     torch.manual_seed(2)
-    model = Conv4(ways=3, in_channels=1, image_size=16, filters=4).double()
+    model = Conv4(ways=3, in_channels=1, image_size=8, filters=4, blocks=2).double()  # small graphs compile sooner
     opts = MamlppOptions(msl_anneal_steps=10, first_order_steps=1)
     algo = Algorithm(name="mamlpp", inner=InnerLoop(lr=0.1, steps=2), mamlpp=opts)
     params = init_algorithm_params(model, algo)
     torch.manual_seed(3)  # learned rates and per-step batch-norm slots apart from their initial values
     params = {k: v + 0.05 * torch.randn_like(v) for k, v in params.items()}
-    batch = _image_batch()
+    batch = _image_batch(tasks=3, ways=3, shots=1, queries=2, size=8)
     compiled: list[str] = []
     for step in (0, 1, 2):
         assert algo.loss_weights(step, 2)[0] > 0  # every step's query loss counts, with weights that change
@@ -179,3 +171,21 @@ def test_two_ray_workers_compiled_match_in_process_batched(ray_instance):
         ["maml (second order) on 3 tasks"],
         ["maml (second order) on 2 tasks"],
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fomaml", "anil", "metasgd"])
+def test_other_algorithms_match_the_loop(name):
+    torch.manual_seed(1)
+    model = MLP(3, (8, 8), 1).double()
+    algo = Algorithm(name=name, inner=InnerLoop(lr=0.1, steps=2, loss="mse"))
+    params = init_algorithm_params(model, algo)
+    params = {k: v + 0.05 * torch.randn_like(v) for k, v in params.items()}  # Meta-SGD's rates differ per element
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 3, generator=g, dtype=torch.float64)
+    y = torch.sin(x.sum(-1, keepdim=True))
+    batch = TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
+    _close(
+        meta_grad(model, params, batch, algo, batching="compiled"),
+        meta_grad(model, params, batch, algo, batching="loop"),
+    )
