@@ -259,7 +259,10 @@ def make_engine(
     if config.workers == 0:
         from distmaml.engine import InProcessEngine
 
-        return InProcessEngine(runner if runner is not None else build_runner(config, model=model, tasks=tasks))
+        return InProcessEngine(
+            runner if runner is not None else build_runner(config, model=model, tasks=tasks),
+            batch_size=config.meta.batch_size,
+        )
     from distmaml.engine.ray_engine import RayEngine
 
     env = user_runtime_env(config, model, tasks)

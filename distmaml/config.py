@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from distmaml.core.algorithm import ALGORITHMS, LEARNED_STEP_RATES, MamlppOptions
-from distmaml.core.batching import BATCHINGS
+from distmaml.core.batching import ALLOWED_BATCHINGS, COMPILED
 from distmaml.errors import DistmamlError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -282,7 +282,9 @@ class Config:
     batching: str = "auto"
     """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
     device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
-    ``batched`` (``core.batching``)."""
+    ``batched`` (``core.batching``); or ``compiled``: the meta-gradient compiled by ``torch.compile``
+    at start-up (tens of seconds to minutes, once per shard size; then several times faster per
+    meta-step on small networks; never chosen by ``auto``)."""
     workers: int | list[int] = 0
     """Worker actors (Ray); 0 computes in the driver process (debugging, benchmarks). ``[min, max]``
     (``engine.reduce: collective`` only): an elastic group of as many workers as the cluster has room
@@ -300,7 +302,12 @@ class Config:
         _one_of("precision", self.precision, ("float32", "float64"))
         _one_of("algorithm", self.algorithm, ALGORITHMS)
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("batching", self.batching, ("auto", *BATCHINGS))
+        _one_of("batching", self.batching, ALLOWED_BATCHINGS)
+        if self.batching == COMPILED and self.inner.recompute:
+            raise ConfigError(
+                "batching = 'compiled' with inner.recompute = true: a compiled graph does not keep the "
+                "recomputation; set batching=loop (or vmap) to recompute, or inner.recompute=false"
+            )
         self._check_workers()
         for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
             section.validate()

@@ -18,9 +18,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from distmaml.core import Algorithm, meta_grad, score_tasks
+from distmaml.config import ConfigError
+from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
-from distmaml.core.batching import BatchingChoice, candidates, describe_batching, time_candidates
+from distmaml.core.batching import COMPILED, BatchingChoice, candidates, describe_batching, time_candidates
+from distmaml.core.compiled import CompileError
 from distmaml.tasks import TaskFamily
 from distmaml.typing import Params, TaskBatch
 
@@ -82,7 +84,8 @@ class TaskRunner:
         algorithm: the algorithm with its inner loop.
         family: samples the tasks (``sample(split, step, ids)``).
         device: where the shard is computed (the network is moved there).
-        batching: ``auto`` (timed here, see ``choose_batching``) or one of ``core.batching.BATCHINGS``.
+        batching: ``auto`` (timed here, see ``choose_batching``), one of ``core.batching.BATCHINGS``
+            or ``compiled`` (compiled here, see ``prepare``).
     """
 
     def __init__(
@@ -104,6 +107,9 @@ class TaskRunner:
         self.layout = ParamLayout(init_algorithm_params(self.model, self.algorithm))
         self.measured: BatchingChoice | None = None
         """With ``batching: auto``, the timed choice (``choose_batching``), else None."""
+        self.compiled: dict[str, float] = {}
+        """With ``batching: compiled``, the graphs compiled so far: description -> seconds."""
+        self._prepared: set[int] = set()
 
     def choose_batching(self, tasks: int) -> str:
         """This runner's batching: the configured one, or with ``auto`` the fastest candidate on this device.
@@ -112,7 +118,11 @@ class TaskRunner:
         ``min(tasks, AUTO_TASKS)`` tasks of step 0 (``tasks``: the shard size
         this runner will see), with the initial meta-parameters, logs the
         timings in one line and keeps the choice for the rest of the run.
+        With ``compiled`` it compiles for ``tasks`` tasks (``prepare``). The
+        engines call it at start-up, so neither lands in a timed meta-step.
         """
+        if self.batching == COMPILED and tasks not in self._prepared:
+            self.prepare(tasks)
         if self.batching != "auto":
             return self.batching
         if self.measured is None:
@@ -131,6 +141,31 @@ class TaskRunner:
             log.info(self.batching_line())
         return self.measured.choice
 
+    def prepare(self, tasks: int, step: int = 0) -> None:
+        """With ``batching: compiled``: compiles the meta-gradient of ``tasks`` tasks as meta-step ``step`` runs it.
+
+        One meta-step on tasks of ``step``, with the initial meta-parameters;
+        nothing is compiled again for a graph already compiled (a later step
+        with other settings, e.g. MAML++'s switch to second order, or another
+        task count compiles then, logged the same way).
+        """
+        if self.batching == COMPILED and tasks > 0:
+            self._prepared.add(tasks)
+            params = init_algorithm_params(self.model, self.algorithm)
+            self._meta_grad(params, step, self._tasks("train", step, range(tasks)))
+
+    def _on_compile(self, what: str, seconds: float) -> None:
+        self.compiled[what] = seconds
+        log.info("batching compiled: compiled the meta-gradient of %s in %.1f s on %s", what, seconds, self.device)
+
+    def _meta_grad(self, params: Params, step: int, batch: TaskBatch, batching: str = COMPILED) -> MetaGradSum:
+        try:
+            return meta_grad(
+                self.model, params, batch, self.algorithm, batching=batching, step=step, on_compile=self._on_compile
+            )
+        except CompileError as e:
+            raise ConfigError(str(e)) from e
+
     def batching_line(self) -> str:
         """``batching_report`` in words, for the log."""
         return f"{describe_batching(self.batching_report())} on {self.device}"
@@ -138,7 +173,10 @@ class TaskRunner:
     def batching_report(self) -> dict[str, Any]:
         """For ``result.json``: the choice and, if timed, each candidate's seconds per meta-step."""
         if self.measured is None:
-            return {"choice": self.batching, "seconds": {}, "tasks": 0}
+            report: dict[str, Any] = {"choice": self.batching, "seconds": {}, "tasks": 0}
+            if self.compiled:
+                report["compiled"] = dict(self.compiled)
+            return report
         return self.measured.as_dict()
 
     def _params(self, flat: Tensor) -> Params:
@@ -153,14 +191,9 @@ class TaskRunner:
         ``out``: a flat tensor to write the gradient into instead (on any device,
         e.g. a collective's buffer on this runner's GPU); it is returned as ``grad``.
         """
-        s = meta_grad(
-            self.model,
-            self._params(flat),
-            self._tasks("train", step, ids),
-            self.algorithm,
-            batching=self.choose_batching(len(ids)),
-            step=step,
-        )
+        # compiled: a graph for a new task count or new settings compiles on demand (logged)
+        batching = COMPILED if self.batching == COMPILED else self.choose_batching(len(ids))
+        s = self._meta_grad(self._params(flat), step, self._tasks("train", step, ids), batching)
         if out is not None:
             self.layout.flatten(s.grads, out=out)
             return GradShard(out, float(s.loss), float(s.metric), s.tasks)

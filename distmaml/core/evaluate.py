@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from distmaml.core.algorithm import Algorithm, InnerLoop, as_algorithm
+from distmaml.core.batching import COMPILED
 from distmaml.core.outer import batched_model
 from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
@@ -43,8 +44,12 @@ def score_tasks(
             rates and per-step batch-norm are used, the last step's past the
             training steps.
         chunk: tasks per ``vmap`` call, bounding memory on long evaluations.
+        batching: as ``meta_grad``'s; ``compiled`` scores by ``batched`` (no
+            second-order graph here: compiling it would not pay).
     """
     algorithm = as_algorithm(inner)
+    if batching == COMPILED:
+        batching = "batched"
     mode, net = batched_model(model, batch, batching)
     program = TaskProgram(net, algorithm, channels_last=mode == "loop_channels_last", batched=mode == "batched")
     if program.per_step and steps > algorithm.inner.steps:

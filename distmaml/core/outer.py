@@ -8,6 +8,7 @@ public contract of DESIGN.md and returns means.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -15,8 +16,9 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from distmaml.core.algorithm import Algorithm, InnerLoop, MamlppOptions, as_algorithm, init_algorithm_params
-from distmaml.core.batching import BATCHINGS, choose_batching
+from distmaml.core.batching import ALLOWED_BATCHINGS, COMPILED, choose_batching
 from distmaml.core.batchnorm import with_implementation
+from distmaml.core.compiled import compiled_meta_grad
 from distmaml.core.program import TaskProgram
 from distmaml.typing import Params, TaskBatch
 
@@ -40,14 +42,14 @@ class MetaGradient(NamedTuple):
 def batched_model(model: nn.Module, batch: TaskBatch, batching: str) -> tuple[str, nn.Module]:
     """The batching mode (one of ``core.batching.BATCHINGS``) and the network's view for it.
 
-    Under ``vmap`` and ``batched`` batch-norm is written out (torch's native
-    one gave a wrong second-order gradient under ``vmap``); in the per-task
-    loops it is torch's fused kernel. See ``core.batchnorm``.
+    Under ``vmap``, ``batched`` and ``compiled`` batch-norm is written out
+    (torch's native one gave a wrong second-order gradient under ``vmap``); in
+    the per-task loops it is torch's fused kernel. See ``core.batchnorm``.
     """
     mode = choose_batching(model, batch.support_x.device) if batching == "auto" else batching
-    if mode not in BATCHINGS:
-        raise ValueError(f"batching = {mode!r}: allowed values are 'auto', {', '.join(map(repr, BATCHINGS))}")
-    return mode, with_implementation(model, "explicit" if mode in ("vmap", "batched") else "native")
+    if mode not in ALLOWED_BATCHINGS:
+        raise ValueError(f"batching = {mode!r}: allowed values are {', '.join(map(repr, ALLOWED_BATCHINGS))}")
+    return mode, with_implementation(model, "explicit" if mode in ("vmap", "batched", COMPILED) else "native")
 
 
 def _detached(params: Params) -> Params:
@@ -62,6 +64,7 @@ def meta_grad(
     *,
     batching: str = "auto",
     step: int = 0,
+    on_compile: Callable[[str, float], None] | None = None,
 ) -> MetaGradSum:
     """Sum over the batch's tasks of the query-loss gradient after adaptation.
 
@@ -76,14 +79,22 @@ def meta_grad(
             loop with NHWC images), ``"batched"`` (all tasks at once by plain
             autograd over vmap'ed forward passes) or ``"auto"``
             (``choose_batching``'s unmeasured rule; workers time the
-            candidates, see ``core.batching``).
+            candidates, see ``core.batching``); or ``"compiled"``: the ``vmap``
+            computation traced once and compiled by ``torch.compile``, cached
+            per network and settings (``core.compiled``; the first call of a
+            new shape compiles for seconds to minutes).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.
+        on_compile: with ``"compiled"``, called with a description and the
+            seconds it took whenever a new graph was compiled.
 
     Returns:
         Summed gradients, summed query loss (after the last inner step) and
         metric, and the task count.
     """
     algorithm = as_algorithm(inner)
+    if batching == COMPILED:
+        g, loss, met = compiled_meta_grad(model, params, batch, algorithm, step, on_compile)
+        return MetaGradSum(g, loss, met, batch.num_tasks)
     mode, net = batched_model(model, batch, batching)
     if mode == "batched" and algorithm.recompute:
         mode = "vmap"  # recomputation is written with torch.func (vjp per step); vmap carries it

@@ -108,7 +108,10 @@ class TaskProgram:
         self.lossf = loss_fn(algorithm.inner.loss)
         self.train_steps = algorithm.inner.steps
         self.first_order = algorithm.first_order_at(meta_step)
-        self.weights = algorithm.loss_weights(meta_step, self.train_steps)
+        self.weights: list[float | Tensor] = list(algorithm.loss_weights(meta_step, self.train_steps))
+        """Query-loss weight of each inner step; 0.0 skips that step's query. A compiled graph
+        (``core.compiled``) puts tensors in place of the non-zero ones, so that MAML++'s annealed
+        weights, which change every meta-step, are inputs of one graph rather than constants of many."""
         self.adapted = adapted_names(model, algorithm)
         self.anil = algorithm.name == "anil"
         self.head = head_prefix(model) if self.anil else ""
@@ -224,11 +227,11 @@ class TaskProgram:
         total: Tensor | None = None
         for i, w in enumerate(self.weights):
             theta = self.step(i, theta, ctx, sx, sy, self.first_order)
-            if w:
+            if isinstance(w, Tensor) or w:
                 loss, met = self.query(i, theta, ctx, qx, qy)
                 if self.batched:  # sums over tasks, as the loop adds them up
                     loss, met = loss.sum(), met.sum()
-                term = loss if w == 1.0 else w * loss
+                term = loss if isinstance(w, float) and w == 1.0 else w * loss
                 total = term if total is None else total + term
         assert total is not None  # the last step's weight is never 0
         return total, (loss.detach(), met)
@@ -267,7 +270,7 @@ class TaskProgram:
             w = self.weights[i]
             if w:
 
-                def weighted_query(th: Params, c: Params, i: int = i, w: float = w):  # type: ignore[no-untyped-def]
+                def weighted_query(th: Params, c: Params, i: int = i, w: float | Tensor = w):  # type: ignore[no-untyped-def]
                     loss, met = self.query(i, th, c, qx, qy)
                     return w * loss, (loss, met)
 

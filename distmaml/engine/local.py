@@ -19,8 +19,10 @@ class InProcessEngine:
     workers = 0
     replacements = 0
 
-    def __init__(self, runner: TaskRunner) -> None:
+    def __init__(self, runner: TaskRunner, *, batch_size: int = 0) -> None:
         self.runner = runner
+        if batch_size:  # batching: auto is timed, compiled is compiled, now rather than in the first meta-step
+            runner.choose_batching(batch_size)
 
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
         return self.runner.meta_grad(flat, step, range(batch_size))
@@ -29,7 +31,8 @@ class InProcessEngine:
         return self.runner.evaluate(flat, split, range(tasks), steps)
 
     def batching(self) -> dict[str, Any]:
-        """The batching used (with ``auto``, timed at the first meta-step; see ``TaskRunner.choose_batching``)."""
+        """The batching used (with ``auto``, timed at start-up given ``batch_size``, else at the first
+        meta-step; see ``TaskRunner.choose_batching``)."""
         return self.runner.batching_report()
 
     def close(self) -> None:

@@ -114,7 +114,13 @@ class RayEngine:
             scheduling_strategy=strategy,
             max_restarts=0,
             **({"runtime_env": self._actor_env} if self._actor_env else {}),
-        ).remote(self._build_runner, self.resources.threads, -(-self.config.meta.batch_size // self.workers))
+        ).remote(self._build_runner, self.resources.threads, self._shard_size(index))
+
+    def _shard_size(self, index: int) -> int:
+        """Tasks to prepare worker ``index`` for: ``batching: compiled`` compiles for exactly its shard's
+        count; ``auto`` times the largest shard's count on every worker, so that their timings compare."""
+        sizes = [len(r) for r in balanced_ranges(self.config.meta.batch_size, self.workers)]
+        return sizes[index] if self.config.batching == "compiled" else max(sizes)
 
     def _start_worker(self, index: int) -> Any:
         actor = self._start(index)
