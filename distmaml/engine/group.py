@@ -151,14 +151,16 @@ class GroupEngine:
 
     def timing(self) -> dict[str, Any]:
         """Totals over the meta-steps so far: ``steps``; ``compute``, the sum over steps of the slowest
-        worker's shard; ``wall``, the sum over steps of the longest ``meta_batch`` (never less than
-        ``compute``: each worker's includes its own shard); and ``sum``, ``node_sum``. A collective
-        call: every worker calls it."""
-        both = torch.tensor([self.compute, self.wall], dtype=torch.float64, device=self.device)
+        worker's shard; ``wall``, this worker's own ``meta_batch`` time summed over steps (its shard,
+        its wait for the others, the sum); and ``sum``, ``node_sum``. Rank 0's ``wall`` is part of rank
+        0's step, so the bench splits that step into compute, reduce and outer step without a
+        negative part (a per-step maximum of walls over workers can exceed any worker's own step
+        when the slowest changes from step to step). A collective call: every worker calls it."""
+        compute = torch.tensor(self.compute, dtype=torch.float64, device=self.device)
         if self.workers > 1:
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        compute, wall = both.sum(dim=1).tolist()
-        return {"steps": len(self.compute), "compute": compute, "wall": wall, "sum": self.node_sum}
+            dist.all_reduce(compute, op=dist.ReduceOp.MAX)
+        total = float(compute.sum())
+        return {"steps": len(self.compute), "compute": total, "wall": sum(self.wall), "sum": self.node_sum}
 
     def close(self) -> None:
         pass
