@@ -73,7 +73,7 @@ def test_sinusoid_maml_matches_the_loop_and_compiles_once():
 def test_conv4_batchnorm_mamlpp_across_the_switch_to_second_order():
     """Step 0 first order, steps 1 and 2 second order with other multi-step weights: two graphs."""
     torch.manual_seed(2)
-    model = Conv4(ways=3, in_channels=1, image_size=8, filters=4, blocks=2).double()  # small graphs compile sooner
+    model = Conv4(ways=3, in_channels=1, image_size=8, filters=4, blocks=1).double()  # one block: compiles sooner
     opts = MamlppOptions(msl_anneal_steps=10, first_order_steps=1)
     algo = Algorithm(name="mamlpp", inner=InnerLoop(lr=0.1, steps=2), mamlpp=opts)
     params = init_algorithm_params(model, algo)

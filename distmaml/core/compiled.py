@@ -132,7 +132,8 @@ def compiled_graph(
         ) from e
     compiled = torch.compile(gm, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
     try:
-        compiled(params, *batch, _weights(algorithm, step, batch.support_x))
+        with torch.no_grad():  # as every call runs it (dynamo guards on grad mode: another would recompile)
+            compiled(params, *batch, _weights(algorithm, step, batch.support_x))
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
@@ -166,4 +167,5 @@ def compiled_meta_grad(
     if seconds and on_compile is not None:
         order = "first" if algorithm.first_order_at(step) else "second"
         on_compile(f"{algorithm.name} ({order} order) on {batch.num_tasks} tasks", seconds)
-    return fn(theta, *batch, _weights(algorithm, step, batch.support_x))
+    with torch.no_grad():  # the graph holds the backward pass itself; nothing outside differentiates it
+        return fn(theta, *batch, _weights(algorithm, step, batch.support_x))
