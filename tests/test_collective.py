@@ -119,7 +119,7 @@ def test_collective_needs_workers():
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, extra", [c for c in CASES if c.id != "maml"])
 def test_each_algorithm_two_workers_match_in_process(algorithm, extra, tmp_path):
-    sets = [*ALGORITHM_BASE, "batching=batched", *extra, f"algorithm={algorithm}"]  # the conv case sets its own
+    sets = [*ALGORITHM_BASE, *extra, f"algorithm={algorithm}"]
     ref = assemble(load_config("sinusoid", [*sets, "workers=0"])).fit(tmp_path / "ref", progress=False)
     got = assemble(load_config("sinusoid", [*sets, "workers=2", "engine.reduce=collective"])).fit(
         tmp_path / "run", progress=False
