@@ -8,6 +8,11 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train's controller looks at its worker group every 2 s by default and takes several looks from a
+# group's last report to the end of fit() (about 8 s of a ~25 s tiny run here); every Ray process the
+# tests start (ray.init, Cluster, the CLI subprocesses) inherits this environment. A worker that misses
+# looks is still given Ray Train's own timeout (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, unchanged).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # Decoded splits (distmaml.data.splitcache) and copies of stores from buckets go to a cache folder of
 # this session, inherited by the Ray workers and subprocesses the tests start, not to ~/.cache/distmaml.

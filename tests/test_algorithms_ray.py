@@ -22,6 +22,7 @@ BASE = [
     "tracking.enabled=false",
     "engine.cpus_per_worker=0.5",
     "engine.driver_cpus=0.5",
+    "batching=batched",  # not auto: it times the candidates in every process (tests/test_engine.py shows it)
     # MAML++ with every part changing within the run: loss weights anneal, order switches at step 1, cosine lr
     "mamlpp.msl_anneal_steps=2",
     "mamlpp.first_order_steps=1",

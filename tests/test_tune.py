@@ -63,6 +63,7 @@ def space_file(folder: Path, name: str, **fields) -> Path:
             "meta.test_tasks": 8,
             "tracking.log_every": 2,
             "tracking.log_model": False,
+            "batching": "batched",  # not auto: every trial would time the candidates in each of its processes
         },
         "metric": "val_mse",
         "mode": "min",
@@ -187,6 +188,7 @@ def test_asha_stops_the_clearly_worse_trial(here):
             "meta.test_tasks": 8,
             "tracking.log_every": 10,
             "tracking.log_model": False,
+            "batching": "batched",
         },
         search="grid",
         scheduler={"name": "asha", "grace_period": 20, "reduction_factor": 2},
