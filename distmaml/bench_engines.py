@@ -28,6 +28,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from distmaml.engine.shm import GroupSum
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 RESNET12_PARAMS = 12_000_000
@@ -74,7 +75,7 @@ class AllReduceProbe:
         torch.set_num_threads(1)
         self.rank, self.world = rank, world
         self.grads: dict[int, Tensor] = {}
-        self.sums: dict[int, Any] = {}
+        self.sums: dict[int, GroupSum] = {}
 
     def join(self, init_method: str) -> None:
         import torch.distributed as dist
@@ -86,20 +87,13 @@ class AllReduceProbe:
         a barrier)."""
         import torch.distributed as dist
 
-        from distmaml.engine.shm import SharedSum, uses_shared_memory
-
         grad = self.grads.setdefault(numel, torch.empty(numel))
         if numel not in self.sums:
-            shared = uses_shared_memory(self.world, 4 * numel)
-            self.sums[numel] = SharedSum(self.rank, self.world, numel, grad.dtype) if shared else None
-        summer = self.sums[numel]
+            self.sums[numel] = GroupSum(self.rank, self.world, numel, grad.dtype, grad.device)
         grad.fill_(1.0)  # the sum grows every call: start from the same values
         dist.barrier()
         t0 = time.perf_counter()
-        if summer is not None:
-            summer.all_reduce(grad)
-        else:
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        self.sums[numel](grad)
         seconds = time.perf_counter() - t0
         if float(grad[0]) != self.world:
             raise RuntimeError(f"all_reduce gave {float(grad[0])}, not {self.world}")

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distmaml.engine.shard import balanced_ranges, common_batching
-from distmaml.engine.shm import SharedSum, uses_shared_memory
+from distmaml.engine.shm import GroupSum
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 EXTRA = 3
@@ -69,11 +69,8 @@ class GroupEngine:
         """Per meta-step: seconds of the whole ``meta_batch`` (shard, all-reduce, copy back)."""
         self.last_timing: dict[str, float] = {}
         """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
-        self._sum: SharedSum | None = None
-        """The step's sum through shared memory (a CPU group on one node, ``engine.shm``), else gloo's or NCCL's."""
-        nbytes = self._buffer.numel() * self._buffer.element_size()
-        if world > 1 and self.device.type == "cpu" and uses_shared_memory(world, nbytes):
-            self._sum = SharedSum(rank, world, self._buffer.numel(), self._buffer.dtype)
+        self._sum = GroupSum(rank, world, self._buffer.numel(), self._buffer.dtype, self.device)
+        """The step's sum: through shared memory in a CPU group on one node (``engine.shm``), else gloo's or NCCL's."""
         self._reports = [runner.batching_report()]
         self._common: str | None = None
         if batch_size:
@@ -108,10 +105,7 @@ class GroupEngine:
         t1 = time.perf_counter()
         extra = self._extra
         extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
-        if self._sum is not None:
-            self._sum.all_reduce(self._buffer)
-        elif self.workers > 1:
-            dist.all_reduce(self._buffer, op=dist.ReduceOp.SUM)
+        self._sum(self._buffer)
         loss, metric, tasks = extra.tolist()
         grad = self._grad if self.device.type == "cpu" else self._grad.cpu()
         t2 = time.perf_counter()
@@ -145,9 +139,7 @@ class GroupEngine:
     @property
     def node_sum(self) -> str:
         """How the step's sum is taken: ``shm`` (``engine.shm``), ``gloo``, ``nccl``, or ``none`` (1 worker)."""
-        if self.workers == 1:
-            return "none"
-        return "shm" if self._sum is not None else str(dist.get_backend())
+        return self._sum.kind
 
     def timing(self) -> dict[str, Any]:
         """Totals over the meta-steps so far: ``steps``; ``compute``, the sum over steps of the slowest

@@ -185,3 +185,30 @@ def uses_shared_memory(world: int, nbytes: int) -> bool:
     keys: list[tuple[str, bool] | None] = [None] * world
     dist.all_gather_object(keys, (node_key(), node_sum_setting() == "shm" and supported(world, nbytes)))
     return all(k is not None and k[1] for k in keys) and len({k[0] for k in keys if k is not None}) == 1
+
+
+class GroupSum:
+    """How a collective group's worker sums a flat buffer over the group: ``SharedSum`` when every
+    worker is a CPU worker on this node (``uses_shared_memory``), else ``torch.distributed``'s
+    ``all_reduce`` (gloo or NCCL); nothing with 1 worker. Collective: every rank constructs it.
+
+    ``kind``: ``shm``, the backend's name, or ``none``.
+    """
+
+    def __init__(self, rank: int, world: int, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self._shared: SharedSum | None = None
+        self.kind = "none"
+        if world > 1:
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if device.type == "cpu" and uses_shared_memory(world, nbytes):
+                self._shared = SharedSum(rank, world, numel, dtype)
+                self.kind = "shm"
+            else:
+                self.kind = str(dist.get_backend())
+
+    def __call__(self, buffer: Tensor) -> None:
+        """Replaces ``buffer`` by its sum over the group."""
+        if self._shared is not None:
+            self._shared.all_reduce(buffer)
+        elif self.kind != "none":
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
