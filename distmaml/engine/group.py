@@ -97,6 +97,11 @@ class GroupEngine:
 
     # -- the engine interface -------------------------------------------------------
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
+        if not self.compute and self.workers > 1:
+            # The first step starts together: rank 0 sets its run up (run directory, MLflow) before its
+            # loop while the others are already computing, and a shard timed from before rank 0's
+            # first step began would not fit inside rank 0's steps (the bench's split of a step).
+            dist.barrier()
         t0 = time.perf_counter()
         ids = self._my_range(batch_size)
         shard = self.runner.meta_grad(flat, step, ids, out=self._grad)
