@@ -22,7 +22,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
-from distmaml.core.batching import COMPILED
 from distmaml.engine.placement import (
     EngineError,
     Placement,
@@ -121,7 +120,7 @@ class RayEngine:
         """Tasks to prepare worker ``index`` for: ``batching: compiled`` compiles for exactly its shard's
         count; ``auto`` times the largest shard's count on every worker, so that their timings compare."""
         sizes = [len(r) for r in balanced_ranges(self.config.meta.batch_size, self.workers)]
-        return sizes[index] if self.config.batching == COMPILED else max(sizes)
+        return sizes[index] if self.config.batching == "compiled" else max(sizes)
 
     def _start_worker(self, index: int) -> Any:
         actor = self._start(index)
