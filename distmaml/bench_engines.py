@@ -298,14 +298,16 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
 
 def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The collective engine (``engine.reduce: collective``) with W single-thread workers: one run of
-    ``steps`` meta-steps per worker count, in turn, in a temporary run directory.
+    ``steps`` timed meta-steps per worker count, in turn, in a temporary run directory.
 
-    The workers' own timing gives the row: per step, rank 0's training loop
-    (the trainer's ``tasks_per_second``), its ``GroupEngine.meta_batch`` (its
-    shard and the all-reduce) and the slowest worker's shard
-    (``CollectiveEngine.timing``); means over the run's steps. The group's
-    start-up, where ``batching: auto`` times its candidates, and the final
-    validation and meta-test (2 tasks per worker) are outside it.
+    The workers' own timing gives the row (``CollectiveEngine.timing``'s
+    ``steady`` part): per step, rank 0's training loop, its
+    ``GroupEngine.meta_batch`` (its shard and the sum) and the slowest
+    worker's shard; means over ``steps`` steps. The run takes two more: a
+    first one, untimed as the driver rows' first round is, and a last one,
+    whose start ends the timed loop. The group's start-up, where ``batching:
+    auto`` times its candidates, and the final validation and meta-test (2
+    tasks per worker) are outside it.
     """
     import tempfile
 
@@ -328,9 +330,9 @@ def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[st
                 f"workers={w}",
                 "engine.cpus_per_worker=1",
                 "engine.driver_cpus=0.01",
-                f"meta.steps={steps}",
+                f"meta.steps={steps + 2}",
                 "meta.val_every=0",
-                f"meta.checkpoint_every={steps}",
+                f"meta.checkpoint_every={steps + 2}",
                 f"meta.val_tasks={2 * w}",
                 f"meta.test_tasks={2 * w}",
             )
@@ -338,12 +340,10 @@ def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[st
             engine = run.engine
             assert isinstance(engine, CollectiveEngine)
             with tempfile.TemporaryDirectory(prefix="distmaml-bench-") as tmp:
-                result = run.fit(Path(tmp) / "run", progress=False)
-            n, tasks = engine.timing["steps"], config.meta.batch_size
-            step = tasks / result["tasks_per_second"]  # rank 0's training loop, per step
-            row = _engine_row(
-                name, "collective", w, tasks, step, engine.timing["wall"] / n, engine.timing["compute"] / n
-            )
+                run.fit(Path(tmp) / "run", progress=False)
+            timed, tasks = engine.timing["steady"], config.meta.batch_size
+            n = timed["steps"]
+            row = _engine_row(name, "collective", w, tasks, timed["loop"] / n, timed["wall"] / n, timed["compute"] / n)
             how = engine.timing["sum"]  # shm (one node), gloo or nccl; none with 1 worker
             rows.append({**row, "sum": how, "impl": row["impl"] + (f" ({how})" if w > 1 else "")})
     finally:

@@ -282,7 +282,7 @@ class Config:
     batching: str = "auto"
     """How the core computes a shard's tasks: ``auto`` (each worker times the candidates on its
     device at start-up and keeps the fastest), ``loop``, ``loop_channels_last`` (2-d conv nets), ``vmap`` or
-    ``batched`` (``core.batching``); or ``compiled``: the meta-gradient compiled by ``torch.compile``
+    ``batched`` (``core.batching``); or ``compiled``: the meta-gradient compiled by inductor
     at start-up (tens of seconds to minutes, once per shard size; then several times faster per
     meta-step on small networks; never chosen by ``auto``)."""
     workers: int | list[int] = 0

@@ -100,6 +100,10 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
     assert timing["steps"] == 5 and 0 < timing["compute"] and 0 < timing["wall"]
     loop = timing["steps"] * 6 / result["tasks_per_second"]  # rank 0's training loop, seconds (6 tasks a step)
     assert timing["wall"] < loop and timing["compute"] < loop
+    steady = timing["steady"]  # steps 2 to 4, the loop timed from the start of step 2 to that of step 5
+    assert (
+        steady["steps"] == 3 and 0 < steady["compute"] < steady["loop"] and 0 < steady["wall"] < steady["loop"] < loop
+    )
 
 
 def test_an_error_every_worker_raises_ends_the_group_at_once(tmp_path):

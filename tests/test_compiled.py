@@ -117,7 +117,7 @@ def test_a_compiler_that_does_not_work_gets_one_line(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("distmaml: error:")]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert "batching = 'compiled': torch.compile failed" in lines[0] and "use batching: batched" in lines[0]
+    assert "batching = 'compiled': inductor failed" in lines[0] and "use batching: batched" in lines[0]
     assert "no-such-g++" in lines[0]
 
 

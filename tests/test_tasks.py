@@ -42,3 +42,15 @@ def test_shapes_and_ranges():
     for i in (0, 17):
         amp, phase, sx, sy, _, _ = fam.sample_one("train", 0, i)
         torch.testing.assert_close(sy, amp * torch.sin(sx - phase))
+
+
+def test_batch_sampling_equals_each_task_sampled_alone():
+    """``sample`` draws per task and computes over the batch; ``sample_one`` is the task-by-task reference."""
+    for shots, queries, ids in ((10, 10, range(200)), (1, 1, [7, 0, 3]), (5, 300, [4, 999])):
+        fam = SinusoidTasks(shots=shots, queries=queries, seed=11)
+        for split in ("train", "val", "test"):
+            batch = fam.sample(split, 5, ids)
+            alone = [fam.sample_one(split, 5, i)[2:] for i in ids]
+            for field, column in zip(batch, zip(*alone)):
+                assert field.is_contiguous() and field.dtype == torch.float64
+                assert torch.equal(field, torch.stack(column))

@@ -40,7 +40,7 @@ used by the library's ``batching="auto"``, where nothing is timed.
 A fifth way, ``compiled`` (``core.compiled``), is never timed by ``auto``:
 the user opts in. The ``vmap`` computation of a whole shard is traced once
 (``make_fx``) into a graph of aten operations and compiled by
-``torch.compile`` (inductor: C++ on a CPU, Triton on a GPU), cached per
+inductor (C++ on a CPU, Triton on a GPU), cached per
 network, algorithm settings, and shapes; the first call for a new task count
 compiles. On small networks a meta-step is mostly per-call overhead, which
 compiling removes. Same CPU, 1 thread, machine shared with other work:

