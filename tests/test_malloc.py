@@ -53,4 +53,5 @@ def test_meta_steps_reuse_freed_memory_unless_the_environment_tunes_malloc() -> 
     assert kept and not own
     # 2 conv4 tasks free and allocate tens of MB a step: thousands of zeroed pages with glibc's defaults
     assert min(faults_own) > 2000, faults_own
-    assert max(faults) < min(faults_own) / 20, (faults, faults_own)
+    # kept: a step faults pages in only where its peak outgrows the heap (a few thousand at most, seldom)
+    assert sum(faults) < sum(faults_own) / 10, (faults, faults_own)
