@@ -79,6 +79,6 @@ def keep_freed_memory() -> bool:
                     (_M_TOP_PAD, TOP_PAD_BYTES),
                 )
                 _kept = all(libc.mallopt(option, value) == 1 for option, value in settings)
-            except (OSError, AttributeError):
-                _kept = False
+            except (OSError, AttributeError):  # no such library or function: malloc stays as it is
+                pass
     return _kept

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from distmaml.tasks import SinusoidTasks
+from distmaml.tasks import SinusoidTasks, task_generator
 from distmaml.tasks.sinusoid import AMPLITUDE, PHASE, X_RANGE
 
 
@@ -44,13 +44,31 @@ def test_shapes_and_ranges():
         torch.testing.assert_close(sy, amp * torch.sin(sx - phase))
 
 
-def test_batch_sampling_equals_each_task_sampled_alone():
-    """``sample`` draws per task and computes over the batch; ``sample_one`` is the task-by-task reference."""
+def _one_task(fam: SinusoidTasks, split: str, step: int, task_id: int) -> tuple[torch.Tensor, ...]:
+    """The reference: one task alone from its own generator, its draws in two calls (amplitude and
+    phase, then the inputs), as the sampler computed each task before it worked over the batch."""
+    g = task_generator(fam.seed, split, step, task_id)
+    u = torch.rand(2, generator=g, dtype=torch.float64)
+    amp = AMPLITUDE[0] + (AMPLITUDE[1] - AMPLITUDE[0]) * u[0]
+    phase = PHASE[0] + (PHASE[1] - PHASE[0]) * u[1]
+    x = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * torch.rand(
+        fam.shots + fam.queries, 1, generator=g, dtype=torch.float64
+    )
+    y = amp * torch.sin(x - phase)
+    k = fam.shots
+    return amp, phase, x[:k], y[:k], x[k:], y[k:]
+
+
+def test_batch_sampling_equals_each_task_computed_alone():
+    """The sampler draws per task and computes over the batch: the same tasks, bit for bit, as each
+    task computed alone (so runs before and after that change sample the same tasks)."""
     for shots, queries, ids in ((10, 10, range(200)), (1, 1, [7, 0, 3]), (5, 300, [4, 999])):
         fam = SinusoidTasks(shots=shots, queries=queries, seed=11)
         for split in ("train", "val", "test"):
             batch = fam.sample(split, 5, ids)
-            alone = [fam.sample_one(split, 5, i)[2:] for i in ids]
-            for field, column in zip(batch, zip(*alone)):
+            alone = [_one_task(fam, split, 5, i) for i in ids]
+            for field, column in zip(batch, zip(*(a[2:] for a in alone))):
                 assert field.is_contiguous() and field.dtype == torch.float64
                 assert torch.equal(field, torch.stack(column))
+            for i, reference in zip(ids, alone):
+                assert all(torch.equal(a, b) for a, b in zip(fam.sample_one(split, 5, i), reference))

@@ -165,8 +165,12 @@ class GroupEngine:
         if self.workers > 1:
             dist.all_reduce(compute, op=dist.ReduceOp.MAX)
         n = len(self.compute)
-        timing: dict[str, Any] = {"steps": n, "compute": float(compute.sum()), "wall": sum(self.wall)}
-        timing["sum"] = self.node_sum
+        timing: dict[str, Any] = {
+            "steps": n,
+            "compute": float(compute.sum()),
+            "wall": sum(self.wall),
+            "sum": self.node_sum,
+        }
         if n >= 3:
             timing["steady"] = {
                 "steps": n - 2,
