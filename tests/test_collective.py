@@ -21,6 +21,7 @@ from test_algorithms_ray import CASES
 from distmaml.assembly import assemble
 from distmaml.checkpoint import list_checkpoints, load_checkpoint
 from distmaml.config import ConfigError, load_config
+from distmaml.engine.collective import state_api_answers
 
 BASE = [
     "precision=float64",
@@ -65,6 +66,11 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
     run = assemble(load_config("sinusoid", sets))
     result = run.fit(tmp_path / "run", progress=False)
     assert run.engine.timing["sum"] == (node_sum if workers > 1 else "none")
+    # Ray's State API needs the dashboard, which this Ray does not run: Ray Train's PlacementGroupCleaner,
+    # which would ask it every second and warn on the console each time, was never started
+    assert not state_api_answers()
+    classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "RayTrainWorker" in classes and "PlacementGroupCleaner" not in classes
 
     ref, got = load_checkpoint(ref_dir), load_checkpoint(tmp_path / "run")
     assert got.step == ref.step == 5
