@@ -19,6 +19,7 @@ node, else one gloo ``all_reduce``).
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,11 @@ RESNET12_PARAMS = 12_000_000
 """Entries of the flat gradient ``reduce_cost`` moves (ResNet-12 for miniImageNet: about 12M parameters)."""
 REDUCE_STEPS = 10
 """Timed reduces per engine and worker count (after one untimed)."""
+COLLECTIVE_SECONDS = 4.0
+"""The collective rows time at least as many steps as one process computes the whole meta-batch in
+this long (``compute_bound``'s ``batch_seconds``): over a window of a fraction of a second, one burst
+of Ray's own work (its controller, new idle workers after a group ends) decided a row."""
+COLLECTIVE_MAX_STEPS = 10_000
 
 
 # -- the reduce alone: a 12M-parameter gradient, and each config's own ----------------------------
@@ -352,6 +358,71 @@ def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[st
     return rows
 
 
+def compute_bound(name: str, workers: list[int], sets: Sequence[str] = (), seconds: float = 2.0) -> dict[str, Any]:
+    """Per worker count W, the scaling the compute itself allows: in this process, on one thread and
+    with no engine, the seconds of the whole meta-batch's meta-gradient over those of the largest of W
+    shards (``balanced_ranges``), with the engine rows' batching (``sets``; ``auto`` chooses once, as a
+    worker does). Whatever an engine's reduce costs, its W workers cannot beat this ratio unless
+    their shards compute faster than one process alone. Where a step's compute has a large fixed part
+    (a fast batching of small tasks), the bound is far below W.
+
+    Rounds of every size in turn, until ``seconds`` have passed and at least 3 rounds were timed after
+    an untimed one; medians. Returns ``bound`` (per W) and ``batch_seconds``, the whole batch's.
+    """
+    from distmaml.assembly import build_runner
+    from distmaml.bench import bench_config
+    from distmaml.core.algorithm import init_algorithm_params
+    from distmaml.engine.shard import balanced_ranges
+
+    torch.set_num_threads(1)
+    config = bench_config(name, *sets, "workers=0")
+    runner = build_runner(config)
+    flat = runner.layout.flatten(init_algorithm_params(runner.model, runner.algorithm))
+    batch = config.meta.batch_size
+    largest = {w: max(len(r) for r in balanced_ranges(batch, w)) for w in workers}
+    sizes = sorted({batch, *largest.values()})
+    for n in sizes:
+        runner.choose_batching(n)  # auto: its one timing; compiled: a graph per size
+    out = torch.empty(runner.layout.numel, dtype=runner.dtype)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    end, rounds = time.perf_counter() + seconds, 0
+    while rounds < 4 or time.perf_counter() < end:
+        for n in sizes:
+            t0 = time.perf_counter()
+            runner.meta_grad(flat, rounds, range(n), out=out)
+            if rounds:
+                times[n].append(time.perf_counter() - t0)
+        rounds += 1
+    median = {n: statistics.median(ts) for n, ts in times.items()}
+    return {"bound": {w: median[batch] / median[largest[w]] for w in workers}, "batch_seconds": median[batch]}
+
+
+def _matmuls_in_window(start: float, seconds: float) -> float:
+    """Matmuls per second on one thread between wall-clock ``start`` and ``start + seconds``."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256)
+    a @ a
+    time.sleep(max(0.0, start - time.time()))
+    done, end = 0, start + seconds
+    while time.time() < end:
+        a @ a
+        done += 1
+    return done / seconds
+
+
+def side_by_side(seconds: float = 2.0) -> float:
+    """What two single-thread processes computing at once get from this machine: their summed matmul
+    rate over one process's alone (2.0 when both cores are free; less while a neighbour or the
+    hypervisor takes one). Each in a fresh process; the pair starts on a common wall-clock time."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        alone = pool.apply(_matmuls_in_window, (time.time() + 2.0, seconds))
+        start = time.time() + 2.0
+        pair = pool.starmap(_matmuls_in_window, [(start, seconds)] * 2, chunksize=1)
+    return sum(pair) / alone
+
+
 def engine_summary(rows: list[dict[str, Any]]) -> list[str]:
     """One line per engine row with a 1-worker row of the same config and reduce beside it."""
     lines = []
@@ -359,12 +430,19 @@ def engine_summary(rows: list[dict[str, Any]]) -> list[str]:
         if "scaling_vs_1_worker" in r:
             base = r.get("vs_baseline_2_threads")
             lines.append(
-                f"{r['config']} {r['reduce']} x{r['workers']}: {r['scaling_vs_1_worker']:.2f}x the tasks/s of 1 worker, "
+                f"{r['config']} {r['reduce']} x{r['workers']}: {r['scaling_vs_1_worker']:.2f}x the tasks/s of 1 worker"
+                + (f" (the compute alone allows {r['compute_bound']:.2f}x), " if "compute_bound" in r else ", ")
                 + (f"{base:.2f}x the baseline on 2 threads, " if base is not None else "")
                 + f"{100 * r['outside_share']:.1f}% of the step outside the workers' compute "
                 f"(per step: compute {1000 * r['compute_seconds']:.2f} ms, reduce {1000 * r['reduce_seconds']:.2f} ms, "
                 f"outer step {1000 * r['outer_seconds']:.2f} ms)"
             )
+    pairs = {r["config"]: r["side_by_side"] for r in rows if "side_by_side" in r}
+    for config, pair in pairs.items():
+        lines.append(
+            f"{config}: right after its engine rows, two single-thread processes side by side got {pair:.2f}x "
+            "one alone's matmul rate (2.00x: both cores free; less: a 2-worker row lost the difference too)"
+        )
     return lines
 
 
@@ -409,11 +487,24 @@ def engine_rows(
     name: str, workers: list[int], reduces: Sequence[str], steps: int, sets: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """Rows of every reduce in ``reduces`` and worker count, each reduce in its own process, with the
-    ratios to the same reduce's 1-worker row and to the baseline on 2 threads. ``sets``: config
-    overrides of the engine rows (``--engine-set``, e.g. ``batching=compiled``)."""
+    ratios to the same reduce's 1-worker row and to the baseline on 2 threads, and ``compute_bound``:
+    the scaling the shards' compute allows at that worker count (``compute_bound``, in its own
+    process), and ``side_by_side``: what two single-thread processes got from the machine right
+    after (``side_by_side``; with 2 workers). ``sets``: config overrides of the engine rows (``--engine-set``, e.g.
+    ``batching=compiled``)."""
     from distmaml.bench import _in_subprocess
 
+    compute = _in_subprocess(compute_bound, name, workers, list(sets))
     rows: list[dict[str, Any]] = []
     for reduce in reduces:
-        rows += [{**r, "sets": list(sets)} for r in _in_subprocess(ENGINES[reduce], name, workers, steps, list(sets))]
+        n = steps
+        if reduce == "collective":  # its steps are short: enough of them to time COLLECTIVE_SECONDS or more
+            n = max(steps, min(COLLECTIVE_MAX_STEPS, math.ceil(COLLECTIVE_SECONDS / compute["batch_seconds"])))
+        rows += [{**r, "sets": list(sets)} for r in _in_subprocess(ENGINES[reduce], name, workers, n, list(sets))]
+    pair = side_by_side() if 2 in workers else None
+    for r in rows:
+        if "reduce" in r:
+            r["compute_bound"] = compute["bound"][r["workers"]]
+            if pair is not None:
+                r["side_by_side"] = pair
     return with_ratios(rows)

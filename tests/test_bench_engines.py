@@ -59,6 +59,12 @@ def test_bench_rows_per_config_reduce_and_workers(tmp_path):
         assert 0 <= r["outside_share"] < 1
         assert 0 < r["compute_seconds"] <= r["seconds_per_step"]
         assert f"sinusoid {r['reduce']} x{r['workers']}: " in proc.stdout
+        # the scaling the shards' compute allows, one process without an engine: 1 worker's is its own ratio
+        assert r["compute_bound"] == 1.0 if r["workers"] == 1 else r["compute_bound"] > 0
+    assert proc.stdout.count("(the compute alone allows ") == len(engines)
+    # what the machine gave two processes at once, just after the rows: the same figure on every row
+    assert len({r["side_by_side"] for r in engines}) == 1 and 0 < engines[0]["side_by_side"] < 2.5
+    assert "sinusoid: right after its engine rows, two single-thread processes side by side got " in proc.stdout
     one = {r["reduce"]: r for r in engines if r["workers"] == 1}
     for r in engines:
         assert r["scaling_vs_1_worker"] == pytest.approx(r["tasks_per_second"] / one[r["reduce"]]["tasks_per_second"])
