@@ -23,9 +23,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -44,6 +44,8 @@ from distmaml.config import Config, ConfigError, load_config
 from distmaml.core.batching import BATCHINGS, candidates, describe_batching
 from distmaml.environ import environ
 from distmaml.typing import TaskBatch
+
+K = TypeVar("K")
 
 BENCH_CONFIGS: dict[str, list[str]] = {
     # MAML paper sinusoid: meta-batch 25, K=10, 1 inner step, MLP 1-40-40-1.
@@ -200,24 +202,31 @@ def _step_fn(name: str, impl: str, batching: str) -> tuple[Config, Any]:
     return config, core_step
 
 
-def _time_interleaved(name: str, impls: list[str], batching: str, threads: int, steps: int) -> dict[str, float]:
-    """Median seconds per meta-step of each implementation, timed in turn in one process.
+def interleaved_medians(fns: dict[K, Callable[[], Any]], rounds: int, min_seconds: float = 0.0) -> dict[K, float]:
+    """Median seconds of each function, called in turn in one process: one untimed round (allocations,
+    lazy initialisation), then at least ``rounds`` timed rounds, more until ``min_seconds`` have passed.
 
-    Taking turns step by step exposes every implementation to the same
-    conditions (other load on the machine, clock changes), so their ratio is
-    fair even when absolute times drift.
+    Taking turns call by call exposes every function to the same conditions
+    (other load on the machine, clock changes), so their ratio is fair even
+    when absolute times drift.
     """
-    torch.set_num_threads(threads)
-    fns = {impl: _step_fn(name, impl, batching)[1] for impl in impls}
     for fn in fns.values():
-        fn()  # warm-up: allocations, lazy initialisation
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    for _ in range(steps):
-        for impl, fn in fns.items():
+        fn()
+    times: dict[K, list[float]] = {key: [] for key in fns}
+    end, done = time.perf_counter() + min_seconds, 0
+    while done < rounds or time.perf_counter() < end:
+        for key, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+            times[key].append(time.perf_counter() - t0)
+        done += 1
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def _time_interleaved(name: str, impls: list[str], batching: str, threads: int, steps: int) -> dict[str, float]:
+    """Median seconds per meta-step of each implementation, timed in turn in one process."""
+    torch.set_num_threads(threads)
+    return interleaved_medians({impl: _step_fn(name, impl, batching)[1] for impl in impls}, steps)
 
 
 def _measure(name: str, impl: str, batching: str, threads: int, steps: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ node, else one gloo ``all_reduce``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
@@ -366,11 +367,12 @@ def compute_bound(name: str, workers: list[int], sets: Sequence[str] = (), secon
     their shards compute faster than one process alone. Where a step's compute has a large fixed part
     (a fast batching of small tasks), the bound is far below W.
 
-    Rounds of every size in turn, until ``seconds`` have passed and at least 3 rounds were timed after
-    an untimed one; medians. Returns ``bound`` (per W) and ``batch_seconds``, the whole batch's.
+    Every size in turn, until ``seconds`` have passed and at least 3 rounds were timed after an
+    untimed one (``bench.interleaved_medians``). Returns ``bound`` (per W) and ``batch_seconds``, the
+    whole batch's.
     """
     from distmaml.assembly import build_runner
-    from distmaml.bench import bench_config
+    from distmaml.bench import bench_config, interleaved_medians
     from distmaml.core.algorithm import init_algorithm_params
     from distmaml.engine.shard import balanced_ranges
 
@@ -384,16 +386,9 @@ def compute_bound(name: str, workers: list[int], sets: Sequence[str] = (), secon
     for n in sizes:
         runner.choose_batching(n)  # auto: its one timing; compiled: a graph per size
     out = torch.empty(runner.layout.numel, dtype=runner.dtype)
-    times: dict[int, list[float]] = {n: [] for n in sizes}
-    end, rounds = time.perf_counter() + seconds, 0
-    while rounds < 4 or time.perf_counter() < end:
-        for n in sizes:
-            t0 = time.perf_counter()
-            runner.meta_grad(flat, rounds, range(n), out=out)
-            if rounds:
-                times[n].append(time.perf_counter() - t0)
-        rounds += 1
-    median = {n: statistics.median(ts) for n, ts in times.items()}
+    median = interleaved_medians(
+        {n: functools.partial(runner.meta_grad, flat, 0, range(n), out=out) for n in sizes}, 3, seconds
+    )
     return {"bound": {w: median[batch] / median[largest[w]] for w in workers}, "batch_seconds": median[batch]}
 
 
@@ -487,11 +482,11 @@ def engine_rows(
     name: str, workers: list[int], reduces: Sequence[str], steps: int, sets: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """Rows of every reduce in ``reduces`` and worker count, each reduce in its own process, with the
-    ratios to the same reduce's 1-worker row and to the baseline on 2 threads, and ``compute_bound``:
-    the scaling the shards' compute allows at that worker count (``compute_bound``, in its own
-    process), and ``side_by_side``: what two single-thread processes got from the machine right
-    after (``side_by_side``; with 2 workers). ``sets``: config overrides of the engine rows (``--engine-set``, e.g.
-    ``batching=compiled``)."""
+    ratios to the same reduce's 1-worker row and to the baseline on 2 threads. Every row also gets
+    ``compute_bound``, the scaling the shards' compute allows at its worker count (``compute_bound``,
+    in its own process, before the rows), and with 2 workers ``side_by_side``, what two single-thread
+    processes got from the machine right after the rows. ``sets``: config overrides of the engine
+    rows (``--engine-set``, e.g. ``batching=compiled``)."""
     from distmaml.bench import _in_subprocess
 
     compute = _in_subprocess(compute_bound, name, workers, list(sets))
