@@ -3,12 +3,13 @@
 A group that loses a worker (its process killed by pid, or its node removed)
 restarts from its latest checkpoint, smaller if it must, and ends with the
 parameters and optimizer state of the undisturbed fixed-size run (float64,
-1e-10). One failure more than ``engine.max_worker_failures`` stops the run
+1e-10). A group of 2 that a third node joins mid-run restarts with 3 and ends
+there too. One failure more than ``engine.max_worker_failures`` stops the run
 with one line.
 
 The disturbance is synchronised, not timed: at a given step of its first
 attempt rank 0 writes its pid and waits (``PauseAt``) while the test kills a
-worker or removes a node.
+worker, removes a node or adds one.
 """
 
 from __future__ import annotations
@@ -224,5 +225,51 @@ def test_a_group_that_loses_a_node_goes_on_smaller_and_ends_where_the_fixed_size
     assert_same_state(load_checkpoint(tmp_path / "run"), undisturbed)
     print(
         f"\nlost node: the group restarted with 2 workers {restart_seconds(folder):.1f} s after the removal, "
+        f"from step {runs[1][1]}"
+    )
+
+
+def test_a_group_that_a_node_joins_grows_and_ends_where_the_fixed_size_run_ends(cluster, undisturbed, tmp_path):
+    # Ray Train counts the nodes' total resources (``ray.nodes()``), not their free ones: room appears
+    # when a node joins. ``Cluster.add_node`` must run in the main thread (it sets signal handlers),
+    # so the run goes in a thread here, paused by rank 0 as in the other tests.
+    folder = tmp_path / "signals"
+    folder.mkdir()
+    while len(cluster.worker_nodes) > 2:  # room for 2 workers at the start (the test above leaves 2)
+        cluster.remove_node(list(cluster.worker_nodes)[-1])
+    deadline = time.monotonic() + 60
+    while sum(n["Alive"] for n in ray.nodes()) > 3:
+        assert time.monotonic() < deadline, "Ray still counts a removed node alive"
+        time.sleep(0.2)
+    run = assemble(load_config("sinusoid", [*BASE, "workers=[2,3]", "engine.resize_interval=1"]))
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = run.fit(tmp_path / "run", progress=False, callbacks=[PauseAt(folder, PAUSE_STEP)])
+        except BaseException as e:  # shown by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not (ready := list(folder.glob("ready-*"))):
+        assert thread.is_alive() and time.monotonic() < deadline, f"rank 0 never paused: {outcome}"
+        time.sleep(0.05)
+    (folder / "acted").write_text(f"{time.time()}\n")
+    cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    while len(starts(folder)) < 2 and time.monotonic() < deadline:  # rank 0 stays paused until the group restarts
+        time.sleep(0.1)
+    (folder / f"go-{ready[0].read_text()}").write_text("")
+    thread.join(300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    runs = starts(folder)
+    assert len(runs) == 2, runs  # the group of 2, then the larger one
+    assert runs[0][1] == 0 and 0 < runs[1][1] <= 4  # restarted from a checkpoint before the pause
+    assert outcome["result"]["workers"] == 3 and outcome["result"]["steps"] == 8  # the group grew to 3
+    assert_same_state(load_checkpoint(tmp_path / "run"), undisturbed)
+    print(
+        f"\nnode joined: the group restarted with 3 workers {restart_seconds(folder):.1f} s after the node was added, "
         f"from step {runs[1][1]}"
     )

@@ -6,8 +6,12 @@ When a worker dies (its process killed, its node lost) Ray Train stops the
 whole group and starts a new one, from the latest checkpoint rank 0 reported,
 with as many workers as the cluster then holds (at least min); while the group
 runs, Ray Train looks for room for more every ``engine.resize_interval`` seconds
-and restarts it larger from the latest checkpoint when it finds some (Ray's
-behaviour; not shown by the tests here).
+and restarts it larger from the latest checkpoint when it finds some. Ray
+Train counts the live nodes' total resources (``ray.nodes()``, as its
+autoscaling coordinator saw them at its last 20 s refresh), not their free
+ones: room appears when a node joins, and a node whose resources another job
+holds counts as room too (the group then waits ``engine.regroup_timeout`` for
+a worker that cannot start, and Ray Train tries the same count again).
 
 A restart changes nothing of the result: the tasks of step s are a pure
 function of (seed, s, task id), every worker's shard is a range of task ids and
