@@ -90,23 +90,31 @@ def group_workers() -> list[dict[str, Any]]:
     ]
 
 
+def act_at_pause(folder: Path, act: Any, seen: set[str], alive: Any = lambda: True) -> bool:
+    """Waits for rank 0's next pause (a ``ready-PID`` not in ``seen``), notes the time in ``acted``,
+    ``act(rank0_pid)``, lets it go on. False if no pause came within 300 s or ``alive()`` turned false."""
+    deadline = time.monotonic() + 300
+    while not (ready := [p for p in folder.glob("ready-*") if p.name not in seen]):
+        if time.monotonic() > deadline or not alive():
+            return False
+        time.sleep(0.05)
+    pid = int(ready[0].read_text())
+    with open(folder / "acted", "a") as f:
+        f.write(f"{time.time()}\n")
+    act(pid)
+    (folder / f"go-{pid}").write_text("")
+    seen.add(ready[0].name)
+    return True
+
+
 def disturb(folder: Path, act: Any, times: int = 1) -> threading.Thread:
-    """In the background: each time rank 0 is ready, note the time in ``acted``, ``act(rank0_pid)``, let it go on."""
+    """In the background: each time rank 0 is ready, ``act_at_pause``."""
 
     def run() -> None:
         seen: set[str] = set()
         for _ in range(times):
-            deadline = time.monotonic() + 300
-            while not (ready := [p for p in folder.glob("ready-*") if p.name not in seen]):
-                if time.monotonic() > deadline:
-                    return
-                time.sleep(0.05)
-            pid = int(ready[0].read_text())
-            with open(folder / "acted", "a") as f:
-                f.write(f"{time.time()}\n")
-            act(pid)
-            (folder / f"go-{pid}").write_text("")
-            seen.add(ready[0].name)
+            if not act_at_pause(folder, act, seen):
+                return
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -232,7 +240,7 @@ def test_a_group_that_loses_a_node_goes_on_smaller_and_ends_where_the_fixed_size
 def test_a_group_that_a_node_joins_grows_and_ends_where_the_fixed_size_run_ends(cluster, undisturbed, tmp_path):
     # Ray Train counts the nodes' total resources (``ray.nodes()``), not their free ones: room appears
     # when a node joins. ``Cluster.add_node`` must run in the main thread (it sets signal handlers),
-    # so the run goes in a thread here, paused by rank 0 as in the other tests.
+    # so here the run goes in a thread and the main thread acts at rank 0's pause.
     folder = tmp_path / "signals"
     folder.mkdir()
     while len(cluster.worker_nodes) > 2:  # room for 2 workers at the start (the test above leaves 2)
@@ -250,18 +258,17 @@ def test_a_group_that_a_node_joins_grows_and_ends_where_the_fixed_size_run_ends(
         except BaseException as e:  # shown by the assertion below
             outcome["error"] = e
 
+    def add_a_node(rank0_pid: int) -> None:
+        """Room for a third worker; rank 0 stays paused until the controller has restarted the group."""
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        deadline = time.monotonic() + 300
+        while len(starts(folder)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     thread = threading.Thread(target=fit, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 300
-    while not (ready := list(folder.glob("ready-*"))):
-        assert thread.is_alive() and time.monotonic() < deadline, f"rank 0 never paused: {outcome}"
-        time.sleep(0.05)
-    (folder / "acted").write_text(f"{time.time()}\n")
-    cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
-    while len(starts(folder)) < 2 and time.monotonic() < deadline:  # rank 0 stays paused until the group restarts
-        time.sleep(0.1)
-    (folder / f"go-{ready[0].read_text()}").write_text("")
+    assert act_at_pause(folder, add_a_node, set(), alive=thread.is_alive), f"rank 0 never paused: {outcome}"
     thread.join(300)
     assert not thread.is_alive() and "error" not in outcome, outcome
     runs = starts(folder)
