@@ -1,4 +1,4 @@
-"""A computing process keeps the memory it frees (distmaml.malloc): no page faults per meta-step.
+"""A computing process keeps the memory it frees (distmaml.fastpath.malloc): no page faults per meta-step.
 
 Each case runs in a fresh process, since ``mallopt`` changes a process for good
 and glibc reads its tunables from the environment at start.
