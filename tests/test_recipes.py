@@ -144,7 +144,13 @@ TINY = ["meta.steps=2", "meta.batch_size=2", "meta.val_every=0", "meta.val_tasks
 TINY += ["tracking.enabled=false", "batching=loop", "model.filters=2", "model.hidden=[8]"]
 
 
-@pytest.mark.parametrize("name", recipe_names())
+SMOKE = [  # second-order MAML through ResNet-12 at 84x84: minutes on a busy CPU (test_resnet12 runs them at 16x16)
+    pytest.param(name, marks=(pytest.mark.slow,) if load_config(name).model.name == "resnet12" else ())
+    for name in recipe_names()
+]
+
+
+@pytest.mark.parametrize("name", SMOKE)
 def test_every_recipe_runs_two_steps(name, stores, tmp_path):
     """SMOKE: the recipe's own settings (ways, shots, queries, inner steps, algorithm) at a tiny width and budget."""
     sets = list(TINY)
