@@ -30,7 +30,7 @@ from distmaml.config import Config, ConfigError, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
 from distmaml.fastpath import adam as fused_adam
-from distmaml.results import summarize
+from distmaml.results import reference_entry, summarize
 from distmaml.runner import EvalShard, GradShard, ParamLayout
 from distmaml.storage import Location
 from distmaml.typing import Params
@@ -380,4 +380,5 @@ class Trainer:
             "worker_replacements": self.engine.replacements,
             "batching": self.engine.batching(),
             "validation": [{"step": s, "metric": v} for s, v in self.history.val],
+            **reference_entry(self.config),
         }
