@@ -202,7 +202,7 @@ def test_a_server_killed_mid_run_and_restarted_gets_the_whole_run(setup):
         run.proc.kill()
     back = run.wait_line("is back after")
     print(f"\nnoticed the dead server {noticed - released:.1f} s after its first record; "
-          f"caught up {back - restarted:.1f} s after the restart: {run.said("is back after")[0]}")  # fmt: skip
+          f"caught up {back - restarted:.1f} s after the restart: {run.said('is back after')[0]}")  # fmt: skip
     assert len(run.said("does not answer")) == 1 and len(run.said("is back after")) == 1
     assert not run.said("distmaml sync")
     result = json.loads((tmp_path / "run" / "result.json").read_text())

@@ -257,6 +257,8 @@ class MlflowCallback(Callback):
             if self.trainer is not None and self.trainer.run_dir is not None:
                 write_json(storage.join(self.trainer.run_dir, "result.json"), result)
         self.outbox.close()
+        if self.run_dir is None and not self.pending:  # its temporary folder: nothing left to keep
+            shutil.rmtree(self.outbox.folder, ignore_errors=True)
         if courier.error is not None:
             raise courier.error
 

@@ -61,7 +61,9 @@ def transient(error: BaseException) -> str | None:
         if status >= 500:
             return f"HTTP {status}"
         return None
-    if isinstance(error, (OSError, TimeoutError)):  # requests' ConnectionError and Timeout are OSErrors
+    import requests
+
+    if isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
         return "connection refused" if "refused" in str(error).lower() else "no answer"
     name = type(error).__name__
     if name == "OperationalError":  # SQLAlchemy: a locked or unreachable database
@@ -151,9 +153,12 @@ class Delivery:
         elif kind == "status":
             self.client.update_run(run_id, status=record["status"])
         elif kind == "artifacts":
-            self.client.log_artifacts(run_id, str(self.outbox.folder / record["dir"]), record.get("path"))
+            folder = self.outbox.folder / record["dir"]
+            if folder.is_dir():  # else delivered before: its files are dropped only once it is counted
+                self.client.log_artifacts(run_id, str(folder), record.get("path"))
         elif kind == "model":
-            self._model(run_id, record)
+            if (self.outbox.folder / record["file"]).is_file():  # (the same)
+                self._model(run_id, record)
         elif kind == "end":
             self.client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
         else:
@@ -267,13 +272,21 @@ class Courier:
         )
 
     def _loop(self) -> None:
+        next_check = 0.0
         while True:
-            self._wake.wait(timeout=RECHECK_SECONDS if self.offline else None)
+            if self.offline and not self._closing:  # new records do not make it ask sooner
+                self._wake.wait(timeout=max(0.0, next_check - time.monotonic()))
+                if time.monotonic() < next_check and not self._closing:
+                    self._wake.clear()  # woken by new records: they wait for the next check
+                    continue
+            else:
+                self._wake.wait()
             self._wake.clear()
             closing = self._closing
             if self.offline and not server_answers(self.delivery.uri):
                 if closing:
                     return
+                next_check = time.monotonic() + RECHECK_SECONDS
                 continue
             began = time.monotonic()
             try:
@@ -281,6 +294,7 @@ class Courier:
             except Unreachable as e:
                 if not self.offline:
                     self._went_offline(str(e))
+                next_check = time.monotonic() + RECHECK_SECONDS
                 if closing:
                     return
                 continue
