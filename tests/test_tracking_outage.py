@@ -249,3 +249,40 @@ def test_a_server_down_at_the_end_gets_the_rest_from_sync_once(setup):
     assert again.stdout.startswith("run: nothing to send")
     assert _histories(server.uri, run_id) == before
     _check_complete(server.uri, run_id)
+
+
+@pytest.mark.slow
+def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
+    """A one-trial sweep whose server dies mid-trial: the sweep ends, the trial's checkpoint holds the rest."""
+    tmp_path, server = setup
+    space = {
+        "name": "outage", "base": "sinusoid", "metric": "val_mse", "mode": "min", "search": "random",
+        "scheduler": "fifo", "num_samples": 1, "max_concurrent": 1, "max_failures": 0,
+        "set": {"meta.steps": STEPS, "meta.val_every": VAL_EVERY, "meta.checkpoint_every": 10,
+                "meta.batch_size": 4, "meta.val_tasks": 8, "meta.test_tasks": 8, "tracking.log_every": 1,
+                "tracking.uri": server.uri, "data.family": "gate:Gated"},
+        "resources": {"workers": 0, "driver_cpus": 0.5},
+        "space": {"inner.lr": {"choice": [0.01]}},
+    }  # fmt: skip
+    (tmp_path / "outage.yaml").write_text(json.dumps(space))  # JSON is YAML
+    env = dict(os.environ, GATES=str(tmp_path / "gates"), GATE_STEPS="5", PYTHONPATH=str(tmp_path))
+    sweep = Training(
+        ["tune", "--space", "outage.yaml", "--quiet", "--storage", str(tmp_path / "results")], tmp_path, env
+    )
+    try:
+        wait_file(tmp_path / "gates" / "at5", sweep.proc)
+        server.kill()
+        _go(tmp_path, 5)
+        assert sweep.finish() == 0
+    finally:
+        sweep.proc.kill()
+    [line] = sweep.said("MLflow did not take its last records")
+    checkpoint = line.split("'distmaml sync ")[1].rstrip("'")
+    assert Path(checkpoint, "tracking", "outbox.jsonl").is_file()
+    server.start()
+    sync = subprocess.run(
+        [sys.executable, "-m", "distmaml", "sync", checkpoint], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert " records to MLflow run " in sync.stdout and sync.stdout.rstrip().endswith("(FINISHED)")
+    run_id = Path(checkpoint, "mlflow_run_id").read_text().strip()
+    _check_complete(server.uri, run_id)

@@ -86,6 +86,8 @@ class MlflowCallback(Callback):
         parent_run_id: makes this run a nested child of that run.
         run_name: shown in the MLflow UI (default: MLflow's generated name).
         tags: extra run tags.
+        in_trial: a Tune trial's run (its folder is temporary: records left at the end are in its
+            last Tune checkpoint, which the sweep names).
 
     Example:
         >>> run = assemble(cfg)  # its callbacks: [MlflowCallback(cfg, network=..., algorithm=..., family=...)]
@@ -103,6 +105,7 @@ class MlflowCallback(Callback):
         parent_run_id: str | None = None,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
+        in_trial: bool = False,
     ) -> None:
         self.config = config
         self.network = network
@@ -113,6 +116,7 @@ class MlflowCallback(Callback):
         self.parent_run_id = parent_run_id
         self.run_name = run_name
         self.tags = dict(tags or {})
+        self.in_trial = in_trial
         self.log_every = config.tracking.log_every
         self.run_id: str | None = None
         self.trainer: Trainer | None = None
@@ -248,7 +252,8 @@ class MlflowCallback(Callback):
         courier.close()
         self.pending = self.outbox.undelivered()
         if self.pending:
-            where = self.run_dir if self.run_dir is not None else self.outbox.folder
+            given = self.trainer.run_dir if self.trainer is not None else None
+            where = None if self.in_trial else given if isinstance(given, Path) else self.outbox.folder
             print(f"distmaml: {pending_line(self.outbox, self.uri, where)}", file=sys.stderr, flush=True)
         if result is not None:
             if self.run_id is not None:

@@ -312,9 +312,12 @@ class Courier:
                 return
 
 
-def pending_line(outbox: Outbox, uri: str, run_dir: str | Path) -> str:
-    """The run's last line when records are left: what waits where, and the command that sends it."""
-    return (
-        f"the MLflow server at {uri} did not answer by the end of the run: {outbox.undelivered()} records "
+def pending_line(outbox: Outbox, uri: str, run_dir: str | Path | None) -> str:
+    """The run's last line when records are left: how many wait, and the command that sends them
+    (``run_dir`` None: a Tune trial's, whose checkpoint the sweep names at its end)."""
+    where = (
         f"wait in {outbox.folder}; send them with 'distmaml sync {run_dir}'"
+        if run_dir is not None
+        else "wait in the trial's last checkpoint, which the sweep names at its end"
     )
+    return f"the MLflow server at {uri} did not answer by the end of the run: {outbox.undelivered()} records {where}"

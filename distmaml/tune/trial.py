@@ -147,6 +147,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "parent_run_id": ctx.parent_run_id,
         "run_name": context.get_trial_name(),
         "tags": {"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
+        "in_trial": True,
     }
     run = assemble(config, ctx.address, tracking=tracking)
     # Not Tune's trial folder: on another node, or after a node was lost, it is not there;
