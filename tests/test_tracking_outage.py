@@ -139,14 +139,14 @@ def setup(tmp_path):
     server.kill()
 
 
-def _train(tmp_path: Path, server: Server, gate_steps: str, *extra: str) -> Training:
+def _train(tmp_path: Path, server: Server, gate_steps: str, *extra: str, workers: int = 0) -> Training:
     env = dict(os.environ, GATES=str(tmp_path / "gates"), GATE_STEPS=gate_steps, PYTHONPATH=str(tmp_path))
     sets = [
         f"meta.steps={STEPS}", f"meta.val_every={VAL_EVERY}", "meta.checkpoint_every=10", "meta.batch_size=4",
         "meta.val_tasks=8", "meta.test_tasks=8", "tracking.log_every=1", f"tracking.uri={server.uri}",
         "data.family=gate:Gated",
     ]  # fmt: skip
-    args = ["train", "--quiet", "--workers", "0", "--out", "run"]
+    args = ["train", "--quiet", "--workers", str(workers), "--out", "run"]
     for s in [*sets, *extra]:
         args += ["--set", s]
     return Training(args, tmp_path, env)
@@ -184,9 +184,10 @@ def _histories(uri: str, run_id: str) -> dict[str, list[tuple[int, float, int]]]
 
 
 @pytest.mark.slow
-def test_a_server_killed_mid_run_and_restarted_gets_the_whole_run(setup):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "ray-workers"])
+def test_a_server_killed_mid_run_and_restarted_gets_the_whole_run(setup, workers):
     tmp_path, server = setup
-    run = _train(tmp_path, server, "5,10")
+    run = _train(tmp_path, server, "5,10", workers=workers)
     try:
         wait_file(tmp_path / "gates" / "at5", run.proc)
         server.kill()
@@ -239,14 +240,16 @@ def test_a_server_down_at_the_end_gets_the_rest_from_sync_once(setup):
     sync = subprocess.run(
         [sys.executable, "-m", "distmaml", "sync", "run"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert sync.stdout.startswith(f"run: sent {result['tracking_pending']} records to MLflow run {run_id}")
-    assert sync.stdout.rstrip().endswith("(FINISHED)")
+    assert (
+        sync.stdout
+        == f"run: sent {result['tracking_pending']} records to MLflow run {run_id} in {server.uri} (FINISHED)\n"
+    )
     _check_complete(server.uri, run_id)
     before = _histories(server.uri, run_id)
     again = subprocess.run(
         [sys.executable, "-m", "distmaml", "sync", "run"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert again.stdout.startswith("run: nothing to send")
+    assert again.stdout.startswith("run: nothing to send; all ") and again.stdout.endswith(" (FINISHED)\n")
     assert _histories(server.uri, run_id) == before
     _check_complete(server.uri, run_id)
 
@@ -283,6 +286,6 @@ def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
     sync = subprocess.run(
         [sys.executable, "-m", "distmaml", "sync", checkpoint], cwd=tmp_path, capture_output=True, text=True, check=True
     )
-    assert " records to MLflow run " in sync.stdout and sync.stdout.rstrip().endswith("(FINISHED)")
+    assert " records to MLflow run " in sync.stdout and sync.stdout.endswith(" (FINISHED)\n")
     run_id = Path(checkpoint, "mlflow_run_id").read_text().strip()
     _check_complete(server.uri, run_id)

@@ -24,6 +24,7 @@ retries, 10 s per attempt) ride out a blip of seconds, not a restart.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -206,6 +207,7 @@ class Delivery:
             return
         network = torch.load(self.outbox.folder / record["file"], weights_only=False)
         mlflow.set_tracking_uri(self.uri)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the run's own lines say where
         # start_run on an existing id resumes it (in this thread only); its exit marks the run FINISHED,
         # which the 'end' record that follows sets as well
         with mlflow.start_run(run_id=run_id):
