@@ -122,9 +122,11 @@ class Training:
         return [line for _, line in self.lines if text in line]
 
 
-def wait_file(path: Path, proc: subprocess.Popen[str]) -> None:
+def wait_file(path: Path, run: Training) -> None:
     while not path.exists():
-        assert proc.poll() is None, f"the run ended before {path.name}"
+        if run.proc.poll() is not None:
+            run.finish()
+            raise AssertionError(f"the run ended before {path.name}: {[line for _, line in run.lines][-20:]}")
         time.sleep(0.02)
 
 
@@ -189,12 +191,12 @@ def test_a_server_killed_mid_run_and_restarted_gets_the_whole_run(setup, workers
     tmp_path, server = setup
     run = _train(tmp_path, server, "5,10", workers=workers)
     try:
-        wait_file(tmp_path / "gates" / "at5", run.proc)
+        wait_file(tmp_path / "gates" / "at5", run)
         server.kill()
         released = time.monotonic()
         _go(tmp_path, 5)  # steps 5..9 are logged to a dead server
         noticed = run.wait_line("does not answer")
-        wait_file(tmp_path / "gates" / "at10", run.proc)
+        wait_file(tmp_path / "gates" / "at10", run)
         server.start()
         restarted = time.monotonic()
         _go(tmp_path, 10)
@@ -218,7 +220,7 @@ def test_a_server_down_at_the_end_gets_the_rest_from_sync_once(setup):
     tmp_path, server = setup
     run = _train(tmp_path, server, "5")
     try:
-        wait_file(tmp_path / "gates" / "at5", run.proc)
+        wait_file(tmp_path / "gates" / "at5", run)
         server.kill()
         _go(tmp_path, 5)
         assert run.finish() == 0
@@ -273,7 +275,7 @@ def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
         ["tune", "--space", "outage.yaml", "--quiet", "--storage", str(tmp_path / "results")], tmp_path, env
     )
     try:
-        wait_file(tmp_path / "gates" / "at5", sweep.proc)
+        wait_file(tmp_path / "gates" / "at5", sweep)
         server.kill()
         _go(tmp_path, 5)
         assert sweep.finish() == 0
