@@ -439,6 +439,8 @@ class GroupReporter(Callback):
     run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end."""
 
     SIDE_FILES = ("config.yaml", "mlflow_run_id")
+    OUTBOX = "tracking"
+    """The MLflow outbox folder: a Tune trial's checkpoint carries it (``distmaml sync`` takes it there)."""
 
     def __init__(self, member: Member) -> None:
         self.member = member
@@ -450,7 +452,9 @@ class GroupReporter(Callback):
     def files(self) -> list[Location]:
         if self.run_dir is None:
             return []
-        return [f for name in self.SIDE_FILES if storage.is_file(f := storage.join(self.run_dir, name))]
+        files = [f for name in self.SIDE_FILES if storage.is_file(f := storage.join(self.run_dir, name))]
+        outbox = storage.join(self.run_dir, self.OUTBOX)
+        return [*files, outbox] if isinstance(outbox, Path) and outbox.is_dir() else files
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
         self.member.report({**metrics, "step": step}, checkpoint, files=self.files() if checkpoint else ())

@@ -1,4 +1,4 @@
-"""``distmaml`` command line: train, evaluate, recipes, tune, bench, prepare."""
+"""``distmaml`` command line: train, evaluate, recipes, tune, sync, bench, prepare."""
 
 from __future__ import annotations
 
@@ -111,6 +111,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
             print(f" at {uri.rstrip('/')}/{page}")
         else:
             print(f" with\n  mlflow ui --backend-store-uri {uri}\n  then open http://127.0.0.1:5000/{page}")
+    return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from distmaml.tracking.sync import sync_run
+
+    for path in args.run_dir:
+        done = sync_run(path, uri=args.uri)
+        run = f"MLflow run {done.run_id} in {done.uri}" + (f" ({done.status})" if done.status else "")
+        if done.sent:
+            print(f"{path}: sent {done.sent} records to {run}")
+        else:
+            print(f"{path}: nothing to send; all {done.records} records are in {run}")
     return 0
 
 
@@ -287,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tn.add_argument("--quiet", action="store_true", help="no Tune progress table")
     tn.set_defaults(func=cmd_tune)
+
+    sy = sub.add_parser("sync", help="send what a run kept while its MLflow server did not answer")
+    sy.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="run directory, or a Tune trial's checkpoint folder")
+    sy.add_argument("--uri", help="the MLflow server's address, if not the run's tracking.uri")
+    sy.set_defaults(func=cmd_sync)
 
     bench = sub.add_parser("bench", help="time a meta-step of the core against a per-task baseline")
     bench.add_argument("--configs", default="sinusoid,omniglot", help="comma-separated: sinusoid, omniglot")

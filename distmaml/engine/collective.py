@@ -110,8 +110,10 @@ class Member:
 
 
 def _copy(source: Location, dest: Path) -> None:
-    """A local file is linked (free) or copied; a URI is downloaded."""
-    if isinstance(source, os.PathLike):
+    """A local file is linked (free) or copied, a local folder copied; a URI is downloaded."""
+    if isinstance(source, os.PathLike) and os.path.isdir(source):  # the run's MLflow outbox (tracking/)
+        shutil.copytree(source, dest, ignore=shutil.ignore_patterns("lock", "*.tmp"))
+    elif isinstance(source, os.PathLike):
         try:
             os.link(source, dest)  # the checkpoint file is never rewritten in place: writes are atomic renames
         except OSError:

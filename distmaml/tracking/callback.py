@@ -10,12 +10,14 @@ What a run records:
   ``plots/learning_curve.png``, for regression ``plots/adaptation.png``, and the
   network as an MLflow model (``model``, pickle format).
 
-Per-step metrics are buffered and written with one ``log_batch`` call every
-``tracking.log_every`` steps, because a database round trip per step would
-cost more than a sinusoid meta-step itself. Those calls run on one background
-thread, overlapping the driver's wait for its workers; every validation waits
-for them, so all metrics up to a checkpoint are in MLflow before it is
-reported.
+Nothing of this waits for MLflow: every record goes first into the run's
+outbox (``RUN_DIR/tracking/``, see ``outbox``), on disk, and a courier thread
+delivers it (see ``delivery``). A tracking server that stops answering
+costs the run nothing but one line on stderr; its records reach MLflow when
+it answers again, in order and once each, or, if the run ends first, with
+``distmaml sync RUN_DIR``. Per-step metrics are buffered and appended as one
+record every ``tracking.log_every`` steps (and at each validation), because
+a database round trip per step would cost more than a sinusoid meta-step.
 
 A run resumed from its run directory continues the same MLflow run: its id is
 kept in ``RUN_DIR/mlflow_run_id``. In a sweep, the trial passes the sweep's
@@ -25,9 +27,12 @@ parent run id and the run becomes a nested child (tag ``mlflow.parentRunId``).
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import sys
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +44,13 @@ from distmaml.config import Config, dump_config
 from distmaml.core import Algorithm
 from distmaml.storage import Location
 from distmaml.tasks import TaskFamily
+from distmaml.tracking.delivery import Courier, Delivery, Unreachable, pending_line
+from distmaml.tracking.outbox import FOLDER, Outbox, State
 from distmaml.tracking.uri import absolute_uri
 from distmaml.trainer import Callback, Trainer
 
 RUN_ID_FILE = "mlflow_run_id"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-_MAX_PARAMS = 100  # and of params
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
@@ -70,7 +75,7 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 
 
 class MlflowCallback(Callback):
-    """Logs a trainer run to MLflow at ``config.tracking.uri``.
+    """Logs a trainer run to MLflow at ``config.tracking.uri``, through the run's outbox.
 
     Args:
         config: the run's resolved config (its ``tracking`` section is used).
@@ -81,6 +86,8 @@ class MlflowCallback(Callback):
         parent_run_id: makes this run a nested child of that run.
         run_name: shown in the MLflow UI (default: MLflow's generated name).
         tags: extra run tags.
+        in_trial: a Tune trial's run (its folder is temporary: records left at the end are in its
+            last Tune checkpoint, which the sweep names).
 
     Example:
         >>> run = assemble(cfg)  # its callbacks: [MlflowCallback(cfg, network=..., algorithm=..., family=...)]
@@ -98,6 +105,7 @@ class MlflowCallback(Callback):
         parent_run_id: str | None = None,
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
+        in_trial: bool = False,
     ) -> None:
         self.config = config
         self.network = network
@@ -108,100 +116,117 @@ class MlflowCallback(Callback):
         self.parent_run_id = parent_run_id
         self.run_name = run_name
         self.tags = dict(tags or {})
+        self.in_trial = in_trial
         self.log_every = config.tracking.log_every
         self.run_id: str | None = None
-        self.client: Any = None
         self.trainer: Trainer | None = None
-        self._buffer: list[Any] = []
+        self.run_dir: Path | None = None
+        """The run directory when it is a local folder (the outbox is in it), else None."""
+        self.outbox: Outbox | None = None
+        self.courier: Courier | None = None
+        self._buffer: list[list[Any]] = []
         self.finished = False
+        self.pending = 0
+        """Records MLflow did not take by the end of the run (``distmaml sync`` sends them)."""
         self.seconds_logging = 0.0
         """Wall time the training loop spent in this callback (the overhead figure)."""
-        self.seconds_sending = 0.0
-        """Wall time of the background ``log_batch`` calls (overlapping the training)."""
-        self._sender: ThreadPoolExecutor | None = None
-        self._pending: list[Future[None]] = []
 
     # -- the run --------------------------------------------------------------
-    def on_start(self, trainer: Trainer) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Param
+    def _open_outbox(self, trainer: Trainer) -> Outbox:
+        """The outbox in the run directory; in a temporary folder of its own without a local one."""
+        where = trainer.run_dir
+        if isinstance(where, Path):
+            self.run_dir = where.absolute()
+            return Outbox(self.run_dir / FOLDER)
+        return Outbox(Path(tempfile.mkdtemp(prefix="distmaml-outbox-")))
 
+    def _got_run_id(self, run_id: str) -> None:
+        """The run exists in MLflow: its id goes into the run directory (resume, Tune, evaluate read it)."""
+        if run_id != self.run_id:
+            self.run_id = run_id
+            if self.trainer is not None and self.trainer.run_dir is not None:
+                atomic_write_text(storage.join(self.trainer.run_dir, RUN_ID_FILE), run_id + "\n")
+
+    def on_start(self, trainer: Trainer) -> None:
         t0 = time.perf_counter()
         self.trainer = trainer
-        self.client = MlflowClient(tracking_uri=self.uri)
+        box = self.outbox = self._open_outbox(trainer)
+        box.lock()
         id_file = storage.join(trainer.run_dir, RUN_ID_FILE) if trainer.run_dir is not None else None
-        if trainer.resumed and id_file is not None and storage.is_file(id_file):
-            self.run_id = storage.read_bytes(id_file).decode().strip()
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
+        known = box.count > 0
+        if trainer.resumed and not known and id_file is not None and storage.is_file(id_file):
+            # a run directory from before the outbox: its run exists, continue it
+            box.save_state(State(0, storage.read_bytes(id_file).decode().strip()))
+        self.run_id = box.state().run_id
+        if not known:
             tags = dict(self.tags)
             if self.parent_run_id:
                 tags["mlflow.parentRunId"] = self.parent_run_id
-            exp = experiment_id(self.client, self.experiment, self.uri)
-            run = self.client.create_run(exp, run_name=self.run_name, tags=tags)
-            self.run_id = run.info.run_id
-            params = [Param(k, str(v)) for k, v in sorted(self.config.flat().items())]
-            for i in range(0, len(params), _MAX_PARAMS):
-                self.client.log_batch(self.run_id, params=params[i : i + _MAX_PARAMS])
-            if id_file is not None:
-                atomic_write_text(id_file, self.run_id + "\n")
+            start = int(time.time() * 1000)
+            box.append(
+                {
+                    "kind": "create",
+                    "key": uuid.uuid4().hex,
+                    "uri": self.uri,
+                    "experiment": self.experiment,
+                    "run_name": self.run_name,
+                    "tags": tags,
+                    "start_time": start,
+                }
+            )
+        if trainer.resumed:
+            box.append({"kind": "status", "status": "RUNNING"})
+        if not known:
+            box.append({"kind": "params", "params": {k: str(v) for k, v in sorted(self.config.flat().items())}})
+        delivery = Delivery(box, self.uri, on_run_id=self._got_run_id)
+        # The run's creation is sent here, before the first step: the run id is then in the run
+        # directory from the start (a Tune checkpoint carries it). A server gone since the probe
+        # costs one try under MLflow's bounded retries; the courier takes it from there.
+        reason = None
+        try:
+            delivery.send_pending()
+        except Unreachable as e:
+            reason = str(e)
+        self.courier = Courier(delivery, offline=reason)
         self.seconds_logging += time.perf_counter() - t0
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             name = key if key in ("tasks_per_second", "meta_lr") else f"train_{key}"
-            self._buffer.append(Metric(name, float(value), now, step))
+            self._buffer.append([name, float(value), now, step])
         if self.trainer is not None:
-            self._buffer.append(Metric("worker_replacements", float(self.trainer.engine.replacements), now, step))
+            self._buffer.append(["worker_replacements", float(self.trainer.engine.replacements), now, step])
         if step % self.log_every == 0:
             self.flush()
         self.seconds_logging += time.perf_counter() - t0
 
     def on_validation(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
-        from mlflow.entities import Metric
-
         t0 = time.perf_counter()
         now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        self.flush(wait=True)
+        self._buffer.extend([k, float(v), now, step] for k, v in metrics.items())
+        self.flush()
         self.seconds_logging += time.perf_counter() - t0
 
-    def flush(self, wait: bool = False) -> None:
-        """Hands the buffered metrics to the background sender; ``wait``: until all are written.
+    def flush(self) -> None:
+        """Appends the buffered metrics to the outbox as one record and wakes the courier.
 
-        An error of an earlier send is raised here.
+        An error MLflow gave for an earlier record (not an outage: a refusal) is raised here.
         """
-        if self._buffer and self.run_id is not None:
+        if self.courier is not None and self.courier.error is not None:
+            raise self.courier.error
+        if self._buffer and self.outbox is not None:
             batch, self._buffer = self._buffer, []
-            if self._sender is None:
-                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmaml-mlflow")
-            self._pending.append(self._sender.submit(self._send, batch))
-        done = self._pending if wait else [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if f not in done]
-        for f in done:
-            f.result()
+            self._append({"kind": "metrics", "metrics": batch})
 
-    def _send(self, batch: list[Any]) -> None:
-        t0 = time.perf_counter()
-        for i in range(0, len(batch), _MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + _MAX_BATCH])
-        self.seconds_sending += time.perf_counter() - t0
-
-    def _close_sender(self) -> None:
-        if self._sender is not None:
-            self._sender.shutdown(wait=True)
-            self._sender = None
+    def _append(self, record: dict[str, Any]) -> None:
+        assert self.outbox is not None and self.courier is not None
+        self.outbox.append(record)
+        self.courier.notify()
 
     def on_end(self, trainer: Trainer, result: dict[str, Any]) -> None:
-        from mlflow.entities import Metric
-
-        assert self.run_id is not None
-        self.flush(wait=True)
-        self._close_sender()
+        self.flush()
         metric = trainer.metric
         now = int(time.time() * 1000)
         final = {
@@ -209,84 +234,119 @@ class MlflowCallback(Callback):
             f"test_{metric}_ci95": result["meta_test"]["ci95"],
             f"test_{metric}_unadapted": result["meta_test_unadapted"]["mean"],
         }
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, trainer.step) for k, v in final.items()])
-        result["mlflow_run_id"] = self.run_id
+        self._append({"kind": "metrics", "metrics": [[k, float(v), now, trainer.step] for k, v in final.items()]})
+        if self.run_id is not None:
+            result["mlflow_run_id"] = self.run_id
         # Time the training loop waited on tracking (sends overlap the training in a thread).
         result["tracking_seconds"] = round(self.seconds_logging, 3)
-        if trainer.run_dir is not None:
-            write_json(storage.join(trainer.run_dir, "result.json"), result)
         self._log_artifacts(trainer, result)
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        self._append({"kind": "end", "status": "FINISHED", "end_time": int(time.time() * 1000)})
+        self._close(result)
         self.finished = True
+
+    def _close(self, result: dict[str, Any] | None = None) -> None:
+        """Ends the courier: it sends what the server takes; a line says what is left, and where."""
+        if self.courier is None or self.outbox is None:
+            return
+        courier, self.courier = self.courier, None
+        courier.close()
+        self.pending = self.outbox.undelivered()
+        if self.pending:
+            given = self.trainer.run_dir if self.trainer is not None else None
+            where = None if self.in_trial else given if isinstance(given, Path) else self.outbox.folder
+            print(f"distmaml: {pending_line(self.outbox, self.uri, where)}", file=sys.stderr, flush=True)
+        if result is not None:
+            if self.run_id is not None:
+                result["mlflow_run_id"] = self.run_id
+            result["tracking_pending"] = self.pending
+            if self.trainer is not None and self.trainer.run_dir is not None:
+                write_json(storage.join(self.trainer.run_dir, "result.json"), result)
+        self.outbox.close()
+        if self.run_dir is None and not self.pending:  # its temporary folder: nothing left to keep
+            shutil.rmtree(self.outbox.folder, ignore_errors=True)
+        if courier.error is not None:
+            raise courier.error
 
     def fail(self, status: str = "FAILED") -> None:
         """Ends an unfinished run as ``status`` (FAILED: the trainer raised; KILLED: a scheduler stopped it).
 
         Buffered metrics are kept; a run that already reached ``on_end`` stays FINISHED.
         """
-        if self.run_id is None or self.finished:
+        if self.courier is None or self.finished:
             return
         try:
-            self.flush(wait=True)
+            self.flush()
         finally:
-            self._close_sender()
-            self.client.set_terminated(self.run_id, status=status)
+            self._append({"kind": "end", "status": status, "end_time": int(time.time() * 1000)})
+            self._close()
 
     # -- artifacts ------------------------------------------------------------
+    def _artifacts(self, path: str | None) -> Path:
+        """A fresh outbox folder whose files go to the run's artifacts under ``path``; appended by ``_commit``."""
+        assert self.outbox is not None
+        folder, rel = self.outbox.artifact_dir()
+        self._staged = {"kind": "artifacts", "dir": rel, "path": path}
+        return folder
+
+    def _commit(self) -> None:
+        self._append(self._staged)
+
     def _log_artifacts(self, trainer: Trainer, result: dict[str, Any]) -> None:
         from distmaml.tracking import plots
 
-        assert self.run_id is not None
-        with tempfile.TemporaryDirectory(prefix="distmaml-mlflow-") as tmp:
-            folder = Path(tmp)
-            (folder / "config.yaml").write_text(dump_config(self.config))
-            write_json(folder / "result.json", result)
-            self.client.log_artifact(self.run_id, str(folder / "config.yaml"))
-            self.client.log_artifact(self.run_id, str(folder / "result.json"))
-            if trainer.last_checkpoint is not None:
-                self.client.log_artifact(self.run_id, str(trainer.last_checkpoint), "checkpoint")
-            plot_dir = folder / "plots"
-            plot_dir.mkdir()
-            plots.learning_curve(
-                trainer.history.train, trainer.history.val, trainer.metric, plot_dir / "learning_curve.png"
+        folder = self._artifacts(None)
+        (folder / "config.yaml").write_text(dump_config(self.config))
+        write_json(folder / "result.json", result)
+        self._commit()
+        if trainer.last_checkpoint is not None:
+            folder = self._artifacts("checkpoint")
+            _place(trainer.last_checkpoint, folder / storage.name(trainer.last_checkpoint))
+            self._commit()
+        folder = self._artifacts("plots")
+        plots.learning_curve(trainer.history.train, trainer.history.val, trainer.metric, folder / "learning_curve.png")
+        if self.config.data.family == "sinusoid":
+            plots.sinusoid_adaptation(
+                self.network,
+                self.algorithm,
+                self.family,
+                trainer.params,
+                self.config.test_steps,
+                folder / "adaptation.png",
             )
-            if self.config.data.family == "sinusoid":
-                plots.sinusoid_adaptation(
-                    self.network,
-                    self.algorithm,
-                    self.family,
-                    trainer.params,
-                    self.config.test_steps,
-                    plot_dir / "adaptation.png",
-                )
-            self.client.log_artifacts(self.run_id, str(plot_dir), "plots")
+        self._commit()
         if self.config.tracking.log_model:
             self._log_model(trainer)
 
     def _log_model(self, trainer: Trainer) -> None:
-        """The network with the meta-learned parameters, as an MLflow PyTorch model (pickle format).
+        """The network with the meta-learned parameters, pickled into the outbox; delivered as an MLflow
+        PyTorch model (pickle format, ``delivery.Delivery._model``).
 
         MAML++'s per-step batch-norm goes in as its first step's (the network before adaptation).
         """
-        import mlflow
-        import mlflow.pytorch
         import torch
 
         from distmaml import __version__
         from distmaml.core.algorithm import network_params
 
+        assert self.outbox is not None
         model = copy.deepcopy(self.network)
         weights = network_params(model, self.algorithm, trainer.params)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(weights[name])
-        mlflow.set_tracking_uri(self.uri)
-        # start_run on an existing id resumes it; its exit marks the run FINISHED, as on_end does next.
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                # Given, not inferred: inference imports the model in a subprocess (seconds).
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"distmaml=={__version__}"],
-            )
+        folder, rel = self.outbox.artifact_dir()
+        torch.save(model, folder / "network.pt")
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"distmaml=={__version__}"]
+        self._append({"kind": "model", "file": f"{rel}/network.pt", "requirements": requirements})
+
+
+def _place(source: Location, target: Path) -> None:
+    """``source`` at ``target``: a hard link on the same file system (no copy), else a copy."""
+    if isinstance(source, Path):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            shutil.copy2(source, target)
+            return
+    target.write_bytes(storage.read_bytes(source))

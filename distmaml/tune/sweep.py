@@ -10,6 +10,7 @@ against each searched key.
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,10 +116,25 @@ def _rows(grid: Any, spec: SweepSpec, where: TuneStorage) -> list[TrialRow]:
     return sort_rows(rows, spec.mode)
 
 
+def _waiting(rows: list[TrialRow]) -> dict[str, str]:
+    """Trial -> its checkpoint folder, for trials whose last records MLflow has not taken (``distmaml sync``)."""
+    from distmaml.tracking.outbox import Outbox, outbox_folder
+
+    out = {}
+    for r in rows:
+        folder = outbox_folder(r.checkpoint) if r.checkpoint and "://" not in r.checkpoint else None
+        if folder is not None and Outbox(folder).undelivered():
+            out[r.trial] = str(r.checkpoint)
+    return out
+
+
 def _close_parent(client: Any, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None) -> None:
     from mlflow.entities import Metric
 
+    waiting = _waiting(rows)
     for r in rows:  # children of stopped or crashed trials never reached on_end
+        if r.trial in waiting:  # its end is in its outbox, not yet in MLflow
+            continue
         if r.mlflow_run_id and client.get_run(r.mlflow_run_id).info.status == "RUNNING":
             client.set_terminated(r.mlflow_run_id, status="KILLED" if r.status == "stopped" else "FAILED")
     now = int(time.time() * 1000)
@@ -229,7 +245,18 @@ def run_sweep(
     rows = _rows(grid, spec, where)
     best = rows[0] if rows and math.isfinite(rows[0].metric) else None
     if client is not None and parent is not None:
-        _close_parent(client, parent, spec, rows, best)
+        from distmaml.tracking.delivery import transient
+
+        for trial, folder in _waiting(rows).items():
+            print(f"distmaml: trial {trial}: MLflow did not take its last records; send them with "
+                  f"'distmaml sync {folder}'", file=sys.stderr)  # fmt: skip
+        try:
+            _close_parent(client, parent, spec, rows, best)
+        except Exception as e:  # the sweep's own summary: the table below says the same
+            if transient(e) is None:
+                raise
+            print(f"distmaml: the MLflow server at {base.tracking.uri} did not answer ({transient(e)}): "
+                  f"the sweep's parent run {parent} lacks its summary", file=sys.stderr)  # fmt: skip
     uri = base.tracking.uri if base.tracking.enabled else None
     return SweepResult(
         rows=rows, best=best, parent_run_id=parent, storage=where.location, tracking_uri=uri, experiment_id=exp

@@ -14,8 +14,9 @@ of the node the attempt runs on: nothing in it outlives the attempt except
 what ``tune.report`` copied to the storage.
 
 A Tune checkpoint directory is itself a run directory (``checkpoints/``,
-``config.yaml``, ``mlflow_run_id``), so ``distmaml evaluate --checkpoint``
-takes it as it is.
+``config.yaml``, ``mlflow_run_id``, and the MLflow outbox ``tracking/``), so
+``distmaml evaluate --checkpoint`` takes it as it is, and ``distmaml sync``
+sends from it what a tracking server that was down at the trial's end missed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 from distmaml.config import config_from_dict, set_dotted
 from distmaml.fastpath import malloc
 from distmaml.storage import Location
+from distmaml.tracking.outbox import FOLDER as OUTBOX
+from distmaml.tracking.outbox import LOCK
 from distmaml.trainer import Callback, Trainer
 
 
@@ -101,6 +104,8 @@ class TuneReporter(Callback):
             for name in ("config.yaml", "mlflow_run_id", "result.json"):
                 if (run_dir / name).is_file():
                     shutil.copy2(run_dir / name, folder / name)
+            if (run_dir / OUTBOX).is_dir():  # what MLflow has not yet taken: 'distmaml sync' sends it from here
+                shutil.copytree(run_dir / OUTBOX, folder / OUTBOX, ignore=shutil.ignore_patterns(LOCK, "*.tmp"))
             if (folder / "mlflow_run_id").is_file():
                 report["mlflow_run_id"] = (folder / "mlflow_run_id").read_text().strip()
             # report() copies the folder into the trial's storage before returning
@@ -144,6 +149,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         "parent_run_id": ctx.parent_run_id,
         "run_name": context.get_trial_name(),
         "tags": {"distmaml.trial_id": context.get_trial_id(), "distmaml.searched": ",".join(sorted(params))},
+        "in_trial": True,
     }
     run = assemble(config, ctx.address, tracking=tracking)
     # Not Tune's trial folder: on another node, or after a node was lost, it is not there;
