@@ -479,6 +479,9 @@ def fit_in_group(
     Train continues from ``member.restored``, with ``resume`` from
     ``run_dir``'s newest checkpoint if that is newer.
     """
+    from distmaml.engine.testpoints import point
+
+    point("startup")
     cfg = config_from_dict(config)
     family = build_family(cfg, tasks)
     network = build_network(cfg, model)

@@ -43,6 +43,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from distmaml.config import Config
+from distmaml.engine.failures import death_reason
 from distmaml.engine.placement import EngineError
 from distmaml.environ import environ
 from distmaml.storage import Location
@@ -80,8 +81,7 @@ def _death(errors: dict[int, BaseException]) -> str | None:
     for rank in sorted(errors):
         error = getattr(errors[rank], "health_check_failure", errors[rank])
         if isinstance(error, RayActorError):
-            why = next((line.strip() for line in str(error).splitlines() if " because " in line), "")
-            return f"rank {rank}: {why.split('. ')[0].rstrip('.') or type(error).__name__}"
+            return f"rank {rank}: {death_reason(error)}"
     return None
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.shm import GroupSum
+from distmaml.engine.testpoints import eval_point, point
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 EXTRA = 3
@@ -76,6 +77,7 @@ class GroupEngine:
         self._reports = [runner.batching_report()]
         self._common: str | None = None
         if batch_size:
+            point("batching")
             runner.choose_batching(len(self._my_range(batch_size)))
             self._reports = self._gather_objects(runner.batching_report())
             self._common = common_batching(self._reports)
@@ -104,6 +106,7 @@ class GroupEngine:
             # loop while the others are already computing, and a shard timed from before rank 0's
             # first step began would not fit inside rank 0's steps (the bench's split of a step).
             dist.barrier()
+        point(f"step:{step}")
         t0 = time.perf_counter()
         self.starts.append(t0)
         ids = self._my_range(batch_size)
@@ -123,6 +126,7 @@ class GroupEngine:
         return GradShard(grad, loss, metric, round(tasks), t1 - t0)
 
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
+        eval_point(split)
         ranges = balanced_ranges(tasks, self.workers)
         mine = ranges[self.rank]
         longest = max(len(r) for r in ranges)
