@@ -17,6 +17,7 @@ The driver's engine (Ray actors) runs here by default; the collective engine
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import ray
@@ -41,6 +42,7 @@ BASE = [
     "tracking.enabled=false",
     "engine.cpus_per_worker=0.5",
     "engine.driver_cpus=0.5",
+    "batching=batched",  # auto times the candidates in every worker (seconds each); the batching case keeps it
 ]
 
 
@@ -52,15 +54,14 @@ def points(tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_instance(points):
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": points_env(points)},
-    )
+    """Ray's processes, Ray Train's workers among them, inherit the test points' folder from here."""
+    previous = os.environ.copy()
+    os.environ.update(points_env(points))
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(previous)
 
 
 @pytest.fixture
@@ -102,14 +103,14 @@ def killed_run(folder, tmp_path, point, *extra):
     ("point", "during"),
     [
         ("startup", "start-up"),
-        ("batching", "start-up"),
+        ("batching", "start-up"),  # with batching=auto
         ("step:3", "meta-step 3"),
         ("validation", "val evaluation"),
         ("meta_test", "test evaluation"),
     ],
 )
 def test_driver_engine_replaces_a_worker_lost_at_any_moment(point, during, folder, undisturbed, tmp_path):
-    run, result = killed_run(folder, tmp_path, point)
+    run, result = killed_run(folder, tmp_path, point, *(["batching=auto"] if point == "batching" else []))
     assert result["worker_replacements"] == 1
     assert json.loads((tmp_path / "run" / "result.json").read_text())["worker_replacements"] == 1
     (event,) = run.engine.events
@@ -131,3 +132,22 @@ def test_a_worker_that_always_crashes_while_starting_stops_the_run_with_one_line
         "exceed engine.max_worker_failures = 2 (during start-up x3); the run stops"
     ), err
     assert "Traceback" not in err
+
+
+COLLECTIVE_CASES = [
+    ("startup", 0),  # before the first checkpoint (the batching timing too): the group starts again from scratch
+    ("step:3", 2),  # restarts from the checkpoint of step 2
+    ("meta_test", 6),  # restarts from the last step's checkpoint, straight into the meta-test
+]
+
+
+@pytest.mark.slow  # a Ray Train group, stopped and started again: about a minute each here
+@pytest.mark.parametrize(("point", "restart_step"), COLLECTIVE_CASES, ids=[c[0] for c in COLLECTIVE_CASES])
+def test_collective_group_restarts_after_a_worker_lost_at_any_moment(
+    point, restart_step, folder, undisturbed, tmp_path
+):
+    run, result = killed_run(folder, tmp_path, point, "engine.reduce=collective")
+    assert result["workers"] == 2 and result["worker_replacements"] == 1
+    assert run.engine.replacements == 1
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["worker_replacements"] == 1
+    assert_same_params(tmp_path / "run", undisturbed)

@@ -85,12 +85,14 @@ def _death(errors: dict[int, BaseException]) -> str | None:
     return None
 
 
-def group_failure(error: BaseException, config: Config, where: Location | None = None) -> GroupFailure | None:
+def group_failure(
+    error: BaseException, config: Config, where: Location | None = None, places: str = ""
+) -> GroupFailure | None:
     """``GroupFailure`` for Ray Train's error after a worker died once more than the config allows, else None.
 
     An error the program raised (not a death) is left as it is: a bug keeps its
     traceback. ``where``: the run directory, named so the user can resume from
-    its last checkpoint.
+    its last checkpoint. ``places``: where the group was at each loss (``start-up x4``).
     """
     from ray.train import WorkerGroupError
 
@@ -100,7 +102,7 @@ def group_failure(error: BaseException, config: Config, where: Location | None =
     if death is None:
         return None
     limit = config.engine.max_worker_failures
-    cause = f" (last: {death[:200]})"
+    cause = f" (last: {death[:200]}; losses during {places})" if places else f" (last: {death[:200]})"
     resume = f"; its last checkpoint is in {where}, --resume {where} continues it" if where is not None else ""
     return GroupFailure(
         f"the worker group failed {limit + 1} times{cause}, more than engine.max_worker_failures = {limit} "

@@ -34,8 +34,9 @@ from distmaml.engine.shm import GroupSum
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
-EXTRA = 3
-"""Entries after the gradient in the all-reduced buffer: loss, metric and task sums."""
+EXTRA = 4
+"""Entries after the gradient in the all-reduced buffer: loss, metric and task sums, and the stop request
+(a signal number that rank 0 alone sets: every worker reads the same sum, so all stop after the same step)."""
 
 
 class GroupEngine:
@@ -72,6 +73,11 @@ class GroupEngine:
         """Per meta-step: when ``meta_batch`` began (``time.perf_counter``), after the first step's barrier."""
         self.last_timing: dict[str, float] = {}
         """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
+        self.stop_request = 0
+        """Set (on rank 0, by ``engine.collective``'s watcher) to the signal that asks the group to stop."""
+        self.stopped = 0
+        """After a meta-step: the stop request every worker received with it (0: none); the trainer then
+        stops after that step (``assembly.GroupReporter``)."""
         self._sum = GroupSum(rank, world, self._buffer.numel(), self._buffer.dtype, self.device)
         """The step's sum: through shared memory in a CPU group on one node (``engine.shm``), else gloo's or NCCL's."""
         self._reports = [runner.batching_report()]
@@ -115,9 +121,10 @@ class GroupEngine:
             torch.cuda.synchronize(self.device)  # the shard's compute ends here, not at the all-reduce
         t1 = time.perf_counter()
         extra = self._extra
-        extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
+        extra[0], extra[1], extra[2], extra[3] = shard.loss, shard.metric, shard.tasks, self.stop_request
         self._sum(self._buffer)
-        loss, metric, tasks = extra.tolist()
+        loss, metric, tasks, stop = extra.tolist()
+        self.stopped = round(stop)
         grad = self._grad if self.device.type == "cpu" else self._grad.cpu()
         t2 = time.perf_counter()
         self.compute.append(t1 - t0)

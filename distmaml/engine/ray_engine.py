@@ -110,7 +110,7 @@ class RayEngine:
             raise
 
     # -- actors -----------------------------------------------------------------
-    def _start(self, index: int) -> Any:
+    def _start(self, index: int, tasks: int | None = None) -> Any:
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=self.placement.group,
             placement_group_bundle_index=self.placement.first_worker_bundle + index,
@@ -121,7 +121,7 @@ class RayEngine:
             scheduling_strategy=strategy,
             max_restarts=0,
             **({"runtime_env": self._actor_env} if self._actor_env else {}),
-        ).remote(self._build_runner, self.resources.threads, self._shard_size(index))
+        ).remote(self._build_runner, self.resources.threads, self._shard_size(index) if tasks is None else tasks)
 
     def _shard_size(self, index: int) -> int:
         """Tasks to prepare worker ``index`` for: ``batching: compiled`` compiles for exactly its shard's
@@ -130,9 +130,13 @@ class RayEngine:
         return sizes[index] if self.config.batching == "compiled" else max(sizes)
 
     def _start_worker(self, index: int) -> Any:
-        actor = self._start(index)
-        if getattr(self, "_common", None) is not None:  # a replacement computes as the others do
-            actor.use_batching.remote(self._common)  # runs before any shard: one actor's calls run in order
+        common = getattr(self, "_common", None)
+        if common is None:  # lost during start-up: the replacement times (or compiles) as the others did
+            return self._start(index)
+        # A replacement computes as the others do, without timing what is chosen already (seconds of a
+        # replacement's start); ``compiled`` still compiles its shard's graph up front.
+        actor = self._start(index, None if self.config.batching == "compiled" else 0)
+        actor.use_batching.remote(common)  # runs before any shard: one actor's calls run in order
         return actor
 
     def _replace(self, index: int, error: RayActorError, what: str) -> None:
