@@ -188,6 +188,16 @@ def _copy(source: Location, dest: Path) -> None:
         dest.write_bytes(storage.read_bytes(source))
 
 
+def control_state(control: Any) -> dict[str, Any]:
+    """``GroupControl.state()``, or an empty start's if the actor does not answer (lost, restarting)."""
+    import ray
+
+    try:
+        return ray.get(control.state.remote(), timeout=30)  # type: ignore[no-any-return]
+    except Exception:
+        return GroupControl().state()
+
+
 def _watch(control: Any, engine: GroupEngine) -> None:
     """Rank 0's watcher: the driver's stop request into ``engine.stop_request`` (every worker gets it with
     the next meta-step's sum)."""
@@ -231,7 +241,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     if control is not None:
         import ray
 
-        replacements = ray.get(control.state.remote())["replacements"]
+        replacements = control_state(control)["replacements"]
         if rank == 0:
             control.at.remote(STARTUP)
     device = None
@@ -312,7 +322,8 @@ class CollectiveEngine:
 
         gpus = self.resources.gpus > 0
         trainer_class = _stoppable(TorchTrainer if state_api_answers() else _without_cleaner(TorchTrainer))
-        control: Any = ray.remote(num_cpus=0)(GroupControl).remote()
+        # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
+        control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
         loop_config = {"program": program, "threads": self.resources.threads, "node_sum": self.node_sum}
         trainer = trainer_class(
             _worker_main,
@@ -330,7 +341,7 @@ class CollectiveEngine:
             outcome = self._fit(trainer, control, run_dir)
         finally:
             try:
-                self.replacements = ray.get(control.state.remote(), timeout=30)["replacements"]
+                self.replacements = control_state(control)["replacements"]
             finally:
                 ray.kill(control)
         if outcome.error is not None:
@@ -353,7 +364,6 @@ class CollectiveEngine:
 
     def _fit(self, trainer: Any, control: Any, run_dir: Location | None) -> Any:
         """``trainer.fit()``; after SIGTERM or SIGINT, the outcome of the group that stopped (``_stop``)."""
-        import ray
 
         try:
             with elastic.regroup_timeout(self.config):
@@ -364,7 +374,7 @@ class CollectiveEngine:
                 raise
             return self._stop(trainer.controller, control, stop, run_dir)
         except Exception as e:
-            places = ray.get(control.state.remote(), timeout=30)["places"]
+            places = control_state(control)["places"]
             user = _user_error(e) or elastic.group_failure(e, self.config, run_dir, places)
             if user is not None:
                 raise user from None
@@ -379,7 +389,7 @@ class CollectiveEngine:
         from ray.exceptions import RayActorError
 
         control.request_stop.remote(stop.signum)
-        if ray.get(control.state.remote())["phase"] != STARTUP:
+        if control_state(control)["phase"] != STARTUP:
             deadline = time.monotonic() + STOP_WAIT
             while time.monotonic() < deadline:
                 try:
@@ -392,7 +402,7 @@ class CollectiveEngine:
             ray.get(controller.abort.remote())  # ends the worker group, then the controller itself
         except RayActorError:
             pass
-        state = ray.get(control.state.remote())
+        state = control_state(control)
         if state["checkpoint"] is not None:
             stop.step, stop.checkpoint = state["step"], storage.location(state["checkpoint"])
             stop.run_dir = run_dir
