@@ -12,6 +12,7 @@ from distmaml.assembly import with_absolute_uri
 from distmaml.config import Config, config_from_dict, load_config
 from distmaml.data.errors import DataError
 from distmaml.errors import DistmamlError
+from distmaml.fastpath import malloc
 from distmaml.results import describe
 from distmaml.storage import Location
 from distmaml.tracking.probe import check_tracking
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc.claim()  # the distmaml command's own process (fastpath.malloc)
     try:
         return int(args.func(args))
     except DistmamlError as e:  # the project's own input errors; anything else keeps its traceback
