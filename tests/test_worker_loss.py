@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import ray
@@ -134,20 +135,35 @@ def test_a_worker_that_always_crashes_while_starting_stops_the_run_with_one_line
     assert "Traceback" not in err
 
 
-COLLECTIVE_CASES = [
-    ("startup", 0),  # before the first checkpoint (the batching timing too): the group starts again from scratch
-    ("step:3", 2),  # restarts from the checkpoint of step 2
-    ("meta_test", 6),  # restarts from the last step's checkpoint, straight into the meta-test
+COLLECTIVE_POINTS = [
+    "startup",  # before the first checkpoint (the batching timing too): the group starts again from scratch
+    "step:3",  # the group restarts from the checkpoint of step 2
+    "meta_test",  # from the last step's checkpoint, straight into the meta-test
 ]
 
 
-@pytest.mark.slow  # a Ray Train group, stopped and started again: about a minute each here
-@pytest.mark.parametrize(("point", "restart_step"), COLLECTIVE_CASES, ids=[c[0] for c in COLLECTIVE_CASES])
-def test_collective_group_restarts_after_a_worker_lost_at_any_moment(
-    point, restart_step, folder, undisturbed, tmp_path
-):
+@pytest.mark.slow  # a Ray Train group, stopped and started again: one to three minutes each on a busy machine
+@pytest.mark.parametrize("point", COLLECTIVE_POINTS)
+def test_collective_group_restarts_after_a_worker_lost_at_any_moment(point, folder, undisturbed, tmp_path):
     run, result = killed_run(folder, tmp_path, point, "engine.reduce=collective")
     assert result["workers"] == 2 and result["worker_replacements"] == 1
     assert run.engine.replacements == 1
     assert json.loads((tmp_path / "run" / "result.json").read_text())["worker_replacements"] == 1
     assert_same_params(tmp_path / "run", undisturbed)
+    print(f"\n{point}: the run ended {time.time() - acted_at(folder)[0]:.1f} s after the kill")
+
+
+@pytest.mark.slow
+def test_a_collective_worker_that_always_crashes_while_starting_stops_the_run_with_one_line(folder, tmp_path, capsys):
+    plan(folder, "startup", "crash", 100)
+    sets = [x for o in [*BASE, "engine.reduce=collective", "engine.max_worker_failures=1"] for x in ("--set", o)]
+    run_dir = tmp_path / "run"
+    code = main(["train", "--workers", "2", "--quiet", "--out", str(run_dir), *sets])
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    line = [x for x in err.splitlines() if x.strip()][-1]
+    assert line.startswith("distmaml: error: the worker group failed 2 times (last: rank "), line
+    assert line.endswith(
+        "; losses during start-up x2), more than engine.max_worker_failures = 1 allows; the run stops; "
+        f"nothing was checkpointed in {run_dir} yet"
+    ), line

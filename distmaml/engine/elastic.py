@@ -42,6 +42,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from distmaml import storage
 from distmaml.config import Config
 from distmaml.engine.failures import death_reason
 from distmaml.engine.placement import EngineError
@@ -103,7 +104,11 @@ def group_failure(
         return None
     limit = config.engine.max_worker_failures
     cause = f" (last: {death[:200]}; losses during {places})" if places else f" (last: {death[:200]})"
-    resume = f"; its last checkpoint is in {where}, --resume {where} continues it" if where is not None else ""
+    resume = ""
+    if where is not None and storage.listdir(storage.join(where, "checkpoints")):
+        resume = f"; its last checkpoint is in {where}, --resume {where} continues it"
+    elif where is not None:  # lost before its first checkpoint (while starting, say): nothing to resume
+        resume = f"; nothing was checkpointed in {where} yet"
     return GroupFailure(
         f"the worker group failed {limit + 1} times{cause}, more than engine.max_worker_failures = {limit} "
         f"allows; the run stops{resume}"
