@@ -43,6 +43,7 @@ from distmaml.config import IMAGE_FAMILIES, Config, ConfigError, config_from_dic
 from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
 from distmaml.fastpath.malloc import keep_freed_memory_if_claimed
+from distmaml.interrupt import Interrupted
 from distmaml.models import build_model
 from distmaml.runner import TaskRunner
 from distmaml.storage import Location
@@ -62,6 +63,7 @@ from distmaml.usercode import (
 
 if TYPE_CHECKING:
     from distmaml.engine.collective import CollectiveEngine, Member
+    from distmaml.engine.group import GroupEngine
 
 
 # -- the task family ----------------------------------------------------------------
@@ -371,7 +373,13 @@ class Run:
                     model=self.model,
                     tasks=self.tasks,
                 )
-                return self.engine.fit(program, program.keywords["run_dir"])
+                try:
+                    return self.engine.fit(program, where)
+                except Interrupted as stop:  # name the run directory as the caller did, not rank 0's absolute path
+                    if stop.checkpoint is not None and isinstance(where, Path) and run_dir is not None:
+                        given = storage.location(run_dir)
+                        stop.checkpoint, stop.run_dir = given / Path(stop.checkpoint).relative_to(where), given
+                    raise
             return self.trainer(run_dir, progress=progress, resume=resume, callbacks=callbacks).fit()
         except BaseException as e:
             fail_callbacks(everyone, e)
@@ -436,18 +444,28 @@ instead of Ray Train restarting it ``engine.max_worker_failures`` times into the
 
 class GroupReporter(Callback):
     """Every worker's ``ray.train.report`` at each checkpoint (rank 0's with the checkpoint file and the
-    run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end."""
+    run directory's ``config.yaml`` and ``mlflow_run_id``), and the result at the end. After a meta-step
+    that carried the driver's stop request (``GroupEngine.stopped``) it stops the trainer, on every
+    worker alike, as a signal would (``Interrupted``)."""
 
     SIDE_FILES = ("config.yaml", "mlflow_run_id")
     OUTBOX = "tracking"
     """The MLflow outbox folder: a Tune trial's checkpoint carries it (``distmaml sync`` takes it there)."""
 
-    def __init__(self, member: Member) -> None:
+    def __init__(self, member: Member, engine: GroupEngine | None = None) -> None:
         self.member = member
+        self.engine = engine
         self.run_dir: Location | None = None
+        self.steps = 0
 
     def on_start(self, trainer: Trainer) -> None:
         self.run_dir = trainer.run_dir
+        self.steps = trainer.config.meta.steps
+        self.member.at(f"meta-steps from step {trainer.step}", trainer.step, trainer.last_checkpoint)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.engine is not None and self.engine.stopped:
+            raise Interrupted(self.engine.stopped)
 
     def files(self) -> list[Location]:
         if self.run_dir is None:
@@ -458,6 +476,7 @@ class GroupReporter(Callback):
 
     def on_checkpoint(self, step: int, metrics: dict[str, float], checkpoint: Location | None) -> None:
         self.member.report({**metrics, "step": step}, checkpoint, files=self.files() if checkpoint else ())
+        self.member.at("meta-test" if step == self.steps else f"meta-steps after step {step}", step, checkpoint)
 
     def finish(self, step: int, checkpoint: Location | None, result: dict[str, Any]) -> None:
         self.member.report({"step": step}, checkpoint, result=result, files=self.files())
@@ -483,6 +502,9 @@ def fit_in_group(
     Train continues from ``member.restored``, with ``resume`` from
     ``run_dir``'s newest checkpoint if that is newer.
     """
+    from distmaml.engine.testpoints import point
+
+    point("startup")
     cfg = config_from_dict(config)
     family = build_family(cfg, tasks)
     network = build_network(cfg, model)
@@ -496,7 +518,7 @@ def fit_in_group(
             *tracking_callbacks(cfg, network=network, algorithm=algorithm, family=family, **tracking),
             *callbacks,
         ]
-    reporter = GroupReporter(member)
+    reporter = GroupReporter(member, engine)
     trainer = Trainer(
         cfg,
         engine,
@@ -516,7 +538,7 @@ def fit_in_group(
         if saved:  # the newest: rank 0 writes the run directory's checkpoint before reporting it to Ray Train
             trainer.restore(max(saved, key=lambda c: c.step))
         result = trainer.fit()
-    except SAME_ON_EVERY_WORKER as e:
+    except (*SAME_ON_EVERY_WORKER, Interrupted) as e:  # a stop the driver asked for: every worker alike
         fail_callbacks(everyone, e)
         member.report({"step": trainer.step}, trainer.last_checkpoint, files=reporter.files(), error=e)
         return

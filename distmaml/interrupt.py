@@ -53,6 +53,11 @@ class Interrupted(KeyboardInterrupt):
         """The checkpoint holding that step, or None when the run has no directory."""
         self.run_dir: Any = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A collective group's rank 0 stops with one and the driver raises it (a pickle in between):
+        # keep the signal and where the run stopped, not only the name in ``args``.
+        return _rebuild, (self.signum, self.step, self.checkpoint, self.run_dir)
+
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
@@ -61,6 +66,12 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         """128 + the signal number, as a shell reports a process ended by it: 130 SIGINT, 143 SIGTERM."""
         return 128 + self.signum
+
+
+def _rebuild(signum: int, step: int | None, checkpoint: Any, run_dir: Any) -> Interrupted:
+    stop = Interrupted(signum)
+    stop.step, stop.checkpoint, stop.run_dir = step, checkpoint, run_dir
+    return stop
 
 
 class _State:
@@ -86,6 +97,11 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def installed() -> bool:
+    """Whether ``stop_on_signals`` handles SIGTERM and SIGINT in this process now."""
+    return _State.installed
 
 
 def reinstall() -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import ray
 import torch
+from pausing import act_at_pause, disturb
 from ray import cloudpickle
 from ray._private import state  # the GCS actor table: pids and nodes without the dashboard's state API
 from ray.cluster_utils import Cluster
@@ -88,37 +89,6 @@ def group_workers() -> list[dict[str, Any]]:
         for a in state.actors().values()
         if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"
     ]
-
-
-def act_at_pause(folder: Path, act: Any, seen: set[str], alive: Any = lambda: True) -> bool:
-    """Waits for rank 0's next pause (a ``ready-PID`` not in ``seen``), notes the time in ``acted``,
-    ``act(rank0_pid)``, lets it go on. False if no pause came within 300 s or ``alive()`` turned false."""
-    deadline = time.monotonic() + 300
-    while not (ready := [p for p in folder.glob("ready-*") if p.name not in seen]):
-        if time.monotonic() > deadline or not alive():
-            return False
-        time.sleep(0.05)
-    pid = int(ready[0].read_text())
-    with open(folder / "acted", "a") as f:
-        f.write(f"{time.time()}\n")
-    act(pid)
-    (folder / f"go-{pid}").write_text("")
-    seen.add(ready[0].name)
-    return True
-
-
-def disturb(folder: Path, act: Any, times: int = 1) -> threading.Thread:
-    """In the background: each time rank 0 is ready, ``act_at_pause``."""
-
-    def run() -> None:
-        seen: set[str] = set()
-        for _ in range(times):
-            if not act_at_pause(folder, act, seen):
-                return
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
 
 
 def kill_a_peer(rank0_pid: int) -> None:

@@ -19,6 +19,16 @@ which ``CollectiveEngine.fit`` returns on the driver.
 
 With workers on several nodes the run directory must be one every worker can
 reach: a storage URI (``s3://...``) or a shared folder.
+
+A small actor, ``GroupControl``, links the driver and its group: Ray Train's
+controller tells it of each restart after a worker died (``result.json``'s
+``worker_replacements``, and the places of the losses in the line that stops
+a run after too many), rank 0 tells it where the group is (start-up, the last
+checkpoint, meta-test), and a SIGTERM or SIGINT on the driver (``distmaml.interrupt``)
+asks the group through it to stop after its current meta-step: rank 0 sees the
+request, it travels in that step's all-reduced buffer to every worker
+(``GroupEngine.stopped``), all stop after the same step, rank 0 checkpoints it,
+and the driver raises ``Interrupted`` as the driver's engine does.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,10 +49,11 @@ from typing import Any
 
 import torch
 
-from distmaml import storage
+from distmaml import interrupt, storage
 from distmaml.checkpoint import write_json
 from distmaml.config import Config
 from distmaml.engine import elastic
+from distmaml.engine.failures import STARTUP, failure_places
 from distmaml.engine.group import GroupEngine
 from distmaml.engine.placement import EngineError, WorkerResources, check_feasible, connect, worker_resources
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
@@ -55,6 +68,48 @@ TRAIN_FOLDER = "train"
 """Ray Train's own folder inside the run directory (its reported checkpoints and state)."""
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.pickle"
+STOP_WAIT = 60.0
+"""Seconds the driver waits, after SIGTERM or SIGINT, for its group to stop after the step in flight
+before it ends the group at once (its last checkpoint is then the last one rank 0 wrote)."""
+WATCH_INTERVAL = 0.25
+"""Seconds between rank 0's looks at ``GroupControl`` for a stop request."""
+
+
+class GroupControl:
+    """Between the driver and its worker group (a Ray actor without CPUs, one per ``fit``)."""
+
+    def __init__(self) -> None:
+        self.decisions: list[tuple[str, str]] = []
+        """Ray Train's decision after each worker death (RETRY: a restart, RAISE: the run stops), with
+        where the group was then."""
+        self.phase = STARTUP
+        self.step: int | None = None
+        self.checkpoint: str | None = None
+        self.stop = 0
+
+    def failed(self, decision: str) -> None:
+        self.decisions.append((decision, self.phase))
+
+    def at(self, phase: str, step: int | None = None, checkpoint: str | None = None) -> None:
+        """Where rank 0 is; with ``checkpoint``: the latest it wrote, holding ``step``."""
+        self.phase = phase
+        if checkpoint is not None:
+            self.step, self.checkpoint = step, checkpoint
+
+    def request_stop(self, signum: int) -> None:
+        self.stop = signum
+
+    def stop_requested(self) -> int:
+        return self.stop
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "replacements": sum(d == "RETRY" for d, _ in self.decisions),
+            "places": failure_places({"during": place} for _, place in self.decisions),
+            "phase": self.phase,
+            "step": self.step,
+            "checkpoint": self.checkpoint,
+        }
 
 
 @dataclass
@@ -68,6 +123,10 @@ class Member:
     the group from, or None on a first start."""
     device: str | None = None
     """This worker's GPU (``cuda:K``, Ray Train's choice among the node's) where it has one, else None."""
+    control: Any = None
+    """The driver's ``GroupControl`` (None: a group started without one)."""
+    replacements: int = 0
+    """Restarts of the group after a worker died, before this one started."""
 
     @property
     def lead(self) -> bool:
@@ -75,8 +134,18 @@ class Member:
         return self.rank == 0
 
     def engine(self, runner: TaskRunner, batch_size: int) -> GroupEngine:
-        """This worker's engine on ``runner`` (times ``batching: auto`` on its shard; a collective call)."""
-        return GroupEngine(runner, self.rank, self.world, batch_size=batch_size)
+        """This worker's engine on ``runner`` (times ``batching: auto`` on its shard; a collective call).
+        On rank 0 a thread watches ``GroupControl`` for a stop request and hands it to the engine."""
+        engine = GroupEngine(runner, self.rank, self.world, batch_size=batch_size)
+        engine.replacements = self.replacements
+        if self.lead and self.control is not None:
+            threading.Thread(target=_watch, args=(self.control, engine), daemon=True).start()
+        return engine
+
+    def at(self, phase: str, step: int | None = None, checkpoint: Location | None = None) -> None:
+        """Rank 0 tells the driver where the group is (named in the line of a run that failed too often)."""
+        if self.lead and self.control is not None:
+            self.control.at.remote(phase, step, None if checkpoint is None else str(checkpoint))
 
     def report(
         self,
@@ -122,6 +191,32 @@ def _copy(source: Location, dest: Path) -> None:
         dest.write_bytes(storage.read_bytes(source))
 
 
+def control_state(control: Any) -> dict[str, Any]:
+    """``GroupControl.state()``, or an empty start's if the actor does not answer (lost, restarting)."""
+    import ray
+
+    try:
+        return ray.get(control.state.remote(), timeout=30)  # type: ignore[no-any-return]
+    except Exception:
+        return GroupControl().state()
+
+
+def _watch(control: Any, engine: GroupEngine) -> None:
+    """Rank 0's watcher: the driver's stop request into ``engine.stop_request`` (every worker gets it with
+    the next meta-step's sum)."""
+    import ray
+
+    while True:
+        try:
+            signum = ray.get(control.stop_requested.remote(), timeout=30)
+        except Exception:  # the driver and its actor are gone: Ray ends the group itself
+            return
+        if signum:
+            engine.stop_request = signum
+            return
+        time.sleep(WATCH_INTERVAL)
+
+
 Program = Callable[[Member], None]
 """The run's program in each worker: trains, and ends with ``member.report(..., result=...)``."""
 
@@ -145,6 +240,14 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     program: Program = loop_config["program"]
+    control = loop_config.get("control")
+    replacements = 0
+    if control is not None:
+        import ray
+
+        replacements = control_state(control)["replacements"]
+        if rank == 0:
+            control.at.remote(STARTUP)
     device = None
     if torch.cuda.is_available():
         import ray.train.torch
@@ -152,10 +255,10 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
         device = str(ray.train.torch.get_device())  # workers sharing a node see its GPUs, each uses its own
     restored = ray.train.get_checkpoint()
     if restored is None:
-        program(Member(rank, world, None, device))
+        program(Member(rank, world, None, device, control, replacements))
         return
     with restored.as_directory() as folder:
-        program(Member(rank, world, Path(folder), device))
+        program(Member(rank, world, Path(folder), device, control, replacements))
 
 
 class CollectiveEngine:
@@ -195,14 +298,15 @@ class CollectiveEngine:
             self.close()
             raise
 
-    def run_config(self, run_dir: Location | None) -> Any:
-        """Ray Train's ``RunConfig``: its folder inside the run directory, failure handling, callbacks."""
+    def run_config(self, run_dir: Location | None, control: Any = None) -> Any:
+        """Ray Train's ``RunConfig``: its folder inside the run directory, failure handling, callbacks
+        (with ``control``: one that tells it of each restart)."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
         common: dict[str, Any] = {
             "failure_config": FailureConfig(max_failures=self.config.engine.max_worker_failures),
             "checkpoint_config": CheckpointConfig(num_to_keep=self.config.meta.keep_checkpoints + 1),  # +1: result
-            "callbacks": self.callbacks,
+            "callbacks": [*self.callbacks, *_failure_counter(control)],
             "logging_config": LoggingConfig(log_level="WARNING"),  # not two lines per checkpoint on the console
         }
         if run_dir is None:  # Ray Train's default storage, a fresh name
@@ -216,14 +320,18 @@ class CollectiveEngine:
 
     def fit(self, program: Program, run_dir: Location | None) -> dict[str, Any]:
         """Runs ``program`` in every worker of a new group; returns the result rank 0 reported last."""
+        import ray
         from ray.train import ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         gpus = self.resources.gpus > 0
-        trainer_class = TorchTrainer if state_api_answers() else _without_cleaner(TorchTrainer)
+        trainer_class = _stoppable(TorchTrainer if state_api_answers() else _without_cleaner(TorchTrainer))
+        # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
+        control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
+        loop_config = {"program": program, "threads": self.resources.threads, "node_sum": self.node_sum}
         trainer = trainer_class(
             _worker_main,
-            train_loop_config={"program": program, "threads": self.resources.threads, "node_sum": self.node_sum},
+            train_loop_config={**loop_config, "control": control},
             torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
             scaling_config=ScalingConfig(
                 **elastic.scaling(self.config),
@@ -231,16 +339,15 @@ class CollectiveEngine:
                 resources_per_worker=self.resources.bundle(),
                 placement_strategy=self.config.engine.placement,
             ),
-            run_config=self.run_config(run_dir),
+            run_config=self.run_config(run_dir, control),
         )
         try:
-            with elastic.regroup_timeout(self.config):
-                outcome = trainer.fit()
-        except Exception as e:
-            user = _user_error(e) or elastic.group_failure(e, self.config, run_dir)
-            if user is not None:
-                raise user from None
-            raise
+            outcome = self._fit(trainer, control, run_dir)
+        finally:
+            try:
+                self.replacements = control_state(control)["replacements"]
+            finally:
+                ray.kill(control)
         if outcome.error is not None:
             raise outcome.error
         result: dict[str, Any] | None = None
@@ -259,6 +366,52 @@ class CollectiveEngine:
         self.timing = result.pop("timing", {})
         return result
 
+    def _fit(self, trainer: Any, control: Any, run_dir: Location | None) -> Any:
+        """``trainer.fit()``; after SIGTERM or SIGINT, the outcome of the group that stopped (``_stop``)."""
+
+        try:
+            with elastic.regroup_timeout(self.config):
+                return trainer.fit()
+        except KeyboardInterrupt as e:
+            stop = interrupt.stop_request(e)
+            if stop is None or trainer.controller is None:
+                raise
+            return self._stop(trainer.controller, control, stop, run_dir)
+        except Exception as e:
+            places = control_state(control)["places"]
+            user = _user_error(e) or elastic.group_failure(e, self.config, run_dir, places)
+            if user is not None:
+                raise user from None
+            raise
+
+    def _stop(self, controller: Any, control: Any, stop: interrupt.Interrupted, run_dir: Location | None) -> Any:
+        """Asks the group to stop after its current meta-step and returns Ray Train's outcome once it has
+        (rank 0 reports the ``Interrupted`` with the step it saved). A group still starting, or one that
+        has not stopped within ``STOP_WAIT`` seconds, is ended at once; ``stop`` then names the last
+        checkpoint rank 0 wrote, if any."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        control.request_stop.remote(stop.signum)
+        if control_state(control)["phase"] != STARTUP:
+            deadline = time.monotonic() + STOP_WAIT
+            while time.monotonic() < deadline:
+                try:
+                    if ray.get(controller.get_state.remote()).is_terminal():
+                        return ray.get(controller.get_result.remote())
+                except RayActorError:
+                    break
+                time.sleep(0.2)
+        try:
+            ray.get(controller.abort.remote())  # ends the worker group, then the controller itself
+        except RayActorError:
+            pass
+        state = control_state(control)
+        if state["checkpoint"] is not None:
+            stop.step, stop.checkpoint = state["step"], storage.location(state["checkpoint"])
+            stop.run_dir = run_dir
+        raise stop
+
     def close(self) -> None:
         if self._started_ray:
             import ray
@@ -271,14 +424,53 @@ class CollectiveEngine:
 def state_api_answers() -> bool:
     """Whether Ray's State API answers on this cluster: it needs the dashboard, which a local Ray
     (started without it) and an install without ``ray[default]`` do not run."""
+    import ray
     from ray.util.state import get_actor
     from ray.util.state.exception import RayStateApiException
 
+    # This cluster's own address: without one the State API looks for "the" Ray instance on the machine
+    # and fails when several run (other users', other runs').
+    address = ray.get_runtime_context().gcs_address
     try:
-        get_actor("00" * 16, timeout=5)  # no actor has this id: None when the API answers
-    except RayStateApiException:
+        get_actor("00" * 16, address=address, timeout=5)  # no actor has this id: None when the API answers
+    except (RayStateApiException, ConnectionError):
         return False
     return True
+
+
+def _stoppable(trainer_class: type) -> type:
+    """``trainer_class`` that keeps the controller's handle (``.controller``) and, where
+    ``distmaml.interrupt`` handles SIGTERM and SIGINT (``distmaml train``), keeps those handlers instead
+    of Ray Train's SIGINT handler (which aborts the group without a checkpoint of the last step)."""
+
+    class Trainer(trainer_class):  # type: ignore[misc, valid-type]
+        controller: Any = None
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            self.controller = controller
+            if interrupt.installed():
+                interrupt.reinstall()
+            else:
+                super()._register_sigint_handler(controller)
+
+    return Trainer
+
+
+def _failure_counter(control: Any) -> list[Any]:
+    """A Ray Train controller callback that tells ``control`` of each decision after a worker died
+    (none without ``control``, or on a Ray version without the hook)."""
+    if control is None:
+        return []
+    try:
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+    except ImportError:
+        return []
+
+    class CountFailures(ControllerCallback):  # type: ignore[misc]
+        def before_controller_execute_failure_decision(self, failure_decision: Any) -> None:
+            control.failed.remote(str(getattr(failure_decision, "value", failure_decision)))
+
+    return [CountFailures()]
 
 
 def _without_cleaner(trainer_class: type) -> type:

@@ -42,7 +42,9 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from distmaml import storage
 from distmaml.config import Config
+from distmaml.engine.failures import death_reason
 from distmaml.engine.placement import EngineError
 from distmaml.environ import environ
 from distmaml.storage import Location
@@ -80,17 +82,18 @@ def _death(errors: dict[int, BaseException]) -> str | None:
     for rank in sorted(errors):
         error = getattr(errors[rank], "health_check_failure", errors[rank])
         if isinstance(error, RayActorError):
-            why = next((line.strip() for line in str(error).splitlines() if " because " in line), "")
-            return f"rank {rank}: {why.split('. ')[0].rstrip('.') or type(error).__name__}"
+            return f"rank {rank}: {death_reason(error)}"
     return None
 
 
-def group_failure(error: BaseException, config: Config, where: Location | None = None) -> GroupFailure | None:
+def group_failure(
+    error: BaseException, config: Config, where: Location | None = None, places: str = ""
+) -> GroupFailure | None:
     """``GroupFailure`` for Ray Train's error after a worker died once more than the config allows, else None.
 
     An error the program raised (not a death) is left as it is: a bug keeps its
     traceback. ``where``: the run directory, named so the user can resume from
-    its last checkpoint.
+    its last checkpoint. ``places``: where the group was at each loss (``start-up x4``).
     """
     from ray.train import WorkerGroupError
 
@@ -100,8 +103,12 @@ def group_failure(error: BaseException, config: Config, where: Location | None =
     if death is None:
         return None
     limit = config.engine.max_worker_failures
-    cause = f" (last: {death[:200]})"
-    resume = f"; its last checkpoint is in {where}, --resume {where} continues it" if where is not None else ""
+    cause = f" (last: {death[:200]}; losses during {places})" if places else f" (last: {death[:200]})"
+    resume = ""
+    if where is not None and storage.listdir(storage.join(where, "checkpoints")):
+        resume = f"; its last checkpoint is in {where}, --resume {where} continues it"
+    elif where is not None:  # lost before its first checkpoint (while starting, say): nothing to resume
+        resume = f"; nothing was checkpointed in {where} yet"
     return GroupFailure(
         f"the worker group failed {limit + 1} times{cause}, more than engine.max_worker_failures = {limit} "
         f"allows; the run stops{resume}"

@@ -31,10 +31,12 @@ from torch import Tensor
 
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.shm import GroupSum
+from distmaml.engine.testpoints import eval_point, point
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
-EXTRA = 3
-"""Entries after the gradient in the all-reduced buffer: loss, metric and task sums."""
+EXTRA = 4
+"""Entries after the gradient in the all-reduced buffer: loss, metric and task sums, and the stop request
+(a signal number that rank 0 alone sets: every worker reads the same sum, so all stop after the same step)."""
 
 
 class GroupEngine:
@@ -71,11 +73,17 @@ class GroupEngine:
         """Per meta-step: when ``meta_batch`` began (``time.perf_counter``), after the first step's barrier."""
         self.last_timing: dict[str, float] = {}
         """The last meta-step's ``wall`` and ``compute``, as ``RayEngine.last_timing``."""
+        self.stop_request = 0
+        """Set (on rank 0, by ``engine.collective``'s watcher) to the signal that asks the group to stop."""
+        self.stopped = 0
+        """After a meta-step: the stop request every worker received with it (0: none); the trainer then
+        stops after that step (``assembly.GroupReporter``)."""
         self._sum = GroupSum(rank, world, self._buffer.numel(), self._buffer.dtype, self.device)
         """The step's sum: through shared memory in a CPU group on one node (``engine.shm``), else gloo's or NCCL's."""
         self._reports = [runner.batching_report()]
         self._common: str | None = None
         if batch_size:
+            point("batching")
             runner.choose_batching(len(self._my_range(batch_size)))
             self._reports = self._gather_objects(runner.batching_report())
             self._common = common_batching(self._reports)
@@ -104,6 +112,7 @@ class GroupEngine:
             # loop while the others are already computing, and a shard timed from before rank 0's
             # first step began would not fit inside rank 0's steps (the bench's split of a step).
             dist.barrier()
+        point(f"step:{step}")
         t0 = time.perf_counter()
         self.starts.append(t0)
         ids = self._my_range(batch_size)
@@ -112,9 +121,10 @@ class GroupEngine:
             torch.cuda.synchronize(self.device)  # the shard's compute ends here, not at the all-reduce
         t1 = time.perf_counter()
         extra = self._extra
-        extra[0], extra[1], extra[2] = shard.loss, shard.metric, shard.tasks
+        extra[0], extra[1], extra[2], extra[3] = shard.loss, shard.metric, shard.tasks, self.stop_request
         self._sum(self._buffer)
-        loss, metric, tasks = extra.tolist()
+        loss, metric, tasks, stop = extra.tolist()
+        self.stopped = round(stop)
         grad = self._grad if self.device.type == "cpu" else self._grad.cpu()
         t2 = time.perf_counter()
         self.compute.append(t1 - t0)
@@ -123,6 +133,7 @@ class GroupEngine:
         return GradShard(grad, loss, metric, round(tasks), t1 - t0)
 
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
+        eval_point(split)
         ranges = balanced_ranges(tasks, self.workers)
         mine = ranges[self.rank]
         longest = max(len(r) for r in ranges)

@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from distmaml.config import Config
+from distmaml.engine.failures import STARTUP, death_reason, failure_places
 from distmaml.engine.placement import (
     EngineError,
     Placement,
@@ -85,25 +86,31 @@ class RayEngine:
         )
         self.replacements = 0
         self.events: list[dict[str, Any]] = []
+        """Each lost worker: its index, ``during`` (start-up, meta-step N, ...), the error, ``why`` (Ray's
+        reason) and ``seconds``, from the loss noticed to its replacement's first answer."""
+        self._lost: dict[int, float] = {}
         self.last_timing: dict[str, float] = {}
         try:
             self.resources: WorkerResources = worker_resources(config)
             self.placement: Placement = reserve(config, self.resources)
             self.actors = [self._start(i) for i in range(self.workers)]
-            # surfaces start-up errors now; each worker has timed its batching candidates by then
-            described = ray.get([a.describe.remote() for a in self.actors])
+            # Surfaces start-up errors now; each worker has timed its batching candidates by then. A worker
+            # lost while it starts (a spot node reclaimed, an OOM kill while timing) is replaced like one
+            # lost mid-step: its replacement starts over and is asked again.
+            everyone = [range(i, i + 1) for i in range(self.workers)]
+            described = self._run(everyone, lambda a, r: a.describe.remote(), STARTUP)
             self._batching = [d["batching"] for d in described]
             for i, d in enumerate(described):
                 log.info("worker %d: %s", i, d["batching_line"])
             self._common = common_batching(self._batching)
             if self._common is not None:
-                ray.get([a.use_batching.remote(self._common) for a in self.actors])
+                self._run(everyone, lambda a, r: a.use_batching.remote(self._common), STARTUP)
         except BaseException:
             self.close()
             raise
 
     # -- actors -----------------------------------------------------------------
-    def _start(self, index: int) -> Any:
+    def _start(self, index: int, tasks: int | None = None) -> Any:
         strategy = PlacementGroupSchedulingStrategy(
             placement_group=self.placement.group,
             placement_group_bundle_index=self.placement.first_worker_bundle + index,
@@ -114,7 +121,7 @@ class RayEngine:
             scheduling_strategy=strategy,
             max_restarts=0,
             **({"runtime_env": self._actor_env} if self._actor_env else {}),
-        ).remote(self._build_runner, self.resources.threads, self._shard_size(index))
+        ).remote(self._build_runner, self.resources.threads, self._shard_size(index) if tasks is None else tasks)
 
     def _shard_size(self, index: int) -> int:
         """Tasks to prepare worker ``index`` for: ``batching: compiled`` compiles for exactly its shard's
@@ -123,26 +130,33 @@ class RayEngine:
         return sizes[index] if self.config.batching == "compiled" else max(sizes)
 
     def _start_worker(self, index: int) -> Any:
-        actor = self._start(index)
-        if getattr(self, "_common", None) is not None:  # a replacement computes as the others do
-            actor.use_batching.remote(self._common)  # runs before any shard: one actor's calls run in order
+        common = getattr(self, "_common", None)
+        if common is None:  # lost during start-up: the replacement times (or compiles) as the others did
+            return self._start(index)
+        # A replacement computes as the others do, without timing what is chosen already (seconds of a
+        # replacement's start); ``compiled`` still compiles its shard's graph up front.
+        actor = self._start(index, None if self.config.batching == "compiled" else 0)
+        actor.use_batching.remote(common)  # runs before any shard: one actor's calls run in order
         return actor
 
-    def _replace(self, index: int, error: Exception, what: str) -> None:
+    def _replace(self, index: int, error: RayActorError, what: str) -> None:
+        if error.actor_init_failed:  # its constructor raised: an error in the program, not a lost worker
+            raise error
         self.replacements += 1
-        event = {"worker": index, "during": what, "error": type(error).__name__}
-        self.events.append(event)
+        why = death_reason(error)
+        self.events.append({"worker": index, "during": what, "error": type(error).__name__, "why": why})
+        self._lost[index] = time.perf_counter()
         limit = self.config.engine.max_worker_failures
         if self.replacements > limit:
             raise WorkerFailure(
-                f"worker {index} died during {what}: {self.replacements} worker failures exceed "
-                f"engine.max_worker_failures = {limit}; the run stops (last error: {error})"
+                f"worker {index} died during {what} ({why}): {self.replacements} worker failures exceed "
+                f"engine.max_worker_failures = {limit} (during {failure_places(self.events)}); the run stops"
             )
         log.warning(
             "worker %d died during %s (%s); starting a replacement (%d of %d allowed)",
             index,
             what,
-            type(error).__name__,
+            why,
             self.replacements,
             limit,
         )
@@ -160,6 +174,10 @@ class RayEngine:
             for i in sorted(pending):
                 try:
                     results[i] = ray.get(pending.pop(i))
+                    if i in self._lost:  # a replacement's first answer: how long the loss cost
+                        lost = self._lost.pop(i)
+                        event = next(e for e in reversed(self.events) if e["worker"] == i)
+                        event["seconds"] = round(time.perf_counter() - lost, 3)
                 except RayActorError as e:
                     self._replace(i, e, what)
                     pending[i] = submit(self.actors[i], ranges[i])

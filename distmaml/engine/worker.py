@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distmaml.engine.testpoints import eval_point, point
 from distmaml.fastpath import malloc
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
@@ -55,10 +56,12 @@ class ShardWorker:
     def __init__(self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0) -> None:
         # One process per worker scales far better on CPUs than threads in one
         # process (1.97x vs 1.4x for two on this machine's 2 cores).
+        point("startup")
         torch.set_num_threads(max(1, threads))
         malloc.claim()  # an actor process of distmaml's: its runner keeps the memory it frees
         self.runner = build_runner()
         if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
+            point("batching")
             self.runner.choose_batching(tasks)
 
     def use_batching(self, name: str) -> None:
@@ -67,11 +70,13 @@ class ShardWorker:
 
     def meta_grad(self, flat: np.ndarray, step: int, start: int, stop: int) -> WireShard:
         """The shard's summed meta-gradient; ``flat``: the parameters as ``to_wire`` sent them."""
+        point(f"step:{step}")
         t0 = time.perf_counter()
         shard = self.runner.meta_grad(from_wire(flat, copy=True), step, range(start, stop))
         return WireShard(to_wire(shard.grad), shard.loss, shard.metric, shard.tasks, time.perf_counter() - t0)
 
     def evaluate(self, flat: np.ndarray, split: str, start: int, stop: int, steps: int) -> EvalShard:
+        eval_point(split)
         return self.runner.evaluate(from_wire(flat, copy=True), split, range(start, stop), steps)
 
     def describe(self) -> dict[str, Any]:
