@@ -326,8 +326,13 @@ def test_damaged_or_foreign_cub_files(cub, tmp_path, capsys):
 # -- Omniglot as torchvision downloads it -----------------------------------------------------------
 
 
-def test_omniglot_as_torchvision_leaves_it(tmp_path):
-    folder = make_omniglot_torchvision(tmp_path / "root")
+@pytest.fixture(scope="module")
+def omniglot_py(tmp_path_factory) -> Path:
+    return make_omniglot_torchvision(tmp_path_factory.mktemp("omniglot"))
+
+
+def test_omniglot_as_torchvision_leaves_it(omniglot_py, tmp_path):
+    folder = omniglot_py
     out = tmp_path / "omniglot"
     prepare("omniglot", "--source", str(folder.parent), "--out", str(out), "--size", "16")
     info = open_store(out)
@@ -336,3 +341,71 @@ def test_omniglot_as_torchvision_leaves_it(tmp_path):
     assert omniglot_root(folder.parent) == folder == omniglot_root(folder)  # or pointed at omniglot-py/ itself
     assert json.loads((out / "metadata.json").read_text())["source"]["path"] == str(folder.resolve())
     train_two_steps(out, tmp_path / "run")
+
+
+# -- the documented commands, as written ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE_HEADER = "| command | format: what to point `--source` at | split it builds |"
+
+
+def docs_table(path: Path) -> list[str]:
+    lines = path.read_text().split(TABLE_HEADER, 1)[1].splitlines()[2:]
+    return [line for line in (x.strip() for x in lines[: next(i for i, x in enumerate(lines) if not x.strip())])]
+
+
+DOC_ROWS = docs_table(ROOT / "docs" / "data.md")
+PAPER = {  # classes per split (Omniglot: characters before rotations)
+    "cifarfs": (64, 16, 20),
+    "fc100": (60, 20, 20),
+    "miniimagenet": (64, 16, 20),
+    "imagefolder": (3, 2, 2),  # the split files below
+    "tieredimagenet": (351, 97, 160),
+    "cub": (100, 50, 50),
+    "omniglot": (1100, 100, 423),
+    "glyphs": (900, 100, 200),
+}
+
+
+def test_the_readme_shows_the_docs_table_and_it_covers_every_kind():
+    assert docs_table(ROOT / "README.md") == DOC_ROWS
+    kinds = [row.split("`")[1].split()[2] for row in DOC_ROWS]
+    assert sorted(kinds) == sorted(PAPER)
+
+
+@pytest.mark.parametrize("row", [r for r in DOC_ROWS if "prepare glyphs" not in r], ids=lambda r: r.split()[3])
+def test_each_documented_command_runs_as_written(row, cifar, tiered_png, cub, omniglot_py, tmp_path, monkeypatch):
+    """The docs' command with DIR holding that format, run in an empty working folder: the store lands
+    where the recipes read it, with the paper's classes per split."""
+    import shlex
+
+    from datagen import make_miniimagenet
+
+    command = row.split("`")[1]
+    kind = command.split()[2]
+    source = tmp_path / "DIR"
+    if kind in ("cifarfs", "fc100"):
+        source.mkdir()
+        (source / "cifar-100-python").symlink_to(cifar)
+    elif kind == "miniimagenet":
+        make_mini_cache(source, {"train": 64, "val": 16, "test": 20})
+    elif kind == "imagefolder":
+        split = {"train": {"n01": 2, "n02": 2, "n03": 2}, "val": {"n04": 2, "n05": 2}, "test": {"n06": 2, "n07": 2}}
+        make_miniimagenet(source, split, size=(20, 24))
+    elif kind == "tieredimagenet":
+        source.mkdir()
+        (source / "tiered-imagenet").symlink_to(tiered_png)
+    elif kind == "cub":
+        source.mkdir()
+        (source / "CUB_200_2011").symlink_to(cub)
+    elif kind == "omniglot":
+        source.mkdir()
+        (source / "omniglot-py").symlink_to(omniglot_py)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = shlex.split(command.replace("DIR", str(source)))
+    assert argv[:2] == ["distmaml", "prepare"] and main(argv[1:]) == 0
+    store = work / "data" / ("miniimagenet" if kind == "imagefolder" else kind)
+    info = open_store(store)
+    assert tuple(len([c for c in info.splits[s].classes if "/rot" not in c]) for s in SPLITS) == PAPER[kind]
