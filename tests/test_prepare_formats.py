@@ -409,3 +409,14 @@ def test_each_documented_command_runs_as_written(row, cifar, tiered_png, cub, om
     store = work / "data" / ("miniimagenet" if kind == "imagefolder" else kind)
     info = open_store(store)
     assert tuple(len([c for c in info.splits[s].classes if "/rot" not in c]) for s in SPLITS) == PAPER[kind]
+
+
+def test_a_missing_benchmark_store_names_its_prepare_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--config", "omniglot_5w1s", "--workers", "0", "--set", "tracking.enabled=false"]
+    assert main([*argv, "--set", "data.path=data/cifarfs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "distmaml: error: data.path = 'data/cifarfs': no such folder; prepare one there with "
+        "`distmaml prepare cifarfs --out data/cifarfs` or --set data.path=DATA_DIR"
+    )

@@ -37,6 +37,15 @@ from distmaml.tasks.base import SPLITS
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
 FORMAT = "distmaml-task-store"
+PREPARE_KINDS = ("cifarfs", "fc100", "miniimagenet", "tieredimagenet", "cub", "omniglot", "imagefolder", "glyphs")
+
+
+def prepare_command(path: str | Path) -> str:
+    """The ``distmaml prepare`` command that makes a store at ``path``: its kind when the folder is
+    named for one (the recipes read ``data/<kind>``), else every kind."""
+    name = Path(str(path)).name
+    kind = name if name in PREPARE_KINDS and name != "imagefolder" else "|".join(PREPARE_KINDS)
+    return f"`distmaml prepare {kind} --out {path}`"
 
 
 def split_file(split: str) -> str:
@@ -106,10 +115,7 @@ def open_store(path: str | Path) -> StoreInfo:
     path = Path(path).expanduser()
     meta_path = path / METADATA
     if not meta_path.is_file():
-        raise DataError(
-            f"no task store at {path} (no {METADATA}); create one with "
-            f"`distmaml prepare omniglot|imagefolder|glyphs --out {path}`"
-        )
+        raise DataError(f"no task store at {path} (no {METADATA}); create one with {prepare_command(path)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
