@@ -121,10 +121,11 @@ def make_cifar100(root: Path, train_per_class: int = 1, test_per_class: int = 1)
     py2_dump({"fine_label_names": CIFAR_FINE, "coarse_label_names": CIFAR_COARSE}, folder / "meta")
     rng = np.random.default_rng(0)
     for part, per_class in (("train", train_per_class), ("test", test_per_class)):
-        fine = [i for i in range(100) for _ in range(per_class)]
-        order = rng.permutation(len(fine))  # the real files are not grouped by class
-        fine = [fine[i] for i in order]
-        data = np.stack([_class_images(1000 + f, 1, 3, 32, 32)[0].numpy().reshape(-1) for f in fine])
+        seed = 1000 if part == "train" else 2000
+        pixels = np.concatenate([_class_images(seed + f, per_class, 3, 32, 32).numpy() for f in range(100)])
+        order = rng.permutation(len(pixels))  # the real files are not grouped by class
+        fine = [int(i) // per_class for i in order]
+        data = pixels.reshape(len(pixels), -1)[order]
         entry = {
             "filenames": [f"{CIFAR_FINE[f]}_s_{i:06d}.png" for i, f in enumerate(fine)],
             "batch_label": f"{'training' if part == 'train' else 'testing'} batch 1 of 1",

@@ -160,6 +160,10 @@ def test_miniimagenet_caches(dump, tmp_path):
     assert val.classes[0] == name
     want = torch.from_numpy(raw["image_data"][rows]).permute(0, 3, 1, 2)  # HWC -> CHW
     assert torch.equal(val.images[val.offsets[0] : val.offsets[1]], want)
+    if dump is py3_dump:  # learn2learn's name for the validation cache
+        (src / "mini-imagenet-cache-val.pkl").rename(src / "mini-imagenet-cache-validation.pkl")
+        prepare("miniimagenet", "--source", str(src), "--out", str(tmp_path / "l2l"))
+        assert open_store(tmp_path / "l2l").splits == info.splits
     if dump is py2_dump:
         small = tmp_path / "small"
         prepare("miniimagenet", "--source", str(src), "--out", str(small), "--size", "16")

@@ -10,6 +10,9 @@ Python 2 with ``pickle.HIGHEST_PROTOCOL``) and are what learn2learn's
 * ``class_dict``: class (a WordNet id such as ``n01532829``) -> the list of
   its row indices in ``image_data``.
 
+learn2learn saves the validation cache as ``mini-imagenet-cache-validation.pkl``;
+either name is read.
+
 The split is the files': Ravi & Larochelle's 64/16/20 classes of 600 images.
 A pickle cannot be read in pieces, so a split's array is in memory while it
 is written (0.8 GB for train); classes are written one at a time from it.
@@ -36,7 +39,10 @@ PAPER_CLASSES = (64, 16, 20)
 
 
 def cache_file(source: Path, split: str) -> Path:
-    return source / f"mini-imagenet-cache-{split}.pkl"
+    """The split's cache; learn2learn names the validation one ``-validation.pkl`` (its mode's name)."""
+    path = source / f"mini-imagenet-cache-{split}.pkl"
+    alias = source / "mini-imagenet-cache-validation.pkl"
+    return alias if split == "val" and not path.is_file() and alias.is_file() else path
 
 
 def read_cache(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:
