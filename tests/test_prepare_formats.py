@@ -252,24 +252,25 @@ def test_a_pickled_list_is_streamed(tmp_path):
     assert sum(r() is not None for r in alive) == 0
 
 
-def test_damaged_or_foreign_tieredimagenet_files(tiered_png, tmp_path, capsys):
+def test_damaged_or_foreign_tieredimagenet_files(tmp_path, capsys):
+    clean = make_tiered(tmp_path / "clean", {"train": 4, "val": 3, "test": 6})
     src = tmp_path / "tiered"
-    shutil.copytree(tiered_png, src)
+    shutil.copytree(clean, src)
     images = src / "test_images_png.pkl"
     raw = images.read_bytes()
     images.write_bytes(raw[: len(raw) * 2 // 3])  # cut mid-list: some classes already streamed into the store
     refused(["tieredimagenet", "--source", str(src)], capsys, tmp_path / "o", f"{images}: truncated")
-    pngs = load_pickle(tiered_png / "test_images_png.pkl", "")
-    pngs[150] = pngs[150][:100]  # a PNG cut short
+    pngs = load_pickle(clean / "test_images_png.pkl", "")
+    pngs[9] = pngs[9][:100]  # a PNG cut short
     py2_dump(pngs, images)
     refused(
-        ["tieredimagenet", "--source", str(src)], capsys, tmp_path / "o", f"{images}: item 150 is not a decodable PNG"
+        ["tieredimagenet", "--source", str(src)], capsys, tmp_path / "o", f"{images}: item 9 is not a decodable PNG"
     )
-    py2_dump(load_pickle(tiered_png / "test_images_png.pkl", "")[:-1], images)  # one image short
+    py2_dump(load_pickle(clean / "test_images_png.pkl", "")[:-1], images)  # one image short
     labels = src / "test_labels.pkl"
-    refused(["tieredimagenet", "--source", str(src)], capsys, tmp_path / "o", f"{images}: holds 319 images")
-    shutil.copy(tiered_png / "test_images_png.pkl", images)
-    py2_dump({"labels": np.zeros(320, np.int32)}, labels)
+    refused(["tieredimagenet", "--source", str(src)], capsys, tmp_path / "o", f"{images}: holds 11 images")
+    shutil.copy(clean / "test_images_png.pkl", images)
+    py2_dump({"labels": np.zeros(12, np.int32)}, labels)
     refused(
         ["tieredimagenet", "--source", str(src)],
         capsys,
