@@ -196,6 +196,24 @@ def _prepare(args: argparse.Namespace) -> int:
             channels=args.channels,
             overwrite=args.overwrite,
         )
+    elif args.dataset in ("cifarfs", "fc100"):
+        from distmaml.data.cifar import prepare_cifar
+
+        prepare_cifar(args.dataset, args.source, args.out, size=args.size, overwrite=args.overwrite)
+    elif args.dataset == "miniimagenet":
+        from distmaml.data.minicache import prepare_miniimagenet_cache
+
+        prepare_miniimagenet_cache(args.source, args.out, size=args.size, overwrite=args.overwrite)
+    elif args.dataset == "tieredimagenet":
+        from distmaml.data.tiered import prepare_tieredimagenet
+
+        prepare_tieredimagenet(
+            args.source, args.out, size=args.size, npz_order=args.npz_order, overwrite=args.overwrite
+        )
+    elif args.dataset == "cub":
+        from distmaml.data.cub import prepare_cub
+
+        prepare_cub(args.source, args.out, size=args.size, overwrite=args.overwrite)
     else:
         from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
 
@@ -218,10 +236,19 @@ def _add_prepare(sub: Any) -> None:
     prepare = sub.add_parser("prepare", help="convert a data set into a Parquet task store")
     kinds = prepare.add_subparsers(dest="dataset", required=True)
 
-    def common(p: argparse.ArgumentParser, size: int) -> None:
-        p.add_argument("--out", required=True, metavar="DATA_DIR", help="store folder to create")
+    def common(p: argparse.ArgumentParser, size: int, out: str | None = None, seed: bool = True) -> None:
+        if out is None:
+            p.add_argument("--out", required=True, metavar="DATA_DIR", help="store folder to create")
+        else:
+            p.add_argument(
+                "--out",
+                default=out,
+                metavar="DATA_DIR",
+                help=f"store folder to create (default: {out}, where the recipes read it)",
+            )
         p.add_argument("--size", type=int, default=size, help=f"training resolution in pixels (default: {size})")
-        p.add_argument("--seed", type=int, default=0, help="seed of the class split (default: 0)")
+        if seed:
+            p.add_argument("--seed", type=int, default=0, help="seed of the class split (default: 0)")
         p.add_argument("--overwrite", action="store_true", help="replace a store already at --out")
         p.set_defaults(func=cmd_prepare)
 
@@ -248,6 +275,47 @@ def _add_prepare(sub: Any) -> None:
         help="train,val,test class shares (no split files)",
     )
     im.add_argument("--channels", type=int, default=3, choices=(1, 3), help="3: RGB (default), 1: grey")
+
+    # The benchmarks whose split is fixed by their papers: no --seed, and --out defaults to the
+    # folder the recipes read (data/<kind>), so `distmaml prepare cifarfs --source DIR` is enough.
+    benchmarks = {
+        "cifarfs": (
+            "CIFAR-FS (Bertinetto et al. 2019): 64/16/20 classes of CIFAR-100, 32x32 RGB",
+            "cifar-100-python/ folder (train, test, meta) as torchvision.datasets.CIFAR100 downloads it",
+            32,
+        ),
+        "fc100": (
+            "FC100 (Oreshkin et al. 2018): 12/4/4 superclasses, 60/20/20 classes of CIFAR-100, 32x32 RGB",
+            "cifar-100-python/ folder (train, test, meta) as torchvision.datasets.CIFAR100 downloads it",
+            32,
+        ),
+        "miniimagenet": (
+            "miniImageNet from the pickle caches mini-imagenet-cache-{train,val,test}.pkl: 64/16/20 classes, 84x84",
+            "folder holding mini-imagenet-cache-{train,val,test}.pkl",
+            84,
+        ),
+        "tieredimagenet": (
+            "tieredImageNet (Ren et al. 2018): 351/97/160 classes, 84x84 RGB, streamed",
+            "folder holding {train,val,test}_images_png.pkl (or _images.npz) and {split}_labels.pkl",
+            84,
+        ),
+        "cub": (
+            "CUB-200-2011 with Chen et al. 2019's 100/50/50 class split, 84x84 RGB",
+            "the official CUB_200_2011/ folder (images/, images.txt, image_class_labels.txt, classes.txt)",
+            84,
+        ),
+    }
+    for kind, (what, source, size) in benchmarks.items():
+        bp = kinds.add_parser(kind, help=what, description=f"{what}. The recipes expect the store at data/{kind}.")
+        bp.add_argument("--source", required=True, metavar="DIR", help=source)
+        common(bp, size, out=f"data/{kind}", seed=False)
+        if kind == "tieredimagenet":
+            bp.add_argument(
+                "--npz-order",
+                choices=("bgr", "rgb"),
+                default="bgr",
+                help="channel order of {split}_images.npz (default: bgr, as the authors' decompress writes it)",
+            )
 
     gl = kinds.add_parser("glyphs", help="generate the Omniglot-like glyph set (no files needed)")
     common(gl, 28)

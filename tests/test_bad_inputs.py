@@ -30,6 +30,11 @@ FILES = {
     "bad-value.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.steps: {choice: [1, 0]}}\n",
     "lr.yaml": "base: sinusoid\nmetric: val_mse\nspace: {inner.lr: {loguniform: [0.001, 0.1]}}\n",
     "workers.yaml": "base: sinusoid\nmetric: val_mse\nspace: {workers: {choice: [1, 2]}}\n",
+    # a download link that served its web page instead of the file (the miniImageNet caches' file host)
+    **{
+        f"html/mini-imagenet-cache-{split}.pkl": "<!DOCTYPE html><html><head><title>Google Drive</title></head></html>\n"
+        for split in ("train", "val", "test")
+    },
     "badcode.py": (
         "import torch\n"
         "def not_a_net(config):\n    return 42\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 from distmaml import storage
 from distmaml.config import IMAGE_FAMILIES, Config
 from distmaml.data.errors import DataError
-from distmaml.data.store import StoreInfo, is_store, open_store
+from distmaml.data.store import StoreInfo, is_store, open_store, prepare_command
 
 
 def default_glyphs_path() -> Path:
@@ -33,8 +33,7 @@ def store_path(config: Config) -> Path:
             return storage.cached_dir(data.path)
         except FileNotFoundError:
             raise DataError(
-                f"data.path = {data.path}: no task store there; create one with "
-                f"`distmaml prepare omniglot|imagefolder|glyphs --out {data.path}`"
+                f"data.path = {data.path}: no task store there; create one with {prepare_command(data.path)}"
             ) from None
     if data.family == "glyphs":
         path = Path(data.path).expanduser() if data.path else default_glyphs_path()
@@ -51,15 +50,15 @@ def store_path(config: Config) -> Path:
     if data.family == "store":
         if not data.path:
             raise DataError(
-                "data.path is not set: prepare a store with `distmaml prepare omniglot|imagefolder|glyphs "
-                "--out DATA_DIR`, then --set data.path=DATA_DIR"
+                f"data.path is not set: prepare a store with {prepare_command('DATA_DIR')}, then "
+                "--set data.path=DATA_DIR"
             )
         path = Path(data.path).expanduser()
         if not is_store(path):
             what = "no such folder" if not path.exists() else "not a task store (no metadata.json)"
             raise DataError(
-                f"data.path = {data.path!r}: {what}; prepare one there with `distmaml prepare "
-                f"omniglot|imagefolder|glyphs --out {data.path}` or --set data.path=DATA_DIR"
+                f"data.path = {data.path!r}: {what}; prepare one there with {prepare_command(data.path)} "
+                "or --set data.path=DATA_DIR"
             )
         return path
     raise DataError(f"data.family = {data.family!r} has no task store (stores: glyphs, store)")

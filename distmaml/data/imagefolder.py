@@ -138,10 +138,10 @@ def prepare_imagefolder(
     with staged_output(out, overwrite) as tmp:
         writer = StoreWriter(tmp, (channels, size, size))
         for split, classes in splits.items():
-            items = [
+            items = (  # one class decoded at a time; the writer streams them to disk
                 ClassImages(name, name, load_class(files, channels, size), [str(f.relative_to(src)) for f in files])
                 for name, files in classes.items()
-            ]
+            )
             writer.write_split(split, items)
         meta = writer.finish(
             {

@@ -22,6 +22,7 @@ and 270 degrees is a new class (Santoro et al., 2016), so meta-train holds
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from distmaml.data.prepare import check_size, check_source, image_files, load_cl
 from distmaml.data.store import ClassImages, StoreWriter
 
 BACKGROUND, EVALUATION = "images_background", "images_evaluation"
+TORCHVISION_FOLDER = "omniglot-py"
 ROTATIONS = (90, 180, 270)
 
 
@@ -50,13 +52,28 @@ class Character:
         return f"{self.alphabet}/{self.character}"
 
 
+def omniglot_root(source: Path) -> Path:
+    """``source``, or its ``omniglot-py/`` where torchvision keeps the same two folders.
+
+    ``torchvision.datasets.Omniglot(root, download=True)`` unzips into
+    ``root/omniglot-py/images_background`` (and ``images_evaluation`` when
+    asked with ``background=False``), next to the zip files; the folders
+    inside are Omniglot's own, so pointing ``--source`` at ``root`` or at
+    ``root/omniglot-py`` gives the same store.
+    """
+    inner = source / TORCHVISION_FOLDER
+    has_parts = any((source / p).is_dir() for p in (BACKGROUND, EVALUATION))
+    return inner if not has_parts and inner.is_dir() else source
+
+
 def scan(source: Path) -> list[Character]:
     """Every character folder under ``source``, in sorted order; a wrong layout is named."""
     parts = [p for p in (BACKGROUND, EVALUATION) if (source / p).is_dir()]
     if not parts:
         raise DataError(
-            f"--source {source}: not an Omniglot folder; expected {BACKGROUND}/ and {EVALUATION}/ inside it, "
-            "each holding <alphabet>/<characterNN>/*.png"
+            f"--source {source}: not an Omniglot folder; expected {BACKGROUND}/ and {EVALUATION}/ inside it "
+            f"(or inside its {TORCHVISION_FOLDER}/, as torchvision leaves them), each holding "
+            "<alphabet>/<characterNN>/*.png"
         )
     out: list[Character] = []
     for part in parts:
@@ -111,6 +128,18 @@ def split_characters(
     raise DataError(f"--split {split!r}: allowed values are paper, alphabets")
 
 
+def _classes(src: Path, members: list[Character], size: int, rotations: bool) -> Iterator[ClassImages]:
+    """Each character decoded (and, with ``rotations``, turned), one at a time."""
+    for ch in members:
+        images = load_class(ch.files, 1, size)
+        files = [str(f.relative_to(src)) for f in ch.files]
+        yield ClassImages(ch.name, ch.alphabet, images, files)
+        if rotations:
+            for angle in ROTATIONS:
+                turned = torch.rot90(images, k=angle // 90, dims=(2, 3)).contiguous()
+                yield ClassImages(f"{ch.name}/rot{angle:03d}", ch.alphabet, turned, files, angle)
+
+
 def prepare_omniglot(
     source: str | Path,
     out: str | Path,
@@ -128,7 +157,7 @@ def prepare_omniglot(
     Example:
         >>> prepare_omniglot("~/data/omniglot", "data/omniglot")  # paper split, 28x28, rotations
     """
-    src = check_source(source)
+    src = omniglot_root(check_source(source))
     check_size(size)
     if train_classes < 1 or val_classes < 1:
         raise DataError("--train-classes and --val-classes must be at least 1")
@@ -138,16 +167,7 @@ def prepare_omniglot(
     with staged_output(out, overwrite) as tmp:
         writer = StoreWriter(tmp, (1, size, size))
         for name, members in splits.items():
-            classes: list[ClassImages] = []
-            for ch in members:
-                images = load_class(ch.files, 1, size)
-                files = [str(f.relative_to(src)) for f in ch.files]
-                classes.append(ClassImages(ch.name, ch.alphabet, images, files))
-                if rotations and name == "train":
-                    for angle in ROTATIONS:
-                        turned = torch.rot90(images, k=angle // 90, dims=(2, 3)).contiguous()
-                        classes.append(ClassImages(f"{ch.name}/rot{angle:03d}", ch.alphabet, turned, files, angle))
-            writer.write_split(name, classes)
+            writer.write_split(name, _classes(src, members, size, rotations and name == "train"))
         options = {"size": size, "split": split, "train_classes": train_classes, "val_classes": val_classes}
         source_info = {"kind": "omniglot", "path": str(src.resolve()), **options, "rotations": rotations}
         meta = writer.finish({**source_info, "seed": seed, "seconds": round(time.perf_counter() - began, 2)})

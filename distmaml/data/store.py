@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ from distmaml.tasks.base import SPLITS
 SCHEMA_VERSION = 1
 METADATA = "metadata.json"
 FORMAT = "distmaml-task-store"
+PREPARE_KINDS = ("cifarfs", "fc100", "miniimagenet", "tieredimagenet", "cub", "omniglot", "imagefolder", "glyphs")
+
+
+def prepare_command(path: str | Path) -> str:
+    """The ``distmaml prepare`` command that makes a store at ``path``: its kind when the folder is
+    named for one (the recipes read ``data/<kind>``), else every kind."""
+    name = Path(str(path)).name
+    kind = name if name in PREPARE_KINDS and name != "imagefolder" else "|".join(PREPARE_KINDS)
+    return f"`distmaml prepare {kind} --out {path}`"
 
 
 def split_file(split: str) -> str:
@@ -105,10 +115,7 @@ def open_store(path: str | Path) -> StoreInfo:
     path = Path(path).expanduser()
     meta_path = path / METADATA
     if not meta_path.is_file():
-        raise DataError(
-            f"no task store at {path} (no {METADATA}); create one with "
-            f"`distmaml prepare omniglot|imagefolder|glyphs --out {path}`"
-        )
+        raise DataError(f"no task store at {path} (no {METADATA}); create one with {prepare_command(path)}")
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -227,46 +234,68 @@ _SCHEMA = pa.schema(
 
 
 class StoreWriter:
-    """Writes the splits of a store into ``folder`` (a temporary folder; see ``prepare.staged_output``)."""
+    """Writes the splits of a store into ``folder`` (a temporary folder; see ``prepare.staged_output``).
 
-    def __init__(self, folder: Path, image_shape: tuple[int, int, int]) -> None:
+    A split is written class by class: ``write_split`` takes any iterable of
+    ``ClassImages`` (a generator decodes one class while the previous ones are
+    already on disk) and holds at most ``buffer_bytes`` of pixels at a time,
+    so a split larger than memory (tieredImageNet's train split is 9.5 GB
+    decoded) streams through.
+    """
+
+    def __init__(self, folder: Path, image_shape: tuple[int, int, int], buffer_bytes: int = 128 << 20) -> None:
         self.folder = Path(folder)
         self.image_shape = image_shape
+        self.buffer_bytes = buffer_bytes
         self.splits: dict[str, SplitInfo] = {}
         self._sum = np.zeros(image_shape[0])
         self._sumsq = np.zeros(image_shape[0])
         self._pixels = 0
 
-    def write_split(self, split: str, classes: list[ClassImages]) -> None:
+    def write_split(self, split: str, classes: Iterable[ClassImages]) -> None:
         """Writes ``split.parquet``: every image of ``classes``, grouped by class in the given order."""
+        with self.split(split) as out:
+            for cls in classes:
+                out.add(cls)
+
+    @contextmanager
+    def split(self, split: str) -> Iterator[SplitWriter]:
+        """A writer of ``split.parquet`` that takes one class at a time (``add``), for readers that push."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r}: allowed values are {SPLITS}")
-        width = int(np.prod(self.image_shape))
+        out = SplitWriter(self, split)
+        try:
+            yield out
+        except BaseException:
+            out.abort()  # the staging folder is removed anyway; no last flush of a failed split
+            raise
+        out.close()
+        self.splits[split] = SplitInfo(out.names, out.counts)
+
+    def _add_statistics(self, imgs: Tensor) -> None:
+        x = imgs.double().div(255).transpose(0, 1).reshape(imgs.shape[1], -1)
+        self._sum += x.sum(1).numpy()
+        self._sumsq += (x * x).sum(1).numpy()
+        self._pixels += x.shape[1]
+
+    @staticmethod
+    def _table(split: str, classes: list[ClassImages], first: int, schema: pa.Schema, width: int) -> pa.Table:
+        """The rows of ``classes`` (class indices from ``first``) as one table."""
         cols: dict[str, list[Any]] = {name: [] for name in _SCHEMA.names}
         blobs = []
-        for i, cls in enumerate(classes):
-            imgs = cls.images
-            if imgs.dtype != torch.uint8 or tuple(imgs.shape[1:]) != self.image_shape:
-                raise ValueError(f"class {cls.name!r}: images must be uint8 {self.image_shape}, got {imgs.dtype}")
-            k = imgs.shape[0]
+        for i, cls in enumerate(classes, start=first):
+            k = cls.images.shape[0]
             cols["class"] += [cls.name] * k
             cols["class_index"] += [i] * k
             cols["group"] += [cls.group] * k
             cols["split"] += [split] * k
             cols["rotation"] += [cls.rotation] * k
             cols["file"] += list(cls.files) if cls.files else [""] * k
-            blobs.append(imgs.contiguous().numpy().reshape(-1))
-            if split == "train":
-                x = imgs.double().div(255).transpose(0, 1).reshape(imgs.shape[1], -1)
-                self._sum += x.sum(1).numpy()
-                self._sumsq += (x * x).sum(1).numpy()
-                self._pixels += x.shape[1]
+            blobs.append(cls.images.contiguous().numpy().reshape(-1))
         pixels = np.concatenate(blobs) if blobs else np.zeros(0, np.uint8)
         image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(cols["class"]), [None, pa.py_buffer(pixels)])
         arrays = [pa.array(cols[name], type=_SCHEMA.field(name).type) for name in _SCHEMA.names]
-        table = pa.Table.from_arrays([*arrays, image], schema=_SCHEMA.append(pa.field("image", pa.binary(width))))
-        pq.write_table(table, self.folder / split_file(split), compression="zstd", row_group_size=65536)
-        self.splits[split] = SplitInfo([c.name for c in classes], [int(c.images.shape[0]) for c in classes])
+        return pa.Table.from_arrays([*arrays, image], schema=schema)
 
     def finish(self, source: dict[str, Any]) -> dict[str, Any]:
         """Writes ``metadata.json`` (last, so a folder with it is a complete store); returns it."""
@@ -291,6 +320,52 @@ class StoreWriter:
         }
         (self.folder / METADATA).write_text(json.dumps(meta, indent=1))
         return meta
+
+
+class SplitWriter:
+    """Writes one split's rows, class by class, holding at most ``buffer_bytes`` of pixels."""
+
+    def __init__(self, store: StoreWriter, split: str) -> None:
+        self.store, self.split = store, split
+        self.width = int(np.prod(store.image_shape))
+        self.schema = _SCHEMA.append(pa.field("image", pa.binary(self.width)))
+        self.names: list[str] = []
+        self.counts: list[int] = []
+        self._pending: list[ClassImages] = []
+        self._pending_bytes = 0
+        self._out = pq.ParquetWriter(store.folder / split_file(split), self.schema, compression="zstd")
+
+    def add(self, cls: ClassImages) -> None:
+        """Appends a class (its index is the number of classes added before it)."""
+        imgs = cls.images
+        if imgs.dtype != torch.uint8 or tuple(imgs.shape[1:]) != self.store.image_shape:
+            raise ValueError(
+                f"class {cls.name!r}: images must be uint8 {self.store.image_shape}, got {imgs.dtype} "
+                f"{tuple(imgs.shape[1:])}"
+            )
+        if self.split == "train":
+            self.store._add_statistics(imgs)
+        self._pending.append(cls)
+        self._pending_bytes += imgs.numel()
+        self.names.append(cls.name)
+        self.counts.append(int(imgs.shape[0]))
+        if self._pending_bytes >= self.store.buffer_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        first = len(self.names) - len(self._pending)
+        table = StoreWriter._table(self.split, self._pending, first, self.schema, self.width)
+        self._out.write_table(table, 65536)
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> None:
+        if self._pending or not self.names:
+            self._flush()
+        self._out.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._out.close()
 
 
 def describe_store(info: StoreInfo) -> str:
