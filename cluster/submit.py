@@ -19,7 +19,13 @@ no ``tracking.uri``. ``distmaml.oncluster`` holds all of it; ``ray job submit
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Python puts this script's folder first on the path; under `ray submit` that is the head's home folder,
+# whose ~/distmaml (the project, mounted there) would shadow the installed package as a namespace package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 
 def main(argv: list[str] | None = None) -> int:
