@@ -18,6 +18,7 @@ The README's commands are read from the README; a tiny budget is added to each (
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -31,7 +32,7 @@ import yaml
 from fakecluster import start_fake_cluster
 from mlflowserver import mlflow_server
 from projectcopy import ROOT, mounted_project
-from rayhead import free_port
+from rayhead import free_port, listening_addresses
 from s3server import s3_server
 from userpkg import SETS, assert_shipped, worker_calls, write_package
 
@@ -83,7 +84,8 @@ def cluster(home, tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow")
     port, dashboard = free_port(), free_port()
     with s3_server((BUCKET,)), mlflow_server(folder, "127.0.0.1", port) as uri:
-        with environ({"DISTMAML_MLFLOW_PORT": str(port)}):
+        # the head's processes run in its home folder: its autoscaler hashes the mounts there, as on a real head
+        with environ({"DISTMAML_MLFLOW_PORT": str(port), "HOME": str(home)}):
             c = start_fake_cluster(
                 worker_node_types(),
                 max_workers=2,
@@ -203,3 +205,12 @@ def test_ray_job_submit_train_with_the_users_package(cluster, tmp_path):
     for c in calls:  # the driver and every worker imported it from Ray's copy of the job's working_dir
         assert "/runtime_resources/working_dir_files/" in c["file"], c["file"]
     assert len({c["pid"] for c in calls}) >= 3  # the driver and two workers
+
+
+def test_every_process_of_the_cluster_listens_on_loopback_only(cluster):
+    """Its head, dashboard, agents and the worker nodes the autoscaler started: 127.0.0.1, never this
+    machine's network address, which Ray alone would take (tests/rayhead.py, LOOPBACK_ONLY)."""
+    listening = listening_addresses(cluster.head.pids())
+    assert cluster.dashboard_url.rsplit(":", 1)[1] in {a.rsplit(":", 1)[1] for a in listening}
+    off = {a: c for a, c in listening.items() if not ipaddress.ip_address(a.rsplit(":", 1)[0]).is_loopback}
+    assert off == {}

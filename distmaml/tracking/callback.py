@@ -244,7 +244,13 @@ class MlflowCallback(Callback):
             self.client.log_artifact(self.run_id, str(folder / "config.yaml"))
             self.client.log_artifact(self.run_id, str(folder / "result.json"))
             if trainer.last_checkpoint is not None:
-                self.client.log_artifact(self.run_id, str(trainer.last_checkpoint), "checkpoint")
+                checkpoint = str(trainer.last_checkpoint)
+                if storage.is_uri(checkpoint):  # a run dir in a bucket: MLflow uploads local files only
+                    (folder / "checkpoint").mkdir()
+                    local = folder / "checkpoint" / storage.name(checkpoint)
+                    local.write_bytes(storage.read_bytes(checkpoint))
+                    checkpoint = str(local)
+                self.client.log_artifact(self.run_id, checkpoint, "checkpoint")
             plot_dir = folder / "plots"
             plot_dir.mkdir()
             plots.learning_curve(
