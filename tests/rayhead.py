@@ -121,6 +121,9 @@ def start_head(
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
         LOOPBACK_ONLY: "0",
+        # Ray's memory monitor counts the whole machine's memory, which other work on a shared machine fills:
+        # it would kill this head's workers for it. The kernel's OOM killer still guards the machine.
+        "RAY_memory_monitor_refresh_ms": os.environ.get("RAY_memory_monitor_refresh_ms", "0"),
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # distmaml, as on a real head
     env.update(extra_env or {})
