@@ -1,4 +1,4 @@
-"""The README's "Run on a cluster" commands, each in the layout where it really runs, through both doors.
+"""The README's "Run on a cluster" commands through ``ray submit``, in the layout where they really run.
 
 One local autoscaling cluster shaped like cluster/config.yaml (tests/fakecluster.py: a head with no CPUs,
 ``gpu_worker`` nodes with the YAML's resources, none up at the start) with its dashboard, an MLflow server
@@ -10,8 +10,7 @@ the user's bucket. Everything listens on loopback.
   applied), with a package of the user's own kept in it; ``ray up`` writes ``~/ray_bootstrap_config.yaml``,
   which is the config the head's autoscaler runs with here. Commands run as ``python ~/submit.py ARGS``
   from HOME.
-- the Jobs API: ``ray job submit --address http://127.0.0.1:PORT --working-dir <a fresh copy> -- distmaml ...``
-  with the cluster's token, as the README says to get it.
+- the Jobs API: tests/test_jobs.py.
 
 The README's commands are read from the README; a tiny budget is added to each (``--set meta.steps=2``...).
 """
@@ -167,44 +166,6 @@ def test_ray_submit_train_with_the_users_package_in_the_project(home, cluster):
     driver = {c["pid"] for c in calls if Path(c["cwd"]).resolve() == project.resolve()}
     assert driver  # the driver imported it from the project folder, where submit.py moved
     assert_shipped(worker_calls(log, driver), project)
-
-
-def _job(cluster, tmp_path: Path, command: list[str], extra: list[str]) -> subprocess.CompletedProcess[str]:
-    """The README's ``ray job submit`` command against this cluster's dashboard, with a fresh copy as ``.``."""
-    project = mounted_project(tmp_path / "project")
-    write_package(project, tmp_path / "calls.jsonl")
-    argv = list(command)
-    argv[argv.index("--address") + 1] = cluster.dashboard_url
-    argv[argv.index("--working-dir") + 1] = str(project)
-    argv[0] = str(Path(sys.executable).with_name("ray"))
-    token = {k: cluster.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}  # what the README says to set
-    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_")}
-    proc = subprocess.run(
-        [*argv, *extra], cwd=tmp_path, env={**env, **token}, capture_output=True, text=True, timeout=1200
-    )
-    assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-3000:]
-    assert f"tracking to the head's MLflow server: --set tracking.uri={cluster.mlflow_uri}" in proc.stdout
-    return proc
-
-
-def test_ray_job_submit_tune_from_the_readme(cluster, tmp_path):
-    (command,) = [c for c in readme_commands("ray job submit") if "tune" in c]
-    assert command[command.index("--") + 1 :][:4] == ["distmaml", "tune", "--space", "tune_spaces/sinusoid.yaml"]
-    proc = _job(cluster, tmp_path, command, ["--quiet", "--trials", "1", *_sets(TINY_TUNE)])
-    assert f"best checkpoint: s3://{BUCKET}/" in proc.stdout
-
-
-def test_ray_job_submit_train_with_the_users_package(cluster, tmp_path):
-    (command,) = [c for c in readme_commands("ray job submit") if "tune" in c]
-    head = command[: command.index("--") + 1]  # ray job submit --address ... --working-dir . --
-    sets = [*SETS, *TINY, "meta.val_every=0", "workers=2", "tracking.enabled=true"]
-    proc = _job(cluster, tmp_path, [*head, "distmaml", "train", "--quiet"], _sets(sets))
-    assert "meta-test, 4 held-out tasks" in proc.stdout
-    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert {c["what"] for c in calls} == {"model", "family"}
-    for c in calls:  # the driver and every worker imported it from Ray's copy of the job's working_dir
-        assert "/runtime_resources/working_dir_files/" in c["file"], c["file"]
-    assert len({c["pid"] for c in calls}) >= 3  # the driver and two workers
 
 
 def test_every_process_of_the_cluster_listens_on_loopback_only(cluster):
