@@ -130,8 +130,9 @@ def test_submit_train_waits_for_the_autoscaler_and_finishes(cluster, tmp_path):
     assert waits, proc.stderr[-3000:]
     assert re.fullmatch(
         r"distmaml: waiting \d+ s for the run's placement group \{'CPU': 1\} \+ 2 x \{'CPU': 1, 'GPU': 1\} \(PACK\): "
-        r"the autoscaler can add 2 nodes of type gpu_worker \{'CPU': 2, 'GPU': 1\} "
-        r"\(engine.startup_timeout = 120 s\)",
+        r"the autoscaler can add 2 nodes of type gpu_worker \{'CPU': 2, 'GPU': 1\}; "
+        r"(nothing launching|\d+ launch(es)? in flight|\d+ nodes? starting(, \d+ launch(es)? in flight)?) "
+        r"\(engine.startup_timeout = 1800 s\)",
         waits[0],
     ), waits[0]
     assert cluster.worker_nodes() == 2
@@ -152,3 +153,33 @@ def test_submit_train_waits_for_the_autoscaler_and_finishes(cluster, tmp_path):
         *waits,
         sep="\n",
     )
+
+
+@pytest.mark.slow
+def test_a_run_the_autoscaler_cannot_launch_nodes_for_stops_after_engine_startup_stall(tmp_path):
+    """Every launch of the node type fails (the fake provider cannot start a node whose object store is
+    1000 bytes; Ray's minimum is 75 MiB): no node ever starts, and the run says so in one line instead of
+    waiting out engine.startup_timeout (1800 s)."""
+    broken = {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 1000}, "min_workers": 0, "max_workers": 2}
+    cluster = start_fake_cluster({"gpu_worker": broken})
+    try:
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "distmaml", "train", "--quiet", "--workers", "1", "--address", cluster.address,
+             "--set", "engine.startup_stall=20", "--set", "tracking.enabled=false", *[a for o in TINY for a in ("--set", o)]],
+            cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        seconds = time.monotonic() - start
+        assert cluster.worker_nodes() == 0
+    finally:
+        cluster.stop()
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"distmaml: error: the run's placement group \{'CPU': 1\} \+ \{'CPU': 1, 'GPU': 1\} \(PACK\) waited \d+ s "
+        r"with no node starting, though the autoscaler can add 1 node of type gpu_worker \{'CPU': 2, 'GPU': 1\}: "
+        r".+; see 'ray status' and the autoscaler's log on the head \(.+\), or raise engine.startup_stall",
+        last,
+    ), last
+    assert "Traceback" not in proc.stderr
+    print(f"\na run the autoscaler cannot launch for: exit 3 after {seconds:.0f} s (engine.startup_stall = 20 s)")
