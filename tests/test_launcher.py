@@ -58,6 +58,7 @@ pytestmark = pytest.mark.slow
 def differences(machines: Machines, gcs_port: int, dashboard_port: int) -> list[tuple[str, str, int, str]]:
     """(shipped text, the test's text, how many times, why): every way the test's copy differs."""
     loopback = "the machines are addresses of this machine's loopback"
+    mlflow = machines.mlflow_port
     return [
         ("head_ip: 10.0.0.10", f"head_ip: {HEAD}", 1, loopback),
         ("    - 10.0.0.11\n    - 10.0.0.12\n", "".join(f"    - {w}\n" for w in WORKERS), 1, loopback),
@@ -90,7 +91,12 @@ def differences(machines: Machines, gcs_port: int, dashboard_port: int) -> list[
             1,
             "tests serve on loopback only, never on the address `hostname -I` prints",
         ),
-        ("5000", str(machines.mlflow_port), 4, "5000 may be another MLflow's on this machine (MLflow's own lines)"),
+        (
+            '--port 5000 --allowed-hosts "$IP:5000,localhost:5000,127.0.0.1:5000"',
+            f'--port {mlflow} --allowed-hosts "$IP:{mlflow},localhost:{mlflow},127.0.0.1:{mlflow}"',
+            1,
+            "5000 may be another MLflow's on this machine",
+        ),
         (
             'pgrep -f "[m]lflow server"',
             'pgrep -u "$USER" -f "[m]lflow server"',
