@@ -35,6 +35,7 @@ installs them. ``missing()`` says what is absent.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pwd
 import secrets
@@ -91,6 +92,14 @@ for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
     while pids() and time.monotonic() < deadline:
         time.sleep(0.2)
 print(f"stop-ray-node: stopped the Ray processes of this node (TMPDIR={{tmp}})")
+"""
+
+CONSOLE_SCRIPTS = ("ray", "mlflow")  # what the cluster YAML's commands run
+CONSOLE_SCRIPT = """\
+#!{python}
+import sys
+from {module} import {attr}
+sys.exit({attr}())
 """
 
 RAY_WRAPPER = """\
@@ -229,6 +238,11 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
             _as(user, [python, "-m", "venv", "--without-pip", str(home / "venv")])
             site = next((home / "venv" / "lib").glob("python*/site-packages"))
             _write(user, site / "zz_test_env.pth", "".join(f"import site; site.addsitedir({s!r})\n" for s in sites))
+            for name in CONSOLE_SCRIPTS:  # the packages came through the .pth file, their commands did not
+                (entry,) = importlib.metadata.entry_points(group="console_scripts", name=name)
+                script = CONSOLE_SCRIPT.format(python=home / "venv" / "bin" / "python", module=entry.module,
+                                               attr=entry.attr)  # fmt: skip
+                _write(user, home / "venv" / "bin" / name, script, 0o755)
             _write(user, home / ".ssh" / "authorized_keys", (base / "key.pub").read_text(), 0o600)
             _write(user, home / "bin" / "stop-ray-node", STOP_NODE.format(python=home / "venv" / "bin" / "python"))
             _write(user, home / "bin" / "ray", RAY_WRAPPER, 0o755)

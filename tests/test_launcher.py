@@ -111,7 +111,9 @@ def cluster_copy(shipped: str, diffs: list[tuple[str, str, int, str]]) -> str:
     text = shipped
     for old, new, count, why in diffs:
         found = text.count(old)
-        assert found == count, f"the shipped cluster/local.yaml has {old!r} {found} times, the test expects {count} ({why})"
+        assert found == count, (
+            f"the shipped cluster/local.yaml has {old!r} {found} times, the test expects {count} ({why})"
+        )
         text = text.replace(old, new)
     return text
 
@@ -134,7 +136,9 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         (clone / "data").mkdir(exist_ok=True)  # TEMPORARY until the cluster branch's data/ is merged
         config = tmp_path / "local-test.yaml"
         config.write_text(
-            cluster_copy((clone / "cluster" / "local.yaml").read_text(), differences(machines, free_port(), free_port()))
+            cluster_copy(
+                (clone / "cluster" / "local.yaml").read_text(), differences(machines, free_port(), free_port())
+            )
         )
         ray = str(Path(sys.executable).with_name("ray"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -197,4 +201,3 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
