@@ -239,7 +239,7 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
             site = next((home / "venv" / "lib").glob("python*/site-packages"))
             _write(user, site / "zz_test_env.pth", "".join(f"import site; site.addsitedir({s!r})\n" for s in sites))
             for name in CONSOLE_SCRIPTS:  # the packages came through the .pth file, their commands did not
-                (entry,) = importlib.metadata.entry_points(group="console_scripts", name=name)
+                entry = next(iter(importlib.metadata.entry_points(group="console_scripts", name=name)))
                 script = CONSOLE_SCRIPT.format(python=home / "venv" / "bin" / "python", module=entry.module,
                                                attr=entry.attr)  # fmt: skip
                 _write(user, home / "venv" / "bin" / name, script, 0o755)
