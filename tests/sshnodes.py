@@ -133,6 +133,8 @@ class Machines:
     """A folder every "machine" reads and writes, as a lab's NFS share."""
     mlflow_port: int
     uid: int
+    tmp: dict[str, Path]
+    """Each "machine"'s TMPDIR, under which its Ray keeps sockets and logs."""
     log: Path
 
     def pids(self) -> list[int]:
@@ -212,6 +214,7 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
     base.chmod(0o755)
     user = "dmlt" + secrets.token_hex(4)
     homes = {a: base / f"h{a.rsplit('.', 1)[1]}" for a in addresses}
+    tmps = {a: base / f"t{a.rsplit('.', 1)[1]}" for a in addresses}
     head_home = homes[addresses[0]]
     subprocess.run(
         ["useradd", "--no-create-home", "--home-dir", str(head_home), "--shell", "/bin/bash", user], check=True
@@ -223,7 +226,7 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
     shared = base / "shared"
     sshd = subprocess.Popen(["true"])  # replaced below; stop() needs a process either way
     uid = pwd.getpwnam(user).pw_uid
-    machines = Machines(base, user, base / "key", port, homes, sshd, shared, mlflow_port, uid, base / "sshd.log")
+    machines = Machines(base, user, base / "key", port, homes, sshd, shared, mlflow_port, uid, tmps, base / "sshd.log")
     try:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "key")], check=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / "hostkey")], check=True)
@@ -231,7 +234,7 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
         shutil.chown(shared, user)
         python, sites = _python_for(user), _site_dirs()
         for address, home in homes.items():
-            tmp = base / f"t{address.rsplit('.', 1)[1]}"
+            tmp = tmps[address]
             for folder in (home, tmp, home / ".ssh", home / "bin"):
                 folder.mkdir(mode=0o700 if folder.name == ".ssh" else 0o755)
                 shutil.chown(folder, user)
@@ -275,7 +278,7 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
             "X11Forwarding no",
         ]
         for address, home in homes.items():
-            tmp = base / f"t{address.rsplit('.', 1)[1]}"
+            tmp = tmps[address]
             lines += [f"Match LocalAddress {address}", f"  SetEnv HOME={home} TMPDIR={tmp}"]
         config.write_text("\n".join(lines) + "\n")
         machines.sshd = subprocess.Popen(

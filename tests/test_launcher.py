@@ -5,7 +5,7 @@ The journey of the README's "Run on a cluster" section with ``cluster/local.yaml
 from a fresh ``git clone`` of the repository, ``ray submit ... cluster/submit.py
 -- train ...``, ``ray submit ... -- tune --space tune_spaces/sinusoid.yaml
 --storage ...``, ``ray down``. The machines are addresses of this machine's
-loopback (head 127.0.0.1, workers 127.0.0.2 and 127.0.0.3), each with its own
+loopback (head 127.0.0.2, workers 127.0.0.3 and 127.0.0.4; see ``HEAD``), each with its own
 home folder, reached by the launcher over SSH as a throwaway user
 (``tests/sshnodes.py`` makes the user, key, sshd and homes, and removes them).
 
@@ -43,7 +43,10 @@ from rayhead import free_port
 from sshnodes import Machines, missing, start_machines
 
 REPO = Path(__file__).resolve().parent.parent
-HEAD, WORKERS = "127.0.0.1", ["127.0.0.2", "127.0.0.3"]
+# Not 127.0.0.1 for the head: `ray start --node-ip-address=127.0.0.1` advertises the machine's outward address
+# instead (ray/scripts/scripts.py calls services.resolve_ip_for_localhost, which replaces 127.0.0.1, ::1 and
+# localhost with get_node_ip_address()); other loopback addresses are kept as given.
+HEAD, WORKERS = "127.0.0.2", ["127.0.0.3", "127.0.0.4"]
 # Where an SSH session on a "machine" learns which address it was reached at: the one the YAML names.
 THIS_ADDRESS = "$(echo $SSH_CONNECTION | cut -d' ' -f3)"
 STEPS = 4
@@ -160,7 +163,7 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         launcher("up", "up", "-y", "--disable-usage-stats", "--no-config-cache", str(config))
         head_home = machines.homes[HEAD]
         # the head runs the cloned project, installed by the shipped setup_commands into the prepared environment
-        where = launcher("exec", "exec", str(config), 'python -c "import distmaml; print(distmaml.__file__)"')
+        where = launcher("exec", "exec", str(config), 'cd / && python -c "import distmaml; print(distmaml.__file__)"')
         assert str(head_home / "distmaml" / "distmaml" / "__init__.py") in where
 
         runs = machines.shared / "runs" / "train"
@@ -181,7 +184,7 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         print("launcher journey (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
 
         # ray down stopped Ray on the head (its `ray stop`, this machine's stop-ray-node)
-        head_tmp = f"TMPDIR={machines.base / 't1'}".encode()
+        head_tmp = f"TMPDIR={machines.tmp[HEAD]}".encode()
         left = [p for p in machines.pids() if head_tmp in _environ(p) and b"raylet" in _cmdline(p)]
         assert left == []
     finally:
