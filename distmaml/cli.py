@@ -315,9 +315,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _command_config(args: argparse.Namespace) -> Config | None:
+    """The config a ``train`` (a resumed one: its checkpoint's) or ``tune`` command runs, else None.
+
+    None too for a command line that does not load: the command itself reports it, in its own words.
+    """
+    overrides = list(getattr(args, "set", None) or [])
+    try:
+        if args.command == "train" and args.resume:
+            from distmaml.checkpoint import load_checkpoint
+
+            return config_from_dict(load_checkpoint(args.resume).config)
+        if args.command == "train":
+            return load_config(
+                args.config, overrides + ([f"workers={args.workers}"] if args.workers is not None else [])
+            )
+        if args.command == "tune":
+            from distmaml.tune import load_space, with_overrides
+
+            return with_overrides(load_space(args.space), overrides=overrides).base_config()
+    except (Exception, SystemExit):
+        return None
+    return None
+
+
+def _on_the_cluster(args: argparse.Namespace) -> None:
+    """As a driver on a Ray cluster's head (``ray submit``'s cluster/submit.py, or a Ray job): join the
+    cluster with the user's code, pass its address on, and track to the head's MLflow server
+    (``distmaml.oncluster``)."""
+    from distmaml import oncluster
+
+    config = _command_config(args)
+    address = oncluster.cluster_address(getattr(args, "address", None))
+    oncluster.join(address, config)
+    if hasattr(args, "address"):
+        args.address = address  # the engines and the sweep join the same cluster
+    overrides = list(args.set or [])
+    if args.command in ("train", "tune") and not getattr(args, "resume", None):
+        if oncluster.tracks_to_default(config, overrides) and (uri := oncluster.head_tracking_uri()):
+            args.set = [*overrides, f"tracking.uri={uri}"]
+
+
+def main(argv: list[str] | None = None, *, on_cluster: bool = False) -> int:
+    """Runs a ``distmaml`` command line; ``on_cluster``: as ``cluster/submit.py`` runs it on the head.
+
+    Inside a Ray job (``ray job submit -- distmaml ...``) ``train``, ``tune`` and ``evaluate`` are
+    prepared the same way as with ``on_cluster``.
+    """
+    from distmaml.oncluster import COMMANDS, job_runtime_env
+
     args = build_parser().parse_args(argv)
     try:
+        if args.command in COMMANDS and (on_cluster or job_runtime_env() is not None):
+            _on_the_cluster(args)
         return int(args.func(args))
     except DistmamlError as e:  # the project's own input errors; anything else keeps its traceback
         print(f"distmaml: error: {e}", file=sys.stderr)

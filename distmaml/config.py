@@ -223,8 +223,12 @@ class EngineConfig:
     regroup_timeout: float = 30.0
     """Collective engine: seconds a (re)starting group waits for its workers before Ray Train tries again
     with the workers it then finds (after a node is lost, Ray may count it for up to 20 s more)."""
-    startup_timeout: float = 120.0
-    """Seconds to wait for the placement group before failing with the resources asked and available."""
+    startup_timeout: float = 1800.0
+    """Seconds to wait for the placement group before failing with the resources asked and available: the
+    outer limit, long enough for a cloud GPU node to boot and run ``setup_commands`` (often 5-15 minutes)."""
+    startup_stall: float = 300.0
+    """Seconds the wait goes on while the autoscaler could add nodes but none is launching or starting (its
+    launches fail, or it launches nothing), before the run fails with one line; see ``distmaml.engine.autoscaler``."""
     reduce: str = "driver"
     """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
     steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with
@@ -240,6 +244,7 @@ class EngineConfig:
         _check("engine.resize_interval", self.resize_interval, self.resize_interval >= 0, "must be 0 or more")
         _positive("engine.regroup_timeout", self.regroup_timeout)
         _positive("engine.startup_timeout", self.startup_timeout)
+        _positive("engine.startup_stall", self.startup_stall)
         _one_of("engine.reduce", self.reduce, REDUCES)
 
 

@@ -18,6 +18,14 @@ with a ``working_dir`` it does not. The copy is taken once per process, so
 workers started later (replacements after a failure) get the code the run
 started with.
 
+Inside a Ray job whose runtime environment has a ``working_dir`` already
+(``ray job submit --working-dir . -- distmaml train ...``), the job's folder
+is the shipped code: the entrypoint runs in Ray's unpacked copy of it and
+every worker of the job gets the same copy, and Ray refuses a second
+``working_dir`` from ``ray.init``. The user's packages are then found in that
+folder and nothing more is shipped; one found outside it is refused in one
+line, naming the folder to move it into.
+
 Not shipped: packages installed in the interpreter's site-packages (install
 them on every node, as the cluster YAML's ``setup_commands`` install
 distmaml) and distmaml itself. Ray refuses a package of 512 MiB or more
@@ -123,4 +131,21 @@ def runtime_env(
     sources = top_level_sources(user_modules(config, model, tasks))
     if not sources:
         return None
+    from distmaml.oncluster import job_runtime_env
+
+    job = job_runtime_env()
+    if job is not None and job.get("working_dir"):
+        _check_in_job_folder(sources)
+        return None  # the job's own working_dir carries them
     return {"working_dir": str(stage(sources))}
+
+
+def _check_in_job_folder(sources: list[Path]) -> None:
+    """Raises unless every source is inside the Ray job's ``working_dir`` (the entrypoint's folder)."""
+    here = Path.cwd().resolve()
+    outside = [s for s in sources if not _within(s, [here])]
+    if outside:
+        raise UserCodeError(
+            f"{outside[0]} is outside the Ray job's working directory, which is the only code the job "
+            f"ships to its workers; move {outside[0].name!r} into the folder you pass as --working-dir"
+        )

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Loopback only: Ray (in this process, Cluster's nodes, and every process started from here) takes 127.0.0.1
+# as its node address instead of the address of the default route (tests/rayhead.py, LOOPBACK_ONLY).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray Train's controller looks at its worker group every 2 s by default and takes several looks from a
 # group's last report to the end of fit() (about 8 s of a ~25 s tiny run here); every Ray process the
 # tests start (ray.init, Cluster, the CLI subprocesses) inherits this environment. A worker that misses
@@ -51,3 +54,42 @@ def _ray_log_handlers_of_a_test_end_with_it():
     yield
     for name, lg in _ray_loggers().items():
         lg.handlers = [h for h in lg.handlers if h in before.get(name, [])]
+
+
+# -- loopback only --------------------------------------------------------------------------------------
+# Tests may reach 127.0.0.0/8 only (tests/test_loopback.py). Every socket this pytest process connects,
+# binds or sends to is checked here (Python's audit events); one to any other address, or a bind to all
+# interfaces, fails the session at its end, naming the address.
+_OFF_LOOPBACK: list[str] = []
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _audit_sockets(event: str, args: tuple) -> None:
+    if event not in ("socket.connect", "socket.bind", "socket.sendto"):
+        return
+    address = args[-1]
+    if isinstance(address, tuple) and address and isinstance(address[0], str) and not _is_loopback(address[0]):
+        _OFF_LOOPBACK.append(f"{event} {address!r}")
+
+
+import sys as _sys  # noqa: E402
+
+_sys.addaudithook(_audit_sockets)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OFF_LOOPBACK:
+        print(f"\ntests reached addresses off loopback (only 127.0.0.0/8 is allowed): {sorted(set(_OFF_LOOPBACK))}")
+        session.exitstatus = 1

@@ -127,12 +127,20 @@ def start_fake_cluster(
     max_workers: int = 2,
     idle_timeout_minutes: float = 5.0,
     timeout: float = 120.0,
+    *,
+    config_path: Path | None = None,
+    file_mounts: dict[str, str] | None = None,
+    dashboard_port: int | None = None,
 ) -> FakeCluster:
     """Starts the head (0 CPUs) with an autoscaler that may launch ``worker_types`` (default: ``gpu_worker``).
 
     ``worker_types`` maps a node type name to its ``resources``,
     ``min_workers`` and ``max_workers``, as in ``available_node_types`` of a
     cluster YAML; ``max_workers`` bounds all worker nodes together.
+    ``config_path``: where to write the autoscaling config (``ray up`` writes
+    it to the head's ``~/ray_bootstrap_config.yaml``, each of ``file_mounts``'
+    targets mapped to itself); ``dashboard_port``: start the dashboard there
+    (the Jobs API), on 127.0.0.1.
     """
     types = {name: {"node_config": {}, **spec} for name, spec in (worker_types or {"gpu_worker": GPU_WORKER}).items()}
     types[HEAD_TYPE] = {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0}
@@ -159,20 +167,28 @@ def start_fake_cluster(
         "worker_setup_commands": [],
         "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
-        "file_mounts": {},
+        "file_mounts": dict(file_mounts or {}),
         "cluster_synced_files": [],
         "file_mounts_sync_continuously": False,
         "rsync_exclude": [],
         "rsync_filter": [],
     }
-    config_path = temp_dir / "autoscaling.json"  # JSON is YAML: `ray start` reads either
+    config_path = config_path or temp_dir / "autoscaling.json"  # JSON is YAML: `ray start` reads either
     config_path.write_text(json.dumps(config, indent=1))
+    dashboard = [
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+    ]
     head = start_head(
         num_cpus=0,
         timeout=timeout,
         port=port,
         temp_dir=temp_dir,
-        extra_args=[f"--autoscaling-config={config_path}"],
+        extra_args=[f"--autoscaling-config={config_path}", *(dashboard if dashboard_port else [])],
         extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
     )
     return FakeCluster(head, config)

@@ -29,6 +29,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Set to 0, Ray takes 127.0.0.1 as this node's address wherever it would pick one itself
+(``ray._private.services.get_node_ip_address``): ``ray start --node-ip-address 127.0.0.1`` alone is
+turned into the address of the default route (``resolve_ip_for_localhost``), and so is every node the fake
+multi-node provider starts. Its only other effect: ``ray start --address`` (a second node by the CLI) is
+refused."""
+
+
+START_ATTEMPTS = 3
+"""Tries of ``ray start --head`` when it fails only because its raylet registered too slowly."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,7 +73,7 @@ class RayHead:
                 continue
         return found
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 10.0, keep_temp_dir: bool = False) -> None:
         """SIGTERM to each process of this head, SIGKILL to what is left after ``grace`` seconds."""
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
             for pid in self.pids():
@@ -75,7 +86,8 @@ class RayHead:
                 time.sleep(0.2)
             if not self.pids():
                 break
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if not keep_temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def new_temp_dir() -> Path:
@@ -103,7 +115,14 @@ def start_head(
     temp_dir = temp_dir or new_temp_dir()
     port = port or free_port()
     token = secrets.token_hex(32)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        LOOPBACK_ONLY: "0",
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # distmaml, as on a real head
     env.update(extra_env or {})
     if not token_auth:
         env["RAY_AUTH_MODE"] = "disabled"
@@ -113,6 +132,7 @@ def start_head(
     cmd = [
         ray_cli, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
         "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir), "--include-dashboard", "false",
+        "--dashboard-port", str(free_port()),
         "--disable-usage-stats",
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
@@ -121,14 +141,50 @@ def start_head(
     if resources:
         cmd += ["--resources", resources]
     cmd += list(extra_args)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    head = RayHead(f"127.0.0.1:{port}", temp_dir, proc.pid, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        head.stop()
-        raise
-    if proc.returncode != 0:
-        head.stop()
-        raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out.decode(errors='replace')}")
-    return head
+    for attempt in range(START_ATTEMPTS):
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        head = RayHead(f"127.0.0.1:{port}", temp_dir, proc.pid, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            head.stop()
+            raise
+        if proc.returncode == 0:
+            return head
+        # Ray gives its own raylet 30 s to register (node.py, not configurable): a machine busy with other
+        # work misses that now and then. The same ports and folder again (a config there may name them).
+        retry = b"timed out during startup" in out and attempt + 1 < START_ATTEMPTS
+        head.stop(keep_temp_dir=retry)
+        if not retry:
+            raise RuntimeError(f"ray start failed ({proc.returncode}):\n{out.decode(errors='replace')}")
+    raise AssertionError("unreachable")
+
+
+def listening_addresses(pids: list[int]) -> dict[str, str]:
+    """``{"host:port": command}`` of every TCP socket the processes ``pids`` listen on (from /proc)."""
+    owners: dict[str, str] = {}
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owners[target[8:-1]] = command
+        except OSError:
+            continue
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in owners:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = fields[1].split(":")
+            raw = bytes.fromhex(hex_ip)
+            # the kernel prints each 32-bit word in host (little-endian) order
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            import ipaddress
+
+            ip = ipaddress.ip_address(words)
+            mapped = getattr(ip, "ipv4_mapped", None)
+            found[f"{mapped or ip}:{int(hex_port, 16)}"] = owners[fields[9]]
+    return found

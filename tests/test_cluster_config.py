@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import jsonschema
@@ -76,3 +77,31 @@ def test_the_validator_rejects_broken_files(breakage, message):
     breakage(broken)
     with pytest.raises((jsonschema.ValidationError, ValueError), match=message):
         validate_config(prepare_config(broken))
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "local.yaml"])
+def test_ray_up_hashes_every_file_mount_of_a_fresh_clone(name, tmp_path, monkeypatch):
+    """`ray up` hashes each file_mounts source before it launches anything (commands.get_or_create_head_node):
+    Ray's own hash_runtime_conf, run from the root of a fresh clone, as a user runs `ray up`."""
+    from projectcopy import fresh_clone
+    from ray.autoscaler._private import util
+
+    clone = fresh_clone(tmp_path / "clone")
+    monkeypatch.chdir(clone)
+    config = prepare_config(yaml.safe_load((clone / "cluster" / name).read_text()))
+    sources = set(config["file_mounts"].values())
+    assert sources == {"."}  # the project only: data/ travels inside it
+    assert (clone / "data" / "README.md").is_file()  # ... and is in every clone
+    monkeypatch.setattr(util, "_hash_cache", {})  # hash for real, not from another test's cache
+    runtime_hash, _ = util.hash_runtime_conf(
+        config["file_mounts"], None, config, generate_file_mounts_contents_hash=True
+    )
+    assert runtime_hash
+
+
+def test_the_cluster_files_name_files_that_exist():
+    """The header's example commands name search spaces that ship."""
+    for name in ("config.yaml", "local.yaml"):
+        text = (CLUSTER / name).read_text()
+        for space in re.findall(r"tune_spaces/[\w.]+\.yaml", text):
+            assert (CLUSTER.parent / space).is_file(), f"{name} names {space}"

@@ -125,7 +125,7 @@ def test_submit_fails_fast_without_a_cluster(tmp_path):
         [sys.executable, str(script), "train", "--quiet"], cwd=tmp_path, env=env, capture_output=True, text=True,
         timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # ClusterError: the cluster cannot go on
     assert proc.stderr.startswith(f"distmaml: error: --address {env['RAY_ADDRESS']}: no Ray cluster answers")
 
 
@@ -152,7 +152,7 @@ def test_a_missing_token_is_reported_as_such(head, tmp_path):
     env = {k: v for k, v in head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
     proc = _run_submit(tmp_path, env)
-    assert proc.returncode == 2
+    assert proc.returncode == 3
     assert "the cluster refused this client's authentication token; set RAY_AUTH_MODE=token" in proc.stderr
 
 

@@ -3,83 +3,42 @@
 The head offers no CPUs, so every trial runs on a GPU worker node the
 autoscaler starts for it (Ray's fake multi-node provider: raylets on this
 machine). Trials share checkpoints through a bucket on the local S3 server
-(moto) and log to an MLflow tracking server over HTTP, bound to this machine's
-non-loopback address where it has one: the path trials take on a real cluster.
+(moto) and log to an MLflow tracking server over HTTP on the head's address: the path trials take on a
+real cluster. Everything is on loopback (tests/rayhead.py's LOOPBACK_ONLY: every node's address is
+127.0.0.1).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
 from fakecluster import start_fake_cluster
 from mlflow import MlflowClient
-from rayhead import free_port
+from mlflowserver import mlflow_server as mlflow_server_on
 from s3server import s3_server
 from test_tune import space_file
 from test_tune_storage import _keys
 
-from distmaml import storage
+from distmaml import oncluster, storage
+from distmaml.config import load_config
 from distmaml.tune.shared import other_machines
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "cluster" / "submit.py"
 
 
-def _address() -> str:
-    """This machine's first non-loopback address (``hostname -I``), else 127.0.0.1."""
-    try:
-        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        out = []
-    return next((a for a in out if "." in a and not a.startswith("127.")), "127.0.0.1")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """``mlflow server`` on a free port, in its own session, stopped by its process group id."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    host, port = _address(), free_port()
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [
-        mlflow, "server", "--host", host, "--port", str(port), "--workers", "1", "--serve-artifacts",
-        "--allowed-hosts", f"{host}:{port},localhost:{port}",  # as cluster/config.yaml starts it
-        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-    ]  # fmt: skip
-    log = (folder / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://{host}:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    """``mlflow server`` on the head's address (here 127.0.0.1: every node of this cluster is on loopback)."""
+    with mlflow_server_on(tmp_path_factory.mktemp("mlflow"), "127.0.0.1") as uri:
         yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: its uvicorn workers, nothing else
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -156,37 +115,26 @@ def test_a_sweep_runs_on_worker_nodes_with_storage_in_s3_and_runs_in_mlflow(clus
         assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}  # through the server
 
 
-def _submit_module():
-    spec = importlib.util.spec_from_file_location("submit_script", SUBMIT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_submit_fills_in_the_heads_mlflow_server_and_a_one_machine_cluster_keeps_sqlite(
+def test_the_heads_mlflow_server_is_filled_in_and_a_one_machine_cluster_keeps_sqlite(
     joined, tmp_path, monkeypatch, capsys
 ):
-    """submit.py: the head's address from Ray and a probe; the sweep's rule on a one-machine cluster."""
-    submit = _submit_module()
-    head = submit._head_ip()
-    assert head == next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == joined)
+    """distmaml.oncluster (both doors): the head's address from Ray and a probe; the sweep's rule on one machine."""
+    head = oncluster.head_ip()
+    assert head == next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == joined) == "127.0.0.1"
     listener = socket.create_server((head, 0))  # something answers on the head: the probe is TCP
     port = listener.getsockname()[1]
     monkeypatch.setenv("DISTMAML_MLFLOW_PORT", str(port))
-    space = str(_space(tmp_path))
-    argv = submit._with_head_tracking(["tune", "--space", space])
-    assert argv == ["tune", "--space", space, "--set", f"tracking.uri=http://{head}:{port}"]
+    assert oncluster.head_tracking_uri() == f"http://{head}:{port}"
     assert f"tracking to the head's MLflow server: --set tracking.uri=http://{head}:{port}" in capsys.readouterr().out
-    named = ["train", "--set", "tracking.uri=sqlite:///x.db"]
-    assert submit._with_head_tracking(named) == named  # the user's own URI stays
-    off = ["train", "--set", "tracking.enabled=false"]
-    assert submit._with_head_tracking(off) == off
+    config = load_config("sinusoid", [])
+    assert oncluster.tracks_to_default(config, [])
+    assert not oncluster.tracks_to_default(config, ["tracking.uri=sqlite:///mlflow.db"])  # named: the user's own
+    assert not oncluster.tracks_to_default(load_config("sinusoid", ["tracking.enabled=false"]), [])
     listener.close()
-    assert submit._with_head_tracking(["train"]) == ["train"]  # nobody answers: the default stays, said once
+    assert oncluster.head_tracking_uri() is None  # nobody answers: the default stays, said once
     out = capsys.readouterr().out.strip()
-    assert out.startswith(f"submit.py: no MLflow server answers at {head}:{port}") and "\n" not in out
+    assert out.startswith(f"distmaml: no MLflow server answers at {head}:{port}") and "\n" not in out
 
     # all nodes of this cluster are processes on this machine: a SQLite file still works for a sweep
     assert other_machines() is None

@@ -4,10 +4,11 @@ one bundle per worker, checked against the cluster before anything waits.
 The cluster is what is up now and what its autoscaler can launch
 (``launchable_node_types``). A run some node could hold asks for its group and
 waits, printing every ``WAIT_EVERY`` seconds what it waits for, up to
-``engine.startup_timeout``; a run no node could ever hold fails at once,
+``engine.startup_timeout`` (or ``engine.startup_stall`` seconds without the
+autoscaler making progress); a run no node could ever hold fails at once,
 naming what is missing (``capacity.why_not``).
 
-Only this module and ``ray_engine`` import Ray.
+Only this module, ``autoscaler`` and ``ray_engine`` import Ray.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ray.util.placement_group import (
 )
 
 from distmaml.config import Config
+from distmaml.engine.autoscaler import read_report
 from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
@@ -41,6 +43,8 @@ WAIT_EVERY = 10.0
 """Seconds between those lines while the autoscaler adds nodes."""
 KINDS = ("CPU", "GPU")
 """The resources a run's bundles ask for; the only ones compared."""
+STALE_REPORT = 60.0
+"""Seconds after which an autoscaler report no longer counts as news (its monitor stopped writing)."""
 
 
 class EngineError(DistmamlError, RuntimeError):
@@ -258,19 +262,25 @@ def _wait_until_placed(group: PlacementGroup, wanted: list[Bundle], config: Conf
     """Waits for ``group`` up to ``engine.startup_timeout``, saying every ``WAIT_EVERY`` s what it waits for.
 
     Ray places a group whole or not at all, so every bundle is pending until
-    the group is ready.
+    the group is ready. While the autoscaler could add nodes for it, the wait
+    goes on as long as it makes progress (a node starting, a node coming up:
+    ``distmaml.engine.autoscaler``) and stops with one line after
+    ``engine.startup_stall`` seconds without any.
     """
     limit, strategy = config.engine.startup_timeout, config.engine.placement
     asked = f"{describe(wanted)} ({strategy})"
+    where = holders(wanted, strategy, cluster.nodes)
     ready = group.ready()
     start = time.monotonic()
     deadline, next_line = start + limit, start + WAIT_FIRST
+    alive, last_progress = _alive_nodes(), start
     while True:
         done, _ = ray.wait([ready], timeout=max(0.0, min(next_line, deadline) - time.monotonic()))
         if done:
             ray.get(ready)
             return
         now = time.monotonic()
+        report = read_report()
         if now >= deadline - 0.1:  # ray.wait may return a little early
             available = ray.available_resources()
             free = {k: available[k] for k in KINDS if k in available}
@@ -278,13 +288,30 @@ def _wait_until_placed(group: PlacementGroup, wanted: list[Bundle], config: Conf
                 f"the run's placement group {asked} was not placed within engine.startup_timeout = {limit:g}s; "
                 f"the cluster has {show(free)} available: lower workers or the resources per worker"
             )
+        nodes = _alive_nodes()
+        starting = report is not None and report.age < STALE_REPORT and report.starting > 0
+        if report is None or starting or nodes != alive or not where or len(nodes) - 1 >= cluster.max_launches:
+            # progress, or nothing to judge it by (no autoscaler; no node type could help; all launched)
+            alive, last_progress = nodes, now
+        elif now - last_progress >= config.engine.startup_stall:
+            failures = "; ".join(report.failures) if report.failures else "it launched none"
+            raise EngineError(
+                f"the run's placement group {asked} waited {now - last_progress:.0f} s with no node starting, "
+                f"though the autoscaler can add {where}: {failures}; see 'ray status' and the autoscaler's log "
+                "on the head (/tmp/ray/session_latest/logs/monitor.*), or raise engine.startup_stall"
+            )
         if now >= next_line - 0.1:
-            where = holders(wanted, strategy, cluster.nodes)
             why = f"the autoscaler can add {where}" if where else "no node type to launch: waiting for busy nodes"
+            state = f"; {report.describe()}" if report is not None and where else ""
             print(
-                f"distmaml: waiting {now - start:.0f} s for the run's placement group {asked}: {why} "
+                f"distmaml: waiting {now - start:.0f} s for the run's placement group {asked}: {why}{state} "
                 f"(engine.startup_timeout = {limit:g} s)",
                 file=sys.stderr,
                 flush=True,
             )
             next_line = now + WAIT_EVERY
+
+
+def _alive_nodes() -> frozenset[str]:
+    """Ids of the nodes up now."""
+    return frozenset(str(n["NodeID"]) for n in ray.nodes() if n.get("Alive"))

@@ -1,0 +1,50 @@
+"""``mlflow server`` on loopback, as cluster/config.yaml's head starts it, stopped by its process group id."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rayhead import free_port
+
+
+@contextmanager
+def mlflow_server(folder: Path, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Serves a SQLite store in ``folder`` with ``--serve-artifacts`` on ``host:port``; yields its URI."""
+    port = port or free_port()
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    cmd = [
+        mlflow, "server", "--host", host, "--port", str(port), "--workers", "1", "--serve-artifacts",
+        "--allowed-hosts", f"{host}:{port},localhost:{port}",  # as cluster/config.yaml starts it
+        "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+    ]  # fmt: skip
+    log = (folder / "server.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: its uvicorn workers, nothing else
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
