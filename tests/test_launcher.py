@@ -39,10 +39,10 @@ import time
 from pathlib import Path
 
 import pytest
+from projectcopy import fresh_clone
 from rayhead import free_port
 from sshnodes import Machines, missing, start_machines
 
-REPO = Path(__file__).resolve().parent.parent
 # Not 127.0.0.1 for the head: `ray start --node-ip-address=127.0.0.1` advertises the machine's outward address
 # instead (ray/scripts/scripts.py calls services.resolve_ip_for_localhost, which replaces 127.0.0.1, ::1 and
 # localhost with get_node_ip_address()); other loopback addresses are kept as given.
@@ -135,8 +135,7 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
     timings: dict[str, float] = {}
     try:
         clone = tmp_path / "clone"
-        subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-        (clone / "data").mkdir(exist_ok=True)  # TEMPORARY until the cluster branch's data/ is merged
+        fresh_clone(clone)
         config = tmp_path / "local-test.yaml"
         config.write_text(
             cluster_copy(
