@@ -27,21 +27,19 @@ list, or a required key missing, fails.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
 import yaml
+from mlflowserver import mlflow_server
+from projectcopy import tracked_files
 from rayhead import free_port, start_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,48 +294,16 @@ def head():
 
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
-    """``mlflow server`` on loopback, as mlflow.yaml's container runs it, stopped by its session id."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [
-        mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--serve-artifacts",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}", "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-    ]  # fmt: skip
-    log = (folder / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start:\n{(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    """A real MLflow server on loopback, standing in for mlflow.yaml's Service."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server's own session: its workers, nothing else
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def fresh_copy(to: Path) -> Path:
-    """The project as a user's checkout holds it (what `git ls-files` tracks), without this run's leftovers."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, files):
-        source = ROOT / os.fsdecode(name)
-        if source.is_file():
-            (to / os.fsdecode(name)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, to / os.fsdecode(name))
+    """The project as a user's checkout holds it (the files git tracks), without this run's leftovers."""
+    for name in tracked_files():
+        (to / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, to / name)
     return to
 
 
