@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -165,6 +167,20 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         where = launcher("exec", "exec", str(config), 'cd / && python -c "import distmaml; print(distmaml.__file__)"')
         assert str(head_home / "distmaml" / "distmaml" / "__init__.py") in where
 
+        # `ray up` returns once the head is up; the head's autoscaler then sets up the workers (the same
+        # setup_commands) and starts Ray there. A run submitted before they join is refused at once: distmaml
+        # sees no node type the local provider can launch (its one type is also the head's). Wait as a user
+        # would, asking the cluster through the launcher.
+        alive = "import ray; ray.init(address='auto', logging_level='ERROR'); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
+        start = time.monotonic()
+        while True:
+            nodes = re.findall(r"ALIVE (\d+)", launcher("status", "exec", str(config), f'python -c "{alive}"'))
+            if nodes and int(nodes[-1]) == 1 + len(WORKERS):
+                break
+            assert time.monotonic() - start < 1800, f"the workers did not join: {nodes}"
+            time.sleep(10)
+        timings["workers_joined"] = time.monotonic() - start
+
         runs = machines.shared / "runs" / "train"
         out = launcher("train", "submit", str(config), "cluster/submit.py", "--", "train", "--workers", "2",
                        "--out", str(runs), *TINY)  # fmt: skip
@@ -187,6 +203,13 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         left = [p for p in machines.pids() if head_tmp in _environ(p) and b"raylet" in _cmdline(p)]
         assert left == []
     finally:
+        for name, path in {"mlflow.log": machines.homes[HEAD] / "mlflow" / "server.log"}.items():
+            if path.exists():  # kept for a failure's diagnosis: the machines' folders go with stop()
+                shutil.copy(path, tmp_path / name)
+        for address, tmp in machines.tmp.items():
+            if (tmp / "ray").exists():
+                shutil.copytree(tmp / "ray", tmp_path / f"ray-{address}", ignore=shutil.ignore_patterns("sockets"),
+                                dirs_exist_ok=True, ignore_dangling_symlinks=True)  # fmt: skip
         machines.stop()
     assert machines.pids() == []  # every process of the throwaway user ended
 
