@@ -247,6 +247,10 @@ def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
                                                attr=entry.attr)  # fmt: skip
                 _write(user, home / "venv" / "bin" / name, script, 0o755)
             _write(user, home / ".ssh" / "authorized_keys", (base / "key.pub").read_text(), 0o600)
+            # The head's autoscaler reaches the workers with ssh on port 22: Ray drops ssh_proxy_command from
+            # the config it copies to the head (commands.py, _set_up_config_for_head_node). Its ssh reads
+            # this (the passwd home's, whatever HOME says), as a lab user's ~/.ssh/config would name a port.
+            _write(user, home / ".ssh" / "config", "".join(f"Host {a}\n  Port {port}\n" for a in addresses), 0o600)
             _write(user, home / "bin" / "stop-ray-node", STOP_NODE.format(python=home / "venv" / "bin" / "python"))
             _write(user, home / "bin" / "ray", RAY_WRAPPER, 0o755)
             (home / "bin" / "stop-ray-node").chmod(0o755)

@@ -102,12 +102,7 @@ def differences(machines: Machines, gcs_port: int, dashboard_port: int) -> list[
             1,
             "5000 may be another MLflow's on this machine",
         ),
-        (
-            'pgrep -f "[m]lflow server"',
-            'pgrep -u "$USER" -f "[m]lflow server"',
-            1,
-            "other users' MLflow servers run on this machine",
-        ),
+        ("/dev/tcp/$IP/5000", f"/dev/tcp/$IP/{mlflow}", 1, "the same port"),
     ]
 
 
