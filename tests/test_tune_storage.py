@@ -112,3 +112,19 @@ def test_a_tracking_uri_other_machines_cannot_reach_is_refused_where_trials_may_
     with pytest.raises(ConfigError, match=r"tracking.uri = .*but trials may run on other machines") as e:
         check_tracking_reach(uri, elsewhere)
     assert "tracking.uri=http://HEAD_PRIVATE_IP:5000" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("10.0.0.10", "10.0.0.10", True),
+        ("10.0.0.10", "10.0.0.11", False),
+        ("127.0.0.2", "127.0.0.3", True),  # raylets at their own loopback addresses: one machine (tests/sshnodes.py)
+        ("127.0.0.1", "::1", True),
+        ("127.0.0.2", "10.0.0.11", False),
+    ],
+)
+def test_nodes_at_loopback_addresses_are_one_machine(a, b, same):
+    from distmaml.tune.shared import same_machine
+
+    assert same_machine(a, b) is same and same_machine(b, a) is same

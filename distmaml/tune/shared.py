@@ -68,7 +68,7 @@ def other_machines() -> str | None:
     me = ray.get_runtime_context().get_node_id()  # the driver's node, as the cluster addresses it
     here = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), ray.util.get_node_ip_address())
     for node in nodes:
-        if node["NodeManagerAddress"] != here:
+        if not same_machine(node["NodeManagerAddress"], here):
             return f"node {node['NodeManagerAddress']} is another machine than this driver's {here}"
     types, _ = launchable_node_types()
     if types:
@@ -78,6 +78,29 @@ def other_machines() -> str | None:
             names = ", ".join(t.name.removeprefix("node type ") for t in types)
             return f"the autoscaler can launch nodes of type {names} (provider {provider})"
     return None
+
+
+def same_machine(a: str, b: str) -> bool:
+    """Whether Ray nodes at addresses ``a`` and ``b`` are on one machine, as far as the addresses tell.
+
+    Equal addresses are; so are two loopback addresses (127.0.0.0/8, ::1): a node reached
+    at a loopback address is reached from its own machine only, so nodes of one cluster that
+    reach each other there (several raylets on one machine, each at its own 127.x address)
+    share it.
+
+    Example:
+        >>> same_machine("127.0.0.2", "127.0.0.3"), same_machine("10.0.0.10", "10.0.0.11")
+        (True, False)
+    """
+    import ipaddress
+
+    def loopback(address: str) -> bool:
+        try:
+            return ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            return address == "localhost"
+
+    return a == b or (loopback(a) and loopback(b))
 
 
 def check_tracking_reach(uri: str, elsewhere: str | None) -> None:
