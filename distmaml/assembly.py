@@ -42,7 +42,7 @@ from distmaml.checkpoint import load_checkpoint
 from distmaml.config import IMAGE_FAMILIES, Config, ConfigError, config_from_dict, is_import_path
 from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
-from distmaml.malloc import keep_freed_memory
+from distmaml.fastpath.malloc import keep_freed_memory_if_claimed
 from distmaml.models import build_model
 from distmaml.runner import TaskRunner
 from distmaml.storage import Location
@@ -196,10 +196,10 @@ def build_runner(
     (the network is copied, not moved); ``model`` and ``tasks``: the user's
     builders of them (see ``build_network``, ``build_family``).
 
-    The calling process computes with it, so it keeps the memory it frees
-    from now on (``malloc.keep_freed_memory``).
+    The calling process computes with it, so where it is distmaml's own
+    process it keeps the memory it frees from now on (``fastpath.malloc``).
     """
-    keep_freed_memory()
+    keep_freed_memory_if_claimed()
     config = config if isinstance(config, Config) else config_from_dict(config)
     family = family if family is not None else build_family(config, tasks)
     return TaskRunner(

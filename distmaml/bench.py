@@ -113,7 +113,7 @@ def _matmul_gflops(threads: int) -> float:
 
 
 def learn2learn_available() -> bool:
-    """learn2learn is not a dependency; the bench adds its row where it is installed (README: bench)."""
+    """learn2learn is not a dependency; the bench adds its row where it is installed (docs/speed.md)."""
     import importlib.util
 
     return importlib.util.find_spec("learn2learn") is not None
@@ -490,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
             f"{name}: learn2learn's meta-gradient equals the core's in float64 (largest difference {diff:.1e} relative)"
         )
     if not learn2learn_available():
-        print("learn2learn is not installed: no learn2learn row (README: bench)")
+        print("learn2learn is not installed: no learn2learn row (docs/speed.md)")
     print(_table(report["rows"], report["matmul_gflops"]))
     print(f"matmul rate: {', '.join(f'{v:.1f} GFLOP/s at {k} thread(s)' for k, v in report['matmul_gflops'].items())}")
     if sets:

@@ -16,7 +16,7 @@ query images``, and that line gives the row's memory and time at
 ``--memory-at`` (default 5 shots, 15 queries). With ``inner.recompute`` the
 peak is the larger of two phases (query backward, one rebuilt support step)
 and a phase hidden at the small shape makes the line a lower bound. The
-README's "what fits where" compares the fit with direct measurements.
+docs/algorithms.md ("what fits where") compares the fit with direct measurements.
 
 Seconds per task are wall-clock and, beside them, the process's CPU time
 (one thread): on a shared machine the CPU time is what a quiet core would

@@ -1,4 +1,4 @@
-"""``distmaml`` command line: train, evaluate, bench, prepare."""
+"""``distmaml`` command line: train, evaluate, recipes, tune, bench, prepare."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from distmaml.assembly import with_absolute_uri
 from distmaml.config import Config, config_from_dict, load_config
 from distmaml.data.errors import DataError
 from distmaml.errors import DistmamlError
+from distmaml.fastpath import malloc
 from distmaml.results import describe
 from distmaml.storage import Location
 from distmaml.tracking.probe import check_tracking
@@ -35,6 +36,9 @@ def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
     print(f"meta-test, {mt['tasks']} held-out tasks, {steps} inner steps: {describe(mt)} (95% interval)", file=out)
     if before:
         print(f"the same tasks without adaptation:            {describe(before)}", file=out)
+    reference = result.get("reference")
+    if reference:  # the recipe's published figure, both with their 95% intervals
+        print(f"reference, {reference['source']}: {describe(reference)}", file=out)
 
 
 @interrupt.stop_on_signals()  # SIGTERM, SIGINT: checkpoint the last step, one line, exit 143 or 130
@@ -82,6 +86,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, tasks=args.tasks, overrides=args.set or [])
     print_meta_test(result)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from distmaml.catalog import recipe_rows, render_markdown, render_text
+
+    rows = recipe_rows()
+    print(render_markdown(rows) if args.markdown else render_text(rows))
     return 0
 
 
@@ -264,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. inner.test_steps=20")
     ev.set_defaults(func=cmd_evaluate)
 
+    rc = sub.add_parser(
+        "recipes", help="list the built-in recipes, the store each needs, and the figure it should reach"
+    )
+    rc.add_argument("--markdown", action="store_true", help="a Markdown table (as docs/recipes.md holds it)")
+    rc.set_defaults(func=cmd_recipes)
+
     tn = sub.add_parser("tune", help="a Ray Tune sweep over a search-space file, tracked in MLflow")
     tn.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/sinusoid.yaml")
     tn.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
@@ -324,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc.claim()  # the distmaml command's own process (fastpath.malloc)
     try:
         return int(args.func(args))
     except DistmamlError as e:  # the project's own input errors; anything else keeps its traceback

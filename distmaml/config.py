@@ -144,6 +144,9 @@ class DataConfig:
     """Side of the square images of the ``noise`` family (stores carry their own shape)."""
     channels: int = 1
     """Channels of the ``noise`` family's images."""
+    prepare: str | None = None
+    """The ``distmaml prepare KIND ...`` command that writes this recipe's store at ``data.path``
+    (recipes state it; ``distmaml recipes`` lists it). Documentation only: a run never calls it."""
 
     def validate(self) -> None:
         _builtin_or_path("data.family", self.family, DATA_FAMILIES)
@@ -156,6 +159,72 @@ class DataConfig:
             "data.image_size", self.image_size, self.image_size >= 16, "must be at least 16 (conv4 halves it 4 times)"
         )
         _at_least("data.channels", self.channels, 1)
+        if self.prepare is not None:
+            ok = self.prepare.split()[:2] == ["distmaml", "prepare"] and len(self.prepare.split()) > 2
+            _check("data.prepare", self.prepare, ok, "must be a command `distmaml prepare KIND ...`, or null")
+
+    @property
+    def dataset(self) -> str:
+        """The data set's name: the folder of a ``store`` family's ``data.path``, else ``data.family``."""
+        if self.family == "store" and self.path:
+            return self.path.rstrip("/").rsplit("/", 1)[-1]
+        return self.family
+
+
+METRICS = ("accuracy", "mse")
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    """The published figure a recipe should reproduce, in ``result.json``'s units.
+
+    All keys null (the default): no reference. Set, ``mean`` and ``source`` are required;
+    ``distmaml evaluate`` and the end of ``distmaml train`` print it beside the run's own
+    meta-test and write it into ``eval.json`` / ``result.json`` as ``reference``.
+    """
+
+    metric: str | None = None
+    """``accuracy`` or ``mse``: the run's meta-test metric (accuracy for classification)."""
+    mean: float | None = None
+    """The published mean; an accuracy as a fraction (98.7% is 0.987), as ``meta_test.mean``."""
+    ci95: float | None = None
+    """Its published 95% interval, same units (0.004 for ± 0.4%); null where the paper gives none."""
+    source: str | None = None
+    """Where the figure comes from: authors, year, table (and who quotes it, if not the paper)."""
+
+    @property
+    def given(self) -> bool:
+        """A reference is set (any of its keys)."""
+        return any(v is not None for v in (self.metric, self.mean, self.ci95, self.source))
+
+    def validate(self) -> None:
+        if not self.given:
+            return
+        for key in ("metric", "mean", "source"):
+            if getattr(self, key) is None:
+                raise ConfigError(
+                    f"reference.{key} is missing: a reference gives metric, mean and source (and ci95 where the "
+                    "paper does); set it, or leave the whole reference section out"
+                )
+        assert self.metric is not None and self.mean is not None and self.source is not None
+        _one_of("reference.metric", self.metric, METRICS)
+        if self.metric == "accuracy":
+            hint = f" ({self.mean}% is {self.mean / 100:g})" if 1 < self.mean <= 100 else ""
+            _check("reference.mean", self.mean, 0 <= self.mean <= 1, f"an accuracy is a fraction from 0 to 1{hint}")
+        else:
+            _check("reference.mean", self.mean, self.mean >= 0, "an MSE is 0 or more")
+        if self.ci95 is not None:
+            _check("reference.ci95", self.ci95, self.ci95 >= 0, "must be 0 or more")
+            if self.metric == "accuracy":
+                hint = f" (± {self.ci95}% is {self.ci95 / 100:g})" if self.ci95 > 1 else ""
+                _check("reference.ci95", self.ci95, self.ci95 <= 1, f"an accuracy's interval is a fraction{hint}")
+        _check("reference.source", self.source, bool(self.source.strip()), "must name the paper and table")
+
+    def summary(self) -> dict[str, Any] | None:
+        """``{"metric", "mean", "ci95", "source"}`` for ``result.json``, or None without a reference."""
+        if not self.given:
+            return None
+        return {"metric": self.metric, "mean": self.mean, "ci95": self.ci95, "source": self.source}
 
 
 MODEL_NAMES = ("mlp", "conv4", "resnet12")
@@ -297,6 +366,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     mamlpp: MamlppConfig = field(default_factory=MamlppConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
 
     def __post_init__(self) -> None:
         _one_of("precision", self.precision, ("float32", "float64"))
@@ -309,7 +379,17 @@ class Config:
                 "recomputation; set batching=loop (or vmap) to recompute, or inner.recompute=false"
             )
         self._check_workers()
-        for section in (self.meta, self.inner, self.data, self.model, self.engine, self.mamlpp, self.tracking):
+        sections = (
+            self.meta,
+            self.inner,
+            self.data,
+            self.model,
+            self.engine,
+            self.mamlpp,
+            self.tracking,
+            self.reference,
+        )
+        for section in sections:
             section.validate()
         if self.inner.test_steps is None:  # the algorithm's default, written into the resolved config
             learned = self.algorithm in LEARNED_STEP_RATES
@@ -334,6 +414,12 @@ class Config:
                     "drop data.loss"
                 )
             self.data.loss = builtin_loss
+            want = "accuracy" if builtin_loss == "cross_entropy" else "mse"
+            if self.reference.given and self.reference.metric != want:
+                raise ConfigError(
+                    f"reference.metric = {self.reference.metric!r}: data.family = {self.data.family!r} is meta-tested "
+                    f"by {want}; set reference.metric={want}"
+                )
         if self.engine.reduce == "collective" and self.max_workers < 1:
             raise ConfigError(
                 "engine.reduce = 'collective' needs workers of its own; set workers to 1 or more "

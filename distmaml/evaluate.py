@@ -10,7 +10,7 @@ from distmaml.assembly import build_runner
 from distmaml.checkpoint import load_checkpoint, write_json
 from distmaml.config import ConfigError, apply_override, config_from_dict
 from distmaml.core.losses import METRIC_NAME
-from distmaml.results import summarize
+from distmaml.results import reference_entry, summarize
 from distmaml.runner import ParamLayout
 from distmaml.trainer import check_scores
 
@@ -20,7 +20,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Meta-tests the newest checkpoint of ``path``; writes ``eval.json`` beside the run.
 
-    Returns ``{"step", "meta_test", "meta_test_unadapted", "inner_test_steps"}``.
+    Returns ``{"step", "meta_test", "meta_test_unadapted", "inner_test_steps"}`` and, for a recipe
+    that states the figure it should reproduce, ``"reference"`` (``results.reference_entry``).
     """
     ckpt = load_checkpoint(path)
     data = ckpt.config
@@ -43,6 +44,7 @@ def evaluate_checkpoint(
         "inner_test_steps": config.test_steps,
         "meta_test": summarize(scores.after, metric),
         "meta_test_unadapted": summarize(scores.before, metric),
+        **reference_entry(config),
     }
     run_dir = storage.parent(storage.parent(ckpt.path))  # RUN_DIR/checkpoints/step_N.pt; a folder or a URI
     write_json(storage.join(run_dir, "eval.json"), result)

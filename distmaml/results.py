@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from distmaml.config import Config
 
 
 def summarize(scores: Tensor, metric: str) -> dict[str, Any]:
@@ -18,7 +21,19 @@ def summarize(scores: Tensor, metric: str) -> dict[str, Any]:
 
 
 def describe(summary: dict[str, Any]) -> str:
-    """``MSE 0.512 ± 0.041`` or ``accuracy 97.10% ± 0.32%``."""
+    """``MSE 0.512 ± 0.041`` or ``accuracy 97.10% ± 0.32%`` (no ``±`` part where ``ci95`` is None)."""
+    ci95 = summary.get("ci95")
     if summary["metric"] == "accuracy":
-        return f"accuracy {100 * summary['mean']:.2f}% ± {100 * summary['ci95']:.2f}%"
-    return f"MSE {summary['mean']:.4f} ± {summary['ci95']:.4f}"
+        spread = "" if ci95 is None else f" ± {100 * ci95:.2f}%"
+        return f"accuracy {100 * summary['mean']:.2f}%{spread}"
+    return f"MSE {summary['mean']:.4f}" + ("" if ci95 is None else f" ± {ci95:.4f}")
+
+
+def reference_entry(config: Config) -> dict[str, Any]:
+    """``{"reference": {"metric", "mean", "ci95", "source"}}`` for ``result.json`` and ``eval.json``
+    when the config states a published figure (``reference`` in its recipe), else ``{}``.
+
+    It sits beside ``meta_test``, whose keys stay as they are; both in the same units.
+    """
+    summary = config.reference.summary()
+    return {} if summary is None else {"reference": summary}

@@ -29,7 +29,8 @@ from distmaml.checkpoint import (
 from distmaml.config import Config, ConfigError, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
-from distmaml.results import summarize
+from distmaml.fastpath import adam as fused_adam
+from distmaml.results import reference_entry, summarize
 from distmaml.runner import EvalShard, GradShard, ParamLayout
 from distmaml.storage import Location
 from distmaml.typing import Params
@@ -277,47 +278,11 @@ class Trainer:
             )
         lr = self.optimizer.param_groups[0]["lr"]
         with interrupt.atomic():  # a SIGTERM here waits: the step is applied whole, then counted
-            self._adam_step()
+            fused_adam.step(self.optimizer, self._flat)  # the kernel directly where proven (fastpath.adam)
             if self.scheduler is not None:
                 self.scheduler.step()
             self.step += 1
         return {"loss": loss, self.metric: shard.metric / t, "meta_lr": lr}
-
-    def _adam_step(self) -> None:
-        """``self.optimizer.step()``: once Adam's state exists, its fused kernel called directly.
-
-        ``Optimizer.step`` spends about 50 us in Python around the fused
-        kernel's 9 us on the sinusoid MLP (its profiler hook, device and
-        capture checks, grouping the one tensor), 5% of that model's whole
-        meta-step. The same kernel with the same arguments, and the same
-        state (``step``, ``exp_avg``, ``exp_avg_sq``) in ``self.optimizer``, so
-        ``state_dict``, the schedule and resuming are unchanged; the values
-        equal ``torch.optim.Adam``'s to the bit (tests/test_trainer.py).
-        """
-        group = self.optimizer.param_groups[0]
-        state = self.optimizer.state.get(self._flat)
-        if not group["fused"] or not state or group["amsgrad"]:
-            self.optimizer.step()  # the first step sets the state up; anything not fused goes this way
-            return
-        beta1, beta2 = group["betas"]
-        grad = self._flat.grad
-        assert grad is not None
-        state["step"].add_(1)
-        torch._fused_adam_(
-            [self._flat],
-            [grad],
-            [state["exp_avg"]],
-            [state["exp_avg_sq"]],
-            [],
-            [state["step"]],
-            amsgrad=False,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=group["maximize"],
-        )
 
     def validate(self) -> dict[str, float]:
         steps = self.config.test_steps
@@ -415,4 +380,5 @@ class Trainer:
             "worker_replacements": self.engine.replacements,
             "batching": self.engine.batching(),
             "validation": [{"step": s, "metric": v} for s, v in self.history.val],
+            **reference_entry(self.config),
         }

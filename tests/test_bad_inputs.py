@@ -1,6 +1,6 @@
-"""Every row of the README's table of bad inputs, run through the CLI: the exact message and exit code.
+"""Every row of docs/errors.md's table of bad inputs, run through the CLI: the exact message and exit code.
 
-The table is read from README.md, so the documentation and the behaviour
+The table is read from docs/errors.md, so the documentation and the behaviour
 cannot drift apart. Each command runs in-process (``distmaml.cli.main``) in a
 fresh folder holding the files the rows name.
 """
@@ -18,8 +18,8 @@ import pytest
 from distmaml.cli import main
 from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "### Bad inputs and the messages they get"
+TABLE = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+SECTION = "# Bad inputs and the messages they get"
 
 FILES = {
     "blocker": "a file where a folder should be\n",
@@ -53,7 +53,7 @@ def _cell(text: str) -> str:
 
 def readme_rows() -> list[tuple[str, str, str, int, str]]:
     """(area, what is wrong, command, exit code, message) of each row of the table."""
-    lines = README.read_text().split(SECTION, 1)[1].splitlines()
+    lines = TABLE.read_text().split(SECTION, 1)[1].splitlines()
     rows = []
     for line in lines[lines.index(next(x for x in lines if x.startswith("|"))) :]:
         if not line.startswith("|"):

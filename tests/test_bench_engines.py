@@ -1,6 +1,6 @@
 """``distmaml bench --workers --reduce``: a row per (config, reduce, workers) and the reduce cost, in JSON.
 
-Not timed: the rows must exist, carry the contract's fields (DESIGN.md:
+Not timed: the rows must exist, carry the contract's fields (docs/architecture.md:
 ``config``, ``reduce``, ``workers``, ``tasks_per_second``, ``outside_share``)
 with sane values, and the reduce-cost rows must check their own sums.
 """

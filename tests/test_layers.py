@@ -1,4 +1,4 @@
-"""Dependencies point down (DESIGN.md "Layers"), read from the import graph of distmaml/ with ``ast``.
+"""Dependencies point down (docs/architecture.md "Layers"), read from the import graph of distmaml/ with ``ast``.
 
 Every import counts, also the lazy ones inside functions: a module that
 imports another only when called still depends on it.

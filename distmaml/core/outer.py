@@ -3,7 +3,7 @@ through the inner loop with respect to the meta-parameters.
 
 ``meta_grad`` returns *sums* over the tasks it was given (the engine adds
 shards and divides once by the meta-batch size); ``meta_gradient`` is the
-public contract of DESIGN.md and returns means.
+public contract of docs/architecture.md and returns means.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class MetaGradSum(NamedTuple):
 
 
 class MetaGradient(NamedTuple):
-    """The DESIGN.md contract: means over the tasks of the batch."""
+    """The docs/architecture.md contract: means over the tasks of the batch."""
 
     grads: Params
     loss: Tensor
@@ -158,7 +158,7 @@ def meta_gradient(
     name -> tensor dict; None uses the model's own parameters plus the
     algorithm's initial ones (``init_algorithm_params``).
 
-    Keyword options beyond DESIGN.md's contract: ``algorithm`` (``maml``,
+    Keyword options beyond docs/architecture.md's contract: ``algorithm`` (``maml``,
     ``fomaml``, ``anil``, ``metasgd``, ``mamlpp``), ``mamlpp`` (its options),
     ``recompute`` (gradient checkpointing of the inner steps), ``step`` (the
     meta-step, for MAML++'s schedules) and ``batching``.

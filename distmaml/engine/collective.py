@@ -45,6 +45,7 @@ from distmaml.engine.group import GroupEngine
 from distmaml.engine.placement import EngineError, WorkerResources, check_feasible, connect, worker_resources
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
 from distmaml.errors import DistmamlError
+from distmaml.fastpath import malloc
 from distmaml.runner import TaskRunner
 from distmaml.storage import Location
 
@@ -136,6 +137,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     torch.set_num_threads(max(1, loop_config["threads"]))
+    malloc.claim()  # a worker process of distmaml's group: its runner keeps the memory it frees
     os.environ[NODE_SUM] = loop_config["node_sum"]  # the driver's setting, whatever the workers inherited
     _quiet_reports()
     context = ray.train.get_context()

@@ -21,7 +21,7 @@ since that checkpoint and goes on where an undisturbed run would be (in float64
 to rounding: the sums are added in another order).
 
 What a restart costs, measured on one 2-core machine (``ray.cluster_utils.Cluster``,
-tiny sinusoid runs): see the README's engine section. Two waits dominate it:
+tiny sinusoid runs): see docs/engines.md. Two waits dominate it:
 starting the new group's processes (torch, the run's pieces: seconds, more on
 a busy machine), and, after a lost node, Ray's view of the cluster's free
 resources, refreshed every 20 s, which can still count that node, so the new

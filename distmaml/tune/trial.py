@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from distmaml.config import config_from_dict, set_dotted
+from distmaml.fastpath import malloc
 from distmaml.storage import Location
 from distmaml.trainer import Callback, Trainer
 
@@ -130,6 +131,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     from distmaml.assembly import assemble, is_collective
 
     torch.set_num_threads(max(1, ctx.threads))
+    malloc.claim()  # a trial's own process: a runner built here keeps the memory it frees
     data = copy.deepcopy(ctx.base_data)
     for key, value in params.items():
         set_dotted(data, key, value)

@@ -24,6 +24,13 @@ alone it still took about 45,000 faults a step, with the pad too about
 none. Blocks of more than 64 MiB in such a thread, and of more than 1 GiB
 anywhere, are still mapped and unmapped per use.
 
+Only in processes distmaml owns: ``mallopt`` changes the whole process for
+good, so ``claim`` marks the processes that are distmaml's own (the
+``distmaml`` command, its Ray worker actors, its collective group's workers,
+its Tune trials), and the assembly keeps freed memory only there
+(``keep_freed_memory_if_claimed``). A notebook or script that calls
+``distmaml.train(workers=0)`` or builds a runner keeps glibc's defaults.
+
 The environment wins: when it sets glibc's malloc tunables
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ... or
 ``GLIBC_TUNABLES`` with ``glibc.malloc.``), nothing is changed. The bench's
@@ -48,6 +55,7 @@ _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 _kept: bool | None = None  # this process's outcome, once decided
+_claimed = False
 
 
 def environment_sets_malloc() -> bool:
@@ -64,13 +72,13 @@ def keep_freed_memory() -> bool:
     library is not glibc or the environment sets malloc's tunables itself.
 
     Example:
-        >>> keep_freed_memory()  # once, before the first meta-step (``assembly.build_runner`` does it)
+        >>> keep_freed_memory()  # once, before the first meta-step (``keep_freed_memory_if_claimed``)
         True
     """
     global _kept
     if _kept is None:
         _kept = False
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not environment_sets_malloc():
+        if is_available():
             try:
                 libc = ctypes.CDLL("libc.so.6")
                 settings = (
@@ -82,3 +90,19 @@ def keep_freed_memory() -> bool:
             except (OSError, AttributeError):  # no such library or function: malloc stays as it is
                 pass
     return _kept
+
+
+def is_available() -> bool:
+    """Whether this process could keep freed memory: Linux with glibc, and no malloc tunables in the environment."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not environment_sets_malloc()
+
+
+def claim() -> None:
+    """Marks this process as distmaml's own: its malloc settings are distmaml's to change."""
+    global _claimed
+    _claimed = True
+
+
+def keep_freed_memory_if_claimed() -> bool:
+    """``keep_freed_memory()`` in a process distmaml owns (see ``claim``); elsewhere nothing; returns the outcome."""
+    return keep_freed_memory() if _claimed else bool(_kept)
