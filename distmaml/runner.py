@@ -18,10 +18,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from distmaml import memory
 from distmaml.config import ConfigError
 from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
-from distmaml import memory
 from distmaml.core.batching import (
     COMPILED,
     OUT_OF_MEMORY,
