@@ -95,7 +95,9 @@ def test_result_json_records_the_choice(tmp_path):
     )
     result = assemble(config).fit(tmp_path, progress=False)
     b = result["batching"]
-    assert set(b) == {"choice", "seconds", "tasks"} and set(b["seconds"]) == {"loop", "vmap", "batched"}
+    assert set(b) == {"choice", "seconds", "tasks", "skipped", "memory"}
+    assert set(b["seconds"]) == {"loop", "vmap", "batched"}
+    assert b["skipped"] == {} and b["memory"]["shard"] >= b["tasks"]  # what auto fitted by, in result.json
     assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
     fixed = load_config(
         "sinusoid", ["workers=0", "meta.steps=1", "meta.test_tasks=2", "tracking.enabled=false", "batching=loop"]
