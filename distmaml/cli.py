@@ -60,6 +60,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run_dir is not None:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
+            from distmaml.checkpoint import foreign_run_file
+
+            if (foreign := foreign_run_file(run_dir)) is not None:  # a run would overwrite it
+                raise UserError(
+                    f"--out {run_dir}: {foreign} there was not written by distmaml and a run would overwrite it; "
+                    "choose another folder"
+                )
             storage.check_writable(run_dir, "--out")  # before any engine or worker starts
     # The task family is opened on the driver first: a missing or unfit store is one line, not a
     # worker that died while starting (and a glyphs store is prepared once, here).

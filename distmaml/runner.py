@@ -18,10 +18,19 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from distmaml import memory
 from distmaml.config import ConfigError
 from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
-from distmaml.core.batching import COMPILED, BatchingChoice, candidates, describe_batching, time_candidates
+from distmaml.core.batching import (
+    COMPILED,
+    OUT_OF_MEMORY,
+    BatchingChoice,
+    candidates,
+    describe_batching,
+    fit_candidates,
+    time_candidates,
+)
 from distmaml.core.compiled import CompileError
 from distmaml.tasks import TaskFamily
 from distmaml.typing import Params, TaskBatch
@@ -126,20 +135,49 @@ class TaskRunner:
         if self.batching != "auto":
             return self.batching
         if self.measured is None:
-            n = max(1, min(tasks, AUTO_TASKS))
-            params = init_algorithm_params(self.model, self.algorithm)
-            batch = self._tasks("train", 0, range(n))
-
-            def run(name: str) -> None:
-                meta_grad(self.model, params, batch, self.algorithm, batching=name)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # time the device's work, not the launches
-
-            self.measured = time_candidates(
-                run, candidates(self.model), steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n
-            )
+            self.measured = self._time_what_fits(tasks)
             log.info(self.batching_line())
         return self.measured.choice
+
+    def _time_what_fits(self, tasks: int) -> BatchingChoice:
+        """``batching: auto``'s measurement: ``loop`` on one task, then the timing of the candidates that fit.
+
+        What ``loop`` needs for one task is measured first (``memory.peak``) and
+        every candidate expected to exceed what the worker has (``memory.available``)
+        for a shard of ``tasks`` is left out (``core.batching.fit_candidates``).
+        On a CPU all of it runs under ``memory.allocation_limit``, so that an
+        estimate that was too low is an out-of-memory error (that candidate is
+        dropped) rather than the kernel's OOM killer. Not even one task fitting
+        is ``memory.MemoryFitError``: the run stops before its first step.
+        """
+        n = max(1, min(tasks, AUTO_TASKS))
+        params = init_algorithm_params(self.model, self.algorithm)
+        batch = self._tasks("train", 0, range(n))
+
+        def run(name: str, on: TaskBatch = batch) -> None:
+            meta_grad(self.model, params, on, self.algorithm, batching=name)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # time the device's work, not the launches
+
+        budget = memory.available(self.device)
+        one = batch.slice(0, 1)
+        with memory.allocation_limit(self.device, budget):
+            try:
+                need = memory.peak(lambda: run("loop", one), self.device)
+            except OUT_OF_MEMORY:
+                need = None
+                if budget is None:
+                    raise
+            if budget is not None and (need is None or need > budget):
+                raise memory.refusal(
+                    need, budget, self.device, first_order=self.inner.first_order, recompute=self.algorithm.recompute
+                )
+            shard = max(n, tasks)
+            names, skipped = fit_candidates(candidates(self.model), need, budget, shard)
+            fitted = {"one_task": need, "budget": budget, "shard": shard}
+            return time_candidates(
+                run, names, steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n, skipped=skipped, memory=fitted
+            )
 
     def prepare(self, tasks: int, step: int = 0) -> None:
         """With ``batching: compiled``: compiles the meta-gradient of ``tasks`` tasks as meta-step ``step`` runs it.

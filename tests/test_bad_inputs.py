@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ FILES = {
         f"html/mini-imagenet-cache-{split}.pkl": "<!DOCTYPE html><html><head><title>Google Drive</title></head></html>\n"
         for split in ("train", "val", "test")
     },
+    "other-tool/config.yaml": "learning_rate: 0.1\nepochs: 3\n",
     "badcode.py": (
         "import torch\n"
         "def not_a_net(config):\n    return 42\n"
@@ -87,12 +89,36 @@ def store(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def damaged(store, tmp_path_factory):
+    """Binary files the rows name: stores with a truncated and a foreign ``train.parquet``, a checkpoint of
+    another format, and torch files that are not distmaml checkpoints."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    root = tmp_path_factory.mktemp("damaged")
+    for name in ("damaged-store", "foreign-store"):
+        shutil.copytree(store, root / name)
+    train = root / "damaged-store" / "train.parquet"
+    train.write_bytes(train.read_bytes()[: train.stat().st_size // 2])  # cut off mid-file, as a full disk leaves it
+    pq.write_table(pa.table({"x": [1, 2, 3]}), root / "foreign-store" / "train.parquet")
+    (root / "future-run" / "checkpoints").mkdir(parents=True)
+    payload = {"format": 2, "step": 4, "params": {}, "optimizer": {}, "config": {}}
+    torch.save(payload, root / "future-run" / "checkpoints" / "step_000000004.pt")
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, root / "model.pt")
+    return root
+
+
 @pytest.mark.parametrize("area,wrong,command,code,message", ROWS, ids=[r[2][9:] for r in ROWS])
-def test_bad_input_gets_its_message(area, wrong, command, code, message, store, tmp_path, monkeypatch, capsys):
+def test_bad_input_gets_its_message(area, wrong, command, code, message, store, damaged, tmp_path, monkeypatch, capsys):
     for name, text in FILES.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     (tmp_path / "store").symlink_to(store)
+    for made in damaged.iterdir():
+        (tmp_path / made.name).symlink_to(made)
     monkeypatch.chdir(tmp_path)
     argv = shlex.split(command)
     assert argv[0] == "distmaml"

@@ -17,6 +17,7 @@ pixels at training resolution, ``C*H*W`` bytes in CHW order
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterable, Iterator
@@ -138,6 +139,26 @@ def open_store(path: str | Path) -> StoreInfo:
     return StoreInfo(path, (c, h, w), splits, dict(meta.get("source", {})), meta["mean"], meta["std"])
 
 
+def damaged(info: StoreInfo, file: Path | str, error: Exception) -> DataError:
+    """The one line for a split file that pyarrow cannot read (truncated, foreign, or damaged on disk)."""
+    text = str(error).strip()
+    reason = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(error).__name__
+    return DataError(
+        f"task store {info.path}: {Path(file).name} is damaged or not a task store's Parquet file ({reason}); "
+        f"prepare the store again with `distmaml prepare ... --out {info.path} --overwrite`"
+    )
+
+
+@contextlib.contextmanager
+def reading(info: StoreInfo, file: Path | str) -> Iterator[None]:
+    """Turns pyarrow's errors while reading ``file`` into ``damaged``'s one line (a column a
+    foreign file lacks is a ``KeyError`` from pyarrow)."""
+    try:
+        yield
+    except (pa.ArrowException, KeyError) as e:
+        raise damaged(info, file, e) from None
+
+
 def split_layout(info: StoreInfo, split: str) -> tuple[Tensor | None, Tensor]:
     """Checks a split's rows against ``metadata.json``; returns (row order, class offsets).
 
@@ -146,7 +167,8 @@ def split_layout(info: StoreInfo, split: str) -> tuple[Tensor | None, Tensor]:
     shuffled them). Reads the ``class_index`` column only.
     """
     file = info.path / split_file(split)
-    index_np = pq.read_table(file, columns=["class_index"]).column("class_index").to_numpy()
+    with reading(info, file):
+        index_np = pq.read_table(file, columns=["class_index"]).column("class_index").to_numpy()
     expected = info.splits[split]
     if len(index_np) != expected.images:
         raise DataError(
@@ -194,12 +216,16 @@ def split_image_chunks(
     c, h, w = info.image_shape
     if order is None:
         rows = max(1, chunk_bytes // (c * h * w))
-        for batch in pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False).iter_batches(
-            batch_size=rows, columns=["image"], use_threads=False
-        ):
-            yield _pixels(info, file.name, batch.column(0))
+        with reading(info, file):
+            batches = pq.ParquetFile(file, buffer_size=1 << 20, pre_buffer=False).iter_batches(
+                batch_size=rows, columns=["image"], use_threads=False
+            )
+            for batch in batches:
+                yield _pixels(info, file.name, batch.column(0))
         return
-    flat = _pixels(info, file.name, pq.read_table(file, columns=["image"]).column("image"))
+    with reading(info, file):
+        column = pq.read_table(file, columns=["image"]).column("image")
+    flat = _pixels(info, file.name, column)
     yield flat.reshape(-1, c * h * w)[order.numpy()].reshape(-1)
 
 

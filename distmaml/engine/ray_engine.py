@@ -34,6 +34,7 @@ from distmaml.engine.placement import (
 )
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker, to_wire
+from distmaml.errors import DistmamlError
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 log = logging.getLogger("distmaml.engine")
@@ -105,6 +106,11 @@ class RayEngine:
             self._common = common_batching(self._batching)
             if self._common is not None:
                 self._run(everyone, lambda a, r: a.use_batching.remote(self._common), STARTUP)
+        except RayTaskError as e:  # a worker's own one line (not even one task fits its memory) stays one line
+            self.close()
+            if isinstance(e.cause, DistmamlError):
+                raise e.cause from None
+            raise
         except BaseException:
             self.close()
             raise

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.fastpath import malloc
+from distmaml.memory import MemoryFitError
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 
@@ -60,9 +61,13 @@ class ShardWorker:
         torch.set_num_threads(max(1, threads))
         malloc.claim()  # an actor process of distmaml's: its runner keeps the memory it frees
         self.runner = build_runner()
+        self.refused: MemoryFitError | None = None
         if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
             point("batching")
-            self.runner.choose_batching(tasks)
+            try:
+                self.runner.choose_batching(tasks)
+            except MemoryFitError as e:  # told by describe(): an error in __init__ reaches the driver as text only
+                self.refused = e
 
     def use_batching(self, name: str) -> None:
         """Computes with ``name`` from now on (the engine's common choice), whatever this worker timed."""
@@ -80,8 +85,14 @@ class ShardWorker:
         return self.runner.evaluate(from_wire(flat, copy=True), split, range(start, stop), steps)
 
     def describe(self) -> dict[str, Any]:
-        """Where this actor runs (pid, node, visible GPUs, torch device, threads) and its batching."""
+        """Where this actor runs (pid, node, visible GPUs, torch device, threads) and its batching.
+
+        Raises the ``MemoryFitError`` of a worker in which not even one task fits.
+        """
         import ray
+
+        if self.refused is not None:
+            raise self.refused
 
         return {
             "pid": os.getpid(),

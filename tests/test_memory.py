@@ -1,0 +1,84 @@
+"""``batching: auto`` fits before it times: what loop needs for one task is measured, what cannot fit is skipped.
+
+Real measurements on real networks: the worker's memory is capped with
+``DISTMAML_WORKER_MEMORY`` (what a worker believes it has), and under that cap
+``memory.allocation_limit`` also lowers the process's address-space limit, so a
+task that cannot fit is an out-of-memory error in the process, not a kill.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from distmaml import memory
+from distmaml.assembly import build_runner
+from distmaml.config import load_config
+from distmaml.core.batching import expected_bytes, fit_candidates
+
+CONV4 = ["data.family=noise", "data.queries=5", "model.filters=32", "tracking.enabled=false", "workers=0", "meta.batch_size=8"]
+
+
+def test_fit_is_one_rule_for_any_device_given_its_free_memory():
+    """What the GPU path feeds (``torch.cuda.mem_get_info``'s free bytes) goes through the same two functions."""
+    gib = 1 << 30
+    assert memory.budget(10 * gib) == 9 * gib  # the margin
+    assert memory.budget(10 * gib, cap=2 * gib) == 2 * gib and memory.budget(None, cap=gib) == gib
+    assert memory.budget(None) is None
+    names, skipped = fit_candidates(["loop", "loop_channels_last", "vmap", "batched"], gib, memory.budget(10 * gib), 3)
+    assert names == ["loop", "loop_channels_last", "batched"]  # batched: 3 x 2 x 1 GiB; vmap: 3 x 4 x 1 GiB
+    assert skipped == {"vmap": "needs about 12.0 GiB for 3 tasks at once, the worker has 9.0 GiB"}
+    assert expected_bytes("loop", gib, 32) == gib  # one task at a time, whatever the shard
+    assert fit_candidates(["loop", "vmap"], None, gib, 8) == (["loop", "vmap"], {})  # not measured: nothing skipped
+    assert memory.parse_bytes("512M") == 512 << 20 and memory.parse_bytes("2G") == 2 * gib
+
+
+@pytest.mark.slow  # two timings of every conv4 candidate: about 2 min on a loaded 2-core machine
+def test_auto_skips_a_candidate_that_cannot_fit_and_records_why(monkeypatch):
+    monkeypatch.delenv(memory.ENV_LIMIT, raising=False)
+    config = load_config("omniglot_5w1s", CONV4)
+    free = build_runner(config)
+    free.choose_batching(8)
+    one = free.batching_report()["memory"]["one_task"]
+    assert one > 0 and "vmap" in free.batching_report()["seconds"]  # plenty of memory: every candidate timed
+
+    monkeypatch.setenv(memory.ENV_LIMIT, str(6 * one))  # loop's task fits; vmap's 8 tasks at once cannot
+    capped = build_runner(config)
+    capped.choose_batching(8)
+    report = capped.batching_report()
+    assert report["memory"]["budget"] == 6 * one and report["memory"]["shard"] == 8
+    assert report["skipped"]["vmap"].startswith("needs about ") and "for 8 tasks at once" in report["skipped"]["vmap"]
+    assert "vmap" not in report["seconds"] and "loop" in report["seconds"]
+    assert report["choice"] in report["seconds"]
+    assert "vmap skipped: needs about" in capped.batching_line()
+
+
+def test_one_task_that_cannot_fit_stops_the_run_with_one_line(tmp_path):
+    """A real address-space limit (1 MiB beyond the process's size): loop's one task runs out of memory in the
+    process, and the run stops before its first step with the estimate, what the worker has and the fixes."""
+    env = {**os.environ, memory.ENV_LIMIT: "1M"}
+    argv = ["train", "--config", "omniglot_5w1s", "--quiet", "--out", "run"] + [a for s in CONV4 for a in ("--set", s)]
+    done = subprocess.run(
+        [sys.executable, "-m", "distmaml", *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    # the estimate: measured, or "more than 1 MiB" where the limit stopped the task part-way
+    assert re.fullmatch(
+        r"distmaml: error: one task of this run needs (about \d+|more than 1) MiB of memory \(batching loop, "
+        r"measured\) but a worker on cpu has 1 MiB; set inner.recompute=true, algorithm=fomaml, fewer data.queries, "
+        r"or run on a node with more memory",
+        done.stderr.strip().splitlines()[-1],
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("cap", ["lots"])
+def test_a_cap_that_is_not_bytes_is_refused(cap, monkeypatch):
+    monkeypatch.setenv(memory.ENV_LIMIT, cap)
+    with pytest.raises(ValueError, match="DISTMAML_WORKER_MEMORY = 'lots': expected bytes"):
+        memory.env_cap()
