@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,17 +75,7 @@ class RayHead:
 
     def stop(self, grace: float = 10.0, keep_temp_dir: bool = False) -> None:
         """SIGTERM to each process of this head, SIGKILL to what is left after ``grace`` seconds."""
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            for pid in self.pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not self.pids():
-                break
+        stop_pids(self.pids, grace)
         if not keep_temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -191,3 +181,18 @@ def listening_addresses(pids: list[int]) -> dict[str, str]:
             mapped = getattr(ip, "ipv4_mapped", None)
             found[f"{mapped or ip}:{int(hex_port, 16)}"] = owners[fields[9]]
     return found
+
+
+def stop_pids(pids: Callable[[], list[int]], grace: float) -> None:
+    """SIGTERM to every process ``pids()`` names, SIGKILL to what is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not pids():
+            break

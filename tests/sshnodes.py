@@ -40,7 +40,6 @@ import os
 import pwd
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rayhead import free_port
+from rayhead import free_port, stop_pids
 
 SSHD = "/usr/sbin/sshd"
 NEEDED = {"sshd": ("openssh-server", SSHD), "nc": ("netcat-openbsd", "nc"), "rsync": ("rsync", "rsync")}
@@ -166,15 +165,7 @@ class Machines:
 
     def stop(self) -> None:
         """Every process of the user by pid (TERM, then KILL), then sshd, the user and the folders."""
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            for pid in self.pids():
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.2)
+        stop_pids(self.pids, 15.0)
         if self.sshd.poll() is None:
             self.sshd.terminate()
             try:

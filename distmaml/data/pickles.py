@@ -63,6 +63,22 @@ class _Refused(Exception):
         self.module, self.name = module, name
 
 
+_DAMAGED = (
+    pickle.UnpicklingError,
+    _Refused,
+    EOFError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    UnicodeError,
+    MemoryError,
+)
+"""What reading a damaged, truncated or foreign pickle raises: each becomes one line naming the file."""
+
+
 def _find_class(module: str, name: str) -> Any:
     found = _ALLOWED.get((module, name))
     if found is None:
@@ -118,19 +134,7 @@ def load_pickle(path: Path, what: str) -> Any:
             return _Unpickler(f, encoding="latin1").load()
     except DataError:
         raise
-    except (
-        pickle.UnpicklingError,
-        _Refused,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        OverflowError,
-        UnicodeError,
-        MemoryError,
-    ) as e:
+    except _DAMAGED as e:
         raise _damaged(path, e) from None
 
 
@@ -224,19 +228,7 @@ def stream_list(path: Path, what: str, consume: Callable[[list[Any]], None]) -> 
             result = streamer.load()
     except DataError:
         raise
-    except (
-        pickle.UnpicklingError,
-        _Refused,
-        EOFError,
-        ValueError,
-        TypeError,
-        KeyError,
-        IndexError,
-        AttributeError,
-        OverflowError,
-        UnicodeError,
-        MemoryError,
-    ) as e:
+    except _DAMAGED as e:
         raise _damaged(path, e) from None
     if streamer._root is None or result is not streamer._root:
         raise DataError(f"{path}: holds a {type(result).__name__}, not a list; {what}")
