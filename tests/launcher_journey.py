@@ -1,5 +1,15 @@
 """Ray's cluster launcher for real, on this machine: ``ray up``, ``ray submit`` twice and ``ray down``.
 
+NOT YET IN THE SUITE (its name keeps pytest from collecting it; issue 23 stays
+open for it). Run it by hand, as root, with ``python -m pytest -q
+tests/launcher_journey.py`` after ``apt-get install openssh-server
+netcat-openbsd rsync``. What stops it: in the last two runs here (2026-12-03,
+load average 30-45, then about 5) ``ray up`` from a fresh clone finished and
+the head came up on 127.0.0.2, but the worker at 127.0.0.3 had not joined
+20 minutes later (in an earlier run it joined after 3 minutes; with two
+workers the autoscaler set up one and then logged "Adding 1 node(s)" for
+25 minutes), so ``ray submit`` was never reached. Not yet known why.
+
 The journey of the README's "Run on a cluster" section with ``cluster/local.yaml``
 (Ray's ``local`` provider: machines a lab owns, reached over SSH): ``ray up``
 from a fresh ``git clone`` of the repository, ``ray submit ... cluster/submit.py
