@@ -20,7 +20,14 @@ from distmaml.assembly import build_runner
 from distmaml.config import load_config
 from distmaml.core.batching import expected_bytes, fit_candidates
 
-CONV4 = ["data.family=noise", "data.queries=5", "model.filters=32", "tracking.enabled=false", "workers=0", "meta.batch_size=8"]
+CONV4 = [
+    "data.family=noise",
+    "data.queries=5",
+    "model.filters=32",
+    "tracking.enabled=false",
+    "workers=0",
+    "meta.batch_size=8",
+]
 
 
 def test_fit_is_one_rule_for_any_device_given_its_free_memory():
