@@ -183,10 +183,10 @@ def peak(run: Callable[[], object], device: torch.device) -> int | None:
     except OSError:
         run()
         return None
-    before = _status("VmRSS")
+    rss = _status("VmRSS")
     run()
     high = _status("VmHWM")
-    return None if before is None or high is None else max(0, high - before)
+    return None if rss is None or high is None else max(0, high - rss)
 
 
 @contextlib.contextmanager
