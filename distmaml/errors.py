@@ -19,6 +19,7 @@ and keeps its traceback.
 | ``ClusterError`` (also a ``ConnectionError``) | ``raycluster`` | 3 |
 | ``NonFiniteError`` (also a ``RuntimeError``) | ``trainer`` | 3 |
 | ``TrackingError`` (also a ``ConnectionError``) | ``tracking.probe`` | 3 |
+| ``MemoryFitError`` (also a ``RuntimeError``) | ``memory`` | 3 |
 """
 
 from __future__ import annotations

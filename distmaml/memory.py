@@ -225,7 +225,9 @@ class MemoryFitError(DistmamlError, RuntimeError):
     exit_code = CANNOT_GO_ON
 
 
-def refusal(need: int | None, budget: int, device: torch.device, *, first_order: bool, recompute: bool) -> MemoryFitError:
+def refusal(
+    need: int | None, budget: int, device: torch.device, *, first_order: bool, recompute: bool
+) -> MemoryFitError:
     """The one line of a worker in which one task of the run does not fit (``need`` None: more than ``budget``)."""
     estimate = f"about {human(need)}" if need is not None else f"more than {human(budget)}"
     fixes = [

@@ -24,11 +24,11 @@ from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
 from distmaml.core.batching import (
     COMPILED,
-    OUT_OF_MEMORY,
     BatchingChoice,
     candidates,
     describe_batching,
     fit_candidates,
+    is_out_of_memory,
     time_candidates,
 )
 from distmaml.core.compiled import CompileError
@@ -164,10 +164,10 @@ class TaskRunner:
         with memory.allocation_limit(self.device, budget):
             try:
                 need = memory.peak(lambda: run("loop", one), self.device)
-            except OUT_OF_MEMORY:
-                need = None
-                if budget is None:
+            except (RuntimeError, MemoryError) as e:
+                if budget is None or not is_out_of_memory(e):
                     raise
+                need = None
             if budget is not None and (need is None or need > budget):
                 raise memory.refusal(
                     need, budget, self.device, first_order=self.inner.first_order, recompute=self.algorithm.recompute

@@ -18,9 +18,16 @@ import pytest
 from distmaml import memory
 from distmaml.assembly import build_runner
 from distmaml.config import load_config
-from distmaml.core.batching import expected_bytes, fit_candidates
+from distmaml.core.batching import expected_bytes, fit_candidates, is_out_of_memory
 
-CONV4 = ["data.family=noise", "data.queries=5", "model.filters=32", "tracking.enabled=false", "workers=0", "meta.batch_size=8"]
+CONV4 = [
+    "data.family=noise",
+    "data.queries=5",
+    "model.filters=32",
+    "tracking.enabled=false",
+    "workers=0",
+    "meta.batch_size=8",
+]
 
 
 def test_fit_is_one_rule_for_any_device_given_its_free_memory():
@@ -34,6 +41,9 @@ def test_fit_is_one_rule_for_any_device_given_its_free_memory():
     assert skipped == {"vmap": "needs about 12.0 GiB for 3 tasks at once, the worker has 9.0 GiB"}
     assert expected_bytes("loop", gib, 32) == gib  # one task at a time, whatever the shard
     assert fit_candidates(["loop", "vmap"], None, gib, 8) == (["loop", "vmap"], {})  # not measured: nothing skipped
+    # torch's CPU allocator under an address-space limit raises a plain RuntimeError (measured: ResNet-12)
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 169 bytes"))
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("a bug"))
     assert memory.parse_bytes("512M") == 512 << 20 and memory.parse_bytes("2G") == 2 * gib
 
 

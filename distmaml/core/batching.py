@@ -177,9 +177,13 @@ def _human(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
-OUT_OF_MEMORY = (torch.OutOfMemoryError, MemoryError)
-"""What an allocation that cannot be served raises: torch's allocators (a GPU's, or a CPU's under an
-address-space limit, ``memory.allocation_limit``) and Python's own."""
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says an allocation could not be served: torch's ``OutOfMemoryError`` (a GPU),
+    Python's ``MemoryError``, or the ``RuntimeError`` of torch's CPU allocator under an address-space
+    limit (``DefaultCPUAllocator: can't allocate memory``, measured with torch 2.14)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def describe_batching(report: Mapping[str, Any]) -> str:
@@ -235,7 +239,9 @@ def time_candidates(
     for name in list(live):
         try:
             run(name)
-        except OUT_OF_MEMORY:
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
             live.remove(name)
             out[name] = "ran out of memory while timed"
     rounds = 0
@@ -245,7 +251,9 @@ def time_candidates(
             t0 = clock()
             try:
                 run(name)
-            except OUT_OF_MEMORY:
+            except (RuntimeError, MemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
                 live.remove(name)
                 times[name] = []
                 out[name] = "ran out of memory while timed"
