@@ -57,7 +57,7 @@ from sshnodes import Machines, missing, start_machines
 
 # Not 127.0.0.1 for the head: `ray start --node-ip-address=127.0.0.1` advertises the machine's outward address
 # instead (ray/scripts/scripts.py calls services.resolve_ip_for_localhost, which replaces 127.0.0.1, ::1 and
-# localhost with get_node_ip_address()); other loopback addresses are kept as given.
+# localhost with the address Ray finds for the node); other loopback addresses are kept as given.
 # One worker: with two (127.0.0.3, 127.0.0.4) the head's autoscaler set up 127.0.0.3 and then logged "Adding 1
 # node(s) of type local.cluster.node" every 5 s for 25 minutes without ever reaching 127.0.0.4.
 HEAD, WORKERS = "127.0.0.2", ["127.0.0.3"]
