@@ -75,7 +75,15 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_in_the_bucket(here):
 
     keys = _keys(uri)
     assert sum(k.endswith("/error.txt") for k in keys) == 1  # Tune saw the crash; its record is in the bucket
-    assert _keys(row.checkpoint) == ["checkpoints/step_000000006.pt", "config.yaml", "mlflow_run_id", "result.json"]
+    # the trial's MLflow outbox travels with its checkpoint (docs/tracking.md), whatever it still holds
+    assert _keys(row.checkpoint) == [
+        "checkpoints/step_000000006.pt",
+        "config.yaml",
+        "mlflow_run_id",
+        "result.json",
+        "tracking/outbox.jsonl",
+        "tracking/state.json",
+    ]
     # no copy of a checkpoint on this node's disk: not in Ray's session folder, no run folder of the trial left
     session = Path(ray._private.worker._global_node.get_session_dir_path())
     assert not list(session.rglob("step_*.pt"))
