@@ -121,7 +121,9 @@ def _read(path: Location) -> Checkpoint:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load's failures vary by damage: unpickling, zip, type, EOF errors
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path}: unreadable, not a torch file it can load ({type(e).__name__}: {first}); {_PASS}") from None
+        raise CheckpointError(
+            f"{path}: unreadable, not a torch file it can load ({type(e).__name__}: {first}); {_PASS}"
+        ) from None
     if not isinstance(payload, dict) or "format" not in payload:
         what = type(payload).__name__ if not isinstance(payload, dict) else "a dict without 'format'"
         raise CheckpointError(f"{path}: not a distmaml checkpoint (it holds {what}); {_PASS}")

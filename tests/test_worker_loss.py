@@ -162,8 +162,38 @@ def test_a_collective_worker_that_always_crashes_while_starting_stops_the_run_wi
     err = capsys.readouterr().err
     assert code == 3, err[-3000:]
     line = [x for x in err.splitlines() if x.strip()][-1]
-    assert line.startswith("distmaml: error: the worker group failed 2 times (last: rank "), line
+    # the last loss is a rank's, or one Ray Train met while it launched the group (the driver relaunches it)
+    assert line.startswith(
+        (
+            "distmaml: error: the worker group failed 2 times (last: rank ",
+            "distmaml: error: the worker group failed 2 times (last: a worker, while the group launched: ",
+        )
+    ), line
     assert line.endswith(
         "; losses during start-up x2), more than engine.max_worker_failures = 1 allows; the run stops; "
         f"nothing was checkpointed in {run_dir} yet"
     ), line
+
+
+def test_a_worker_lost_while_ray_train_launches_the_group_is_a_loss_not_a_traceback(tmp_path):
+    """Ray Train waits for every worker's reply to "run the loop" outside its worker-failure checks: a worker
+    killed just then ends ``fit`` with a ControllerError, never retried. The collective engine counts it as
+    a loss (it launches the group again within engine.max_worker_failures) and names it in the one line."""
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from distmaml.engine.elastic import group_failure, lost_while_launching
+
+    lost = ControllerError(ActorDiedError())
+    assert lost_while_launching(lost)
+    assert not lost_while_launching(ControllerError(ValueError("a bug in a callback")))
+    assert not lost_while_launching(ActorDiedError())
+    config = load_config("sinusoid", ["engine.max_worker_failures=2"])
+    failure = group_failure(lost, config, tmp_path / "run", "start-up x3")
+    assert failure is not None
+    assert str(failure).startswith("the worker group failed 3 times (last: a worker, while the group launched: ")
+    assert str(failure).endswith(
+        "; losses during start-up x3), more than engine.max_worker_failures = 2 allows; the run stops; "
+        f"nothing was checkpointed in {tmp_path / 'run'} yet"
+    )
+    assert group_failure(ControllerError(ValueError("a bug")), config) is None

@@ -90,6 +90,16 @@ class GroupControl:
     def failed(self, decision: str) -> None:
         self.decisions.append((decision, self.phase))
 
+    def relaunched(self) -> int:
+        """A worker died while Ray Train launched the group (its reply to "run the loop" lost): Ray Train
+        gives up on such a loss (a controller error, never retried), the driver launches the group again.
+        Counts it as the restart it is, in place of the RAISE Ray Train's callback may have told; returns
+        the restarts so far."""
+        if self.decisions and self.decisions[-1][0] == "RAISE":
+            self.decisions.pop()
+        self.decisions.append(("RETRY", self.phase))
+        return sum(d == "RETRY" for d, _ in self.decisions)
+
     def at(self, phase: str, step: int | None = None, checkpoint: str | None = None) -> None:
         """Where rank 0 is; with ``checkpoint``: the latest it wrote, holding ``step``."""
         self.phase = phase
@@ -298,19 +308,22 @@ class CollectiveEngine:
             self.close()
             raise
 
-    def run_config(self, run_dir: Location | None, control: Any = None) -> Any:
+    def run_config(self, run_dir: Location | None, control: Any = None, restarts: int = 0) -> Any:
         """Ray Train's ``RunConfig``: its folder inside the run directory, failure handling, callbacks
-        (with ``control``: one that tells it of each restart)."""
+        (with ``control``: one that tells it of each restart). ``restarts``: those this run has had
+        already (in earlier launches of the group), which count against ``engine.max_worker_failures``."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
         common: dict[str, Any] = {
-            "failure_config": FailureConfig(max_failures=self.config.engine.max_worker_failures),
+            "failure_config": FailureConfig(max_failures=max(0, self.config.engine.max_worker_failures - restarts)),
             "checkpoint_config": CheckpointConfig(num_to_keep=self.config.meta.keep_checkpoints + 1),  # +1: result
             "callbacks": [*self.callbacks, *_failure_counter(control)],
             "logging_config": LoggingConfig(log_level="WARNING"),  # not two lines per checkpoint on the console
         }
-        if run_dir is None:  # Ray Train's default storage, a fresh name
-            return RunConfig(name=f"distmaml-{uuid.uuid4().hex[:8]}", **common)
+        if run_dir is None:  # Ray Train's default storage, a fresh name (the same for each launch of a fit)
+            if restarts == 0 or not hasattr(self, "_anonymous"):
+                self._anonymous = f"distmaml-{uuid.uuid4().hex[:8]}"
+            return RunConfig(name=self._anonymous, **common)
         if storage.is_uri(run_dir):
             filesystem, path = storage.resolve(str(run_dir))
             where: dict[str, Any] = {"storage_path": path, "storage_filesystem": filesystem}
@@ -329,20 +342,29 @@ class CollectiveEngine:
         # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
         control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
         loop_config = {"program": program, "threads": self.resources.threads, "node_sum": self.node_sum}
-        trainer = trainer_class(
-            _worker_main,
-            train_loop_config={**loop_config, "control": control},
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-            scaling_config=ScalingConfig(
-                **elastic.scaling(self.config),
-                use_gpu=gpus,
-                resources_per_worker=self.resources.bundle(),
-                placement_strategy=self.config.engine.placement,
-            ),
-            run_config=self.run_config(run_dir, control),
-        )
+
+        def launch(restarts: int) -> Any:
+            return trainer_class(
+                _worker_main,
+                train_loop_config={**loop_config, "control": control},
+                torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+                scaling_config=ScalingConfig(
+                    **elastic.scaling(self.config),
+                    use_gpu=gpus,
+                    resources_per_worker=self.resources.bundle(),
+                    placement_strategy=self.config.engine.placement,
+                ),
+                run_config=self.run_config(run_dir, control, restarts),
+            )
+
         try:
-            outcome = self._fit(trainer, control, run_dir)
+            restarts = 0
+            while True:
+                try:
+                    outcome = self._fit(launch(restarts), control, run_dir)
+                    break
+                except _Relaunch as again:  # from its last checkpoint: Ray Train restores it from run_dir
+                    restarts = again.restarts
         finally:
             try:
                 self.replacements = control_state(control)["replacements"]
@@ -378,6 +400,13 @@ class CollectiveEngine:
                 raise
             return self._stop(trainer.controller, control, stop, run_dir)
         except Exception as e:
+            if elastic.lost_while_launching(e):
+                import ray
+
+                restarts = ray.get(control.relaunched.remote())
+                if restarts <= self.config.engine.max_worker_failures:
+                    log.warning("a worker died while the group was launched; the group starts again")
+                    raise _Relaunch(restarts) from None
             places = control_state(control)["places"]
             user = _user_error(e) or elastic.group_failure(e, self.config, run_dir, places)
             if user is not None:
@@ -419,6 +448,14 @@ class CollectiveEngine:
             if ray.is_initialized():
                 ray.shutdown()
             self._started_ray = False
+
+
+class _Relaunch(Exception):
+    """The group is to be launched again after a worker died while Ray Train launched it."""
+
+    def __init__(self, restarts: int) -> None:
+        super().__init__(restarts)
+        self.restarts = restarts
 
 
 def state_api_answers() -> bool:

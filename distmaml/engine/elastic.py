@@ -86,6 +86,15 @@ def _death(errors: dict[int, BaseException]) -> str | None:
     return None
 
 
+def lost_while_launching(error: BaseException) -> bool:
+    """Whether ``error`` is Ray Train's controller error for a worker that died while the controller
+    launched the group's training loop (Ray Train waits for each worker's reply there, outside the
+    checks that make a death a retried worker-group failure: it gives up at once)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(getattr(error, "controller_failure", None), RayActorError)
+
+
 def group_failure(
     error: BaseException, config: Config, where: Location | None = None, places: str = ""
 ) -> GroupFailure | None:
@@ -97,9 +106,12 @@ def group_failure(
     """
     from ray.train import WorkerGroupError
 
-    if not isinstance(error, WorkerGroupError):
+    if lost_while_launching(error):
+        death: str | None = f"a worker, while the group launched: {death_reason(error.controller_failure)}"  # type: ignore[attr-defined]
+    elif isinstance(error, WorkerGroupError):
+        death = _death(dict(error.worker_failures))
+    else:
         return None
-    death = _death(dict(error.worker_failures))
     if death is None:
         return None
     limit = config.engine.max_worker_failures
