@@ -38,6 +38,31 @@ def test_aws_config_is_valid_and_shaped_as_documented():
     _check_common(config)
 
 
+def test_runs_wait_for_the_machines_a_cluster_file_can_add_instead_of_being_refused():
+    """What a driver on the head reads of the autoscaler's node types (``placement.node_types``), from each
+    shipped file as `ray up` prepares it. The local provider's machines share the head's node type and
+    declare no resources (Ray finds them when a machine joins): a run that no node up can hold yet waits
+    for them; it is refused at once only against types whose resources are declared."""
+    from distmaml.engine.capacity import Bundle, NodeShape, why_not
+    from distmaml.engine.placement import node_types
+
+    head_only = [NodeShape("node 127.0.0.2", {"CPU": 0.0})]
+    run = [Bundle("driver", {"CPU": 1.0}), Bundle("worker", {"CPU": 2.0}), Bundle("worker", {"CPU": 2.0})]
+
+    types, limit = node_types(launcher_checked(CLUSTER / "local.yaml"))
+    assert [(t.name, t.count, t.known) for t in types] == [("node type local.cluster.node", 2, False)]
+    assert limit == 2
+    assert why_not(run, "PACK", head_only + types, limit) is None
+    assert why_not(run, "PACK", head_only, 0) is not None  # the same run with no machine to add
+
+    types, limit = node_types(launcher_checked(CLUSTER / "config.yaml"))
+    assert [(t.name, t.resources, t.known) for t in types] == [
+        ("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, True)
+    ]
+    huge = [Bundle("worker", {"CPU": 64.0, "GPU": 1.0}, {"CPU": "engine.cpus_per_worker"})]
+    assert "fits no node the Ray cluster has or can launch" in (why_not(huge, "PACK", head_only + types, limit) or "")
+
+
 def test_local_config_is_valid_and_shaped_as_documented():
     config = launcher_checked(CLUSTER / "local.yaml")
     assert config["provider"]["type"] == "local"

@@ -37,6 +37,9 @@ class NodeShape:
     count: int = 1
     """How many nodes of this shape the cluster has or may launch."""
     launchable: bool = False
+    known: bool = True
+    """False for a node type whose resources Ray learns only when such a node starts (the local
+    provider's machines): no run can be judged impossible against it."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,10 @@ def _nodes_that_fit(bundle: dict[str, float], shapes: Sequence[NodeShape], max_l
 
 
 def why_not(bundles: Sequence[Bundle], strategy: str, shapes: Sequence[NodeShape], max_launches: int) -> str | None:
-    """Why no node the cluster has or can launch could ever place ``bundles``; None if it might."""
+    """Why no node the cluster has or can launch could ever place ``bundles``; None if it might (always,
+    when the autoscaler can launch nodes of a shape it does not know yet)."""
+    if any(not s.known for s in shapes):
+        return None
     where = "the Ray cluster has or can launch" if any(s.launchable for s in shapes) else "the Ray cluster has"
     for b in {show(b.resources): b for b in bundles}.values():
         if any(fits(b.resources, s.resources) for s in shapes):

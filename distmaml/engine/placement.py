@@ -158,17 +158,34 @@ def launchable_node_types() -> tuple[list[NodeShape], int]:
     config = _autoscaling_config(ray.get_runtime_context().gcs_address)
     if not config:
         return [], 0
+    return node_types(config)
+
+
+def node_types(config: dict[str, Any]) -> tuple[list[NodeShape], int]:
+    """The worker node types of an autoscaling config (``available_node_types``), and how many new nodes it
+    may add in all (``max_workers``).
+
+    The head's type counts when it has worker slots of its own: the local provider (a lab's machines
+    listed by address) has a single type, ``local.cluster.node``, for the head and its workers. A type
+    that declares no resources (that one, again) has the resources Ray finds on each machine when it
+    starts: unknown until then (``NodeShape.known``).
+    """
     limit = total_nodes(config.get("max_workers", -1))
-    types = [
-        NodeShape(
-            f"node type {name}",
-            {k: float(v) for k, v in (spec.get("resources") or {}).items() if k in KINDS},
-            count=min(limit, total_nodes(spec.get("max_workers", limit))),
-            launchable=True,
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        slots = spec.get("max_workers", 0 if name == config.get("head_node_type") else limit)
+        if slots == 0:
+            continue
+        declared = spec.get("resources") or {}
+        types.append(
+            NodeShape(
+                f"node type {name}",
+                {k: float(v) for k, v in declared.items() if k in KINDS},
+                count=min(limit, total_nodes(slots)),
+                launchable=True,
+                known=bool(declared),
+            )
         )
-        for name, spec in (config.get("available_node_types") or {}).items()
-        if name != config.get("head_node_type") and spec.get("max_workers", limit) != 0
-    ]
     return types, limit
 
 
