@@ -24,9 +24,11 @@ from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
 from distmaml.core.batching import (
     COMPILED,
+    HOLDS_ALL,
     BatchingChoice,
     candidates,
     describe_batching,
+    expected_bytes,
     fit_candidates,
     is_out_of_memory,
     time_candidates,
@@ -43,6 +45,9 @@ AUTO_STEPS = 2
 """Timed meta-steps per candidate (after one untimed), at least..."""
 AUTO_SECONDS = 0.5
 """...and more (up to 50) until each candidate has run this long: fast meta-steps are noisy."""
+EVAL_CHUNK = 100
+"""Tasks sampled and scored at once in an evaluation, at most (fewer where ``batching: auto`` measured
+that a chunk this large would not fit: ``TaskRunner.eval_chunk``)."""
 
 
 class GradShard(NamedTuple):
@@ -239,13 +244,27 @@ class TaskRunner:
         return GradShard(grad, float(s.loss), float(s.metric), s.tasks)
 
     def evaluate(self, flat: Tensor, split: str, ids: Sequence[int], steps: int) -> EvalShard:
-        """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps."""
-        scores = score_tasks(
-            self.model,
-            self._params(flat),
-            self._tasks(split, 0, ids),
-            self.algorithm,
-            steps,
-            batching=self.measured.choice if self.measured is not None else self.batching,
-        )
-        return EvalShard(scores.before.cpu(), scores.after.cpu())
+        """Scores tasks ``ids`` of ``split`` (step 0: a fixed held-out set) after ``steps`` inner steps,
+        ``eval_chunk()`` tasks at a time (each task is a pure function of its id: the chunks change nothing)."""
+        params, chunk = self._params(flat), self.eval_chunk()
+        batching = self.measured.choice if self.measured is not None else self.batching
+        befores, afters = [], []
+        for start in range(0, len(ids), chunk):
+            part = self._tasks(split, 0, ids[start : start + chunk])
+            scores = score_tasks(self.model, params, part, self.algorithm, steps, batching=batching, chunk=chunk)
+            befores.append(scores.before.cpu())
+            afters.append(scores.after.cpu())
+        if not befores:
+            return EvalShard(torch.zeros(0), torch.zeros(0))
+        return EvalShard(torch.cat(befores), torch.cat(afters))
+
+    def eval_chunk(self) -> int:
+        """Tasks an evaluation samples and scores at once: ``EVAL_CHUNK``, or fewer where ``batching: auto``
+        chose a candidate that holds every task at once (``vmap``, ``batched``) and its measurement says
+        ``EVAL_CHUNK`` of them would not fit in the worker's budget. (Scoring keeps no second-order graph:
+        a task costs less than in the meta-step it was measured by, so the estimate errs towards fitting.)"""
+        fitted = self.measured.memory if self.measured is not None else {}
+        one, budget = fitted.get("one_task"), fitted.get("budget")
+        if self.measured is None or self.measured.choice not in HOLDS_ALL or not one or not budget:
+            return EVAL_CHUNK
+        return max(1, min(EVAL_CHUNK, budget // expected_bytes(self.measured.choice, one, 1)))

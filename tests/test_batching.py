@@ -89,6 +89,28 @@ def test_task_runner_times_every_candidate_keeps_the_fastest_and_uses_it():
         torch.testing.assert_close(runner.meta_grad(flat, 0, range(12)).grad, shard.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_an_evaluation_goes_in_chunks_that_fit_and_the_chunks_change_nothing():
+    """A meta-test scores hundreds of tasks: with ``auto`` on a candidate that holds every task at once, the
+    runner samples and scores as many as its start-up measurement says fit (not EVAL_CHUNK blindly)."""
+    from distmaml.core.batching import BatchingChoice, expected_bytes
+    from distmaml.runner import EVAL_CHUNK
+
+    config = load_config("sinusoid", ["precision=float64", "meta.batch_size=4", "tracking.enabled=false"])
+    runner = build_runner(config, device="cpu")
+    flat = runner.layout.flatten(dict(runner.model.named_parameters()))
+    whole = runner.evaluate(flat, "test", range(11), 3)  # not measured yet: EVAL_CHUNK at once
+    assert runner.eval_chunk() == EVAL_CHUNK and whole.after.shape == (11,)
+    one = 1 << 20
+    for choice, chunk in [("batched", 3), ("vmap", 3), ("loop", EVAL_CHUNK)]:
+        budget = expected_bytes(choice, one, 3) + one // 2  # room for 3 tasks at once, not 4
+        runner.measured = BatchingChoice(choice, {}, 4, memory={"one_task": one, "budget": budget, "shard": 4})
+        assert runner.eval_chunk() == chunk, choice
+        got = runner.evaluate(flat, "test", range(11), 3)
+        torch.testing.assert_close(got.after, whole.after, rtol=1e-12, atol=1e-12, msg=choice)
+        torch.testing.assert_close(got.before, whole.before, rtol=1e-12, atol=1e-12, msg=choice)
+    assert runner.evaluate(flat, "test", range(0), 3).after.shape == (0,)
+
+
 def test_result_json_records_the_choice(tmp_path):
     config = load_config(
         "sinusoid", ["workers=0", "meta.steps=2", "meta.test_tasks=4", "meta.val_every=0", "tracking.enabled=false"]
