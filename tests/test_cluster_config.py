@@ -56,9 +56,7 @@ def test_runs_wait_for_the_machines_a_cluster_file_can_add_instead_of_being_refu
     assert why_not(run, "PACK", head_only, 0) is not None  # the same run with no machine to add
 
     types, limit = node_types(launcher_checked(CLUSTER / "config.yaml"))
-    assert [(t.name, t.resources, t.known) for t in types] == [
-        ("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, True)
-    ]
+    assert [(t.name, t.resources, t.known) for t in types] == [("node type gpu_worker", {"CPU": 4.0, "GPU": 1.0}, True)]
     huge = [Bundle("worker", {"CPU": 64.0, "GPU": 1.0}, {"CPU": "engine.cpus_per_worker"})]
     assert "fits no node the Ray cluster has or can launch" in (why_not(huge, "PACK", head_only + types, limit) or "")
 
