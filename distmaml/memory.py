@@ -9,9 +9,13 @@
   ``MARGIN`` of it is kept back.
 * GPU: the device's free memory (``torch.cuda.mem_get_info``), less the margin.
 
-``DISTMAML_WORKER_MEMORY`` (bytes, or with a ``K``/``M``/``G`` suffix) caps it:
-for a node whose workers share its memory (each counts all of it while it
-measures), and for tests.
+Workers that share a node's memory (or a GPU) plan with their part of it:
+the engines tell each worker how many distmaml workers share its node and its
+device (``share``), and the free memory is divided by that count. Without it,
+two workers measuring at once would each count all of it.
+
+``DISTMAML_WORKER_MEMORY`` (bytes, or with a ``K``/``M``/``G`` suffix) caps it,
+per worker: for memory other programs on the node will need, and for tests.
 
 ``peak(run, device)`` runs ``run()`` and returns the memory it added at its
 peak: on a GPU ``torch.cuda.max_memory_allocated`` after a reset; on a CPU the
@@ -155,12 +159,28 @@ def env_cap() -> int | None:
     return parse_bytes(text) if text else None
 
 
+_SHARED_BY = {"cpu": 1, "cuda": 1}
+
+
+def share(node: int, gpu: int = 1) -> None:
+    """This process is one of ``node`` distmaml workers on its node, one of ``gpu`` on its GPU: ``available``
+    gives it that part of the free memory. Set by the engines in each worker before it measures."""
+    _SHARED_BY.update(cpu=max(1, int(node)), cuda=max(1, int(gpu)))
+
+
+def shared_by(device: torch.device) -> int:
+    """How many workers split ``device``'s free memory in this process's plan (``share``)."""
+    return _SHARED_BY["cuda" if device.type == "cuda" else "cpu"]
+
+
 def available(device: torch.device) -> int | None:
-    """The memory a worker on ``device`` may still use, margin applied (module docstring); None: unknown."""
+    """The memory a worker on ``device`` may still use, margin applied, its part where workers share it
+    (module docstring); None: unknown."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return budget(free, env_cap())
-    return budget(cpu_room(), env_cap())
+        return budget(free // _SHARED_BY["cuda"], env_cap())
+    room = cpu_room()
+    return budget(None if room is None else room // _SHARED_BY["cpu"], env_cap())
 
 
 def _trim() -> None:

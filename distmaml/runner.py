@@ -179,7 +179,7 @@ class TaskRunner:
                 )
             shard = max(n, tasks)
             names, skipped = fit_candidates(candidates(self.model), need, budget, shard)
-            fitted = {"one_task": need, "budget": budget, "shard": shard}
+            fitted = {"one_task": need, "budget": budget, "shard": shard, "shared_by": memory.shared_by(self.device)}
             return time_candidates(
                 run, names, steps=AUTO_STEPS, min_seconds=AUTO_SECONDS, tasks=n, skipped=skipped, memory=fitted
             )

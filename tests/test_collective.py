@@ -80,6 +80,7 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
         assert not torch.equal(v, init[k]), f"{k} did not move"
         torch.testing.assert_close(got.params[k], v, rtol=0, atol=1e-10, msg=f"parameter {k}")
     # the same Adam state: a resumed run would go on identically
+    assert len(ref.optimizer["state"]) == len(got.optimizer["state"]) == len(ref.params) > 0
     for a, b in zip(ref.optimizer["state"].values(), got.optimizer["state"].values()):
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=0, atol=1e-10)
 
@@ -96,6 +97,7 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
     if batching == "auto":  # each worker timed the candidates on its shard; all compute with the fastest summed
         reports = result["batching"]["workers"]
         assert len(reports) == workers and all(set(b["seconds"]) == {"loop", "vmap", "batched"} for b in reports)
+        assert all(b["memory"]["shared_by"] == workers for b in reports)  # one node: each plans with its part
         common = min(reports[0]["seconds"], key=lambda n: sum(b["seconds"][n] for b in reports))
         assert result["batching"]["choice"] == common
     else:

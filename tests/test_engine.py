@@ -73,6 +73,7 @@ def test_workers_match_in_process(in_process, workers):
     for b in reports:
         assert set(b["seconds"]) == {"loop", "vmap", "batched"} and b["tasks"] == -(-7 // workers)
         assert b["choice"] == min(b["seconds"], key=b["seconds"].get)
+        assert b["memory"]["shared_by"] == workers  # all on this one node: each plans with its part of its memory
     common = run.engine.batching()["choice"]  # every worker computes with the fastest summed over them
     assert common == min(reports[0]["seconds"], key=lambda n: sum(b["seconds"][n] for b in reports))
     assert len(grads) == len(ref_grads) == 5

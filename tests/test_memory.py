@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from distmaml import memory
 from distmaml.assembly import build_runner
@@ -45,6 +46,26 @@ def test_fit_is_one_rule_for_any_device_given_its_free_memory():
     assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 169 bytes"))
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("a bug"))
     assert memory.parse_bytes("512M") == 512 << 20 and memory.parse_bytes("2G") == 2 * gib
+
+
+def test_workers_sharing_a_node_or_a_gpu_split_its_free_memory(monkeypatch):
+    """Two workers measuring at once on one node would each count all of its memory: each plans with its part
+    (the engines call ``memory.share`` in every worker: tests/test_engine.py checks what they told it)."""
+    gib = 1 << 30
+    monkeypatch.delenv(memory.ENV_LIMIT, raising=False)
+    monkeypatch.setattr(memory, "cpu_room", lambda: 10 * gib)  # the machine's room, whatever it is now
+    cpu = torch.device("cpu")
+    try:
+        assert memory.available(cpu) == 9 * gib and memory.shared_by(cpu) == 1
+        memory.share(2)
+        assert memory.available(cpu) == 9 * gib // 2 and memory.shared_by(cpu) == 2
+        assert memory.shared_by(torch.device("cuda", 0)) == 1  # one worker per GPU unless told
+        monkeypatch.setenv(memory.ENV_LIMIT, "1G")  # the cap is per worker: not divided
+        assert memory.available(cpu) == gib
+        memory.share(4, gpu=2)
+        assert memory.shared_by(torch.device("cuda", 0)) == 2
+    finally:
+        memory.share(1)
 
 
 @pytest.mark.slow  # two timings of every conv4 candidate: about 2 min on a loaded 2-core machine

@@ -49,13 +49,20 @@ from typing import Any
 
 import torch
 
-from distmaml import interrupt, storage
+from distmaml import interrupt, memory, storage
 from distmaml.checkpoint import write_json
 from distmaml.config import Config
 from distmaml.engine import elastic
 from distmaml.engine.failures import STARTUP, failure_places
 from distmaml.engine.group import GroupEngine
-from distmaml.engine.placement import EngineError, WorkerResources, check_feasible, connect, worker_resources
+from distmaml.engine.placement import (
+    EngineError,
+    WorkerResources,
+    check_feasible,
+    connect,
+    gpu_share,
+    worker_resources,
+)
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
@@ -249,6 +256,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     _quiet_reports()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    memory.share(context.get_local_world_size(), loop_config.get("gpu_share", 1))  # the node's workers split it
     program: Program = loop_config["program"]
     control = loop_config.get("control")
     replacements = 0
@@ -341,7 +349,12 @@ class CollectiveEngine:
         trainer_class = _stoppable(TorchTrainer if state_api_answers() else _without_cleaner(TorchTrainer))
         # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
         control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
-        loop_config = {"program": program, "threads": self.resources.threads, "node_sum": self.node_sum}
+        loop_config = {
+            "program": program,
+            "threads": self.resources.threads,
+            "node_sum": self.node_sum,
+            "gpu_share": gpu_share(self.resources.gpus),
+        }
 
         def launch(restarts: int) -> Any:
             return trainer_class(

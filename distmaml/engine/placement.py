@@ -69,6 +69,11 @@ class WorkerResources:
         return b
 
 
+def gpu_share(gpus: float) -> int:
+    """How many workers share one GPU when each asks for ``gpus`` of one (``engine.gpus_per_worker``)."""
+    return max(1, round(1 / gpus)) if 0 < gpus < 1 else 1
+
+
 def connect(address: str | None, cpus_needed: float, runtime_env: dict[str, Any] | None = None) -> bool:
     """Connects to Ray unless already connected; returns True if this call started or joined Ray.
 

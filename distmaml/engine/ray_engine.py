@@ -28,6 +28,7 @@ from distmaml.engine.placement import (
     Placement,
     WorkerResources,
     connect,
+    gpu_share,
     job_ships_code,
     reserve,
     worker_resources,
@@ -127,7 +128,21 @@ class RayEngine:
             scheduling_strategy=strategy,
             max_restarts=0,
             **({"runtime_env": self._actor_env} if self._actor_env else {}),
-        ).remote(self._build_runner, self.resources.threads, self._shard_size(index) if tasks is None else tasks)
+        ).remote(
+            self._build_runner,
+            self.resources.threads,
+            self._shard_size(index) if tasks is None else tasks,
+            (self._on_same_node(index), gpu_share(self.resources.gpus)),
+        )
+
+    def _on_same_node(self, index: int) -> int:
+        """How many of the run's worker bundles share worker ``index``'s node (itself included)."""
+        nodes = ray.util.placement_group_table(self.placement.group).get("bundles_to_node_id") or {}
+        first = self.placement.first_worker_bundle
+        mine = nodes.get(first + index)
+        if mine is None:
+            return 1
+        return sum(nodes.get(first + i) == mine for i in range(self.workers))
 
     def _shard_size(self, index: int) -> int:
         """Tasks to prepare worker ``index`` for: ``batching: compiled`` compiles for exactly its shard's

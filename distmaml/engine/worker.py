@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distmaml import memory
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.fastpath import malloc
 from distmaml.memory import MemoryFitError
@@ -54,12 +55,16 @@ class WireShard(NamedTuple):
 class ShardWorker:
     """Computes shards of each meta-step on the device Ray gave this actor."""
 
-    def __init__(self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0) -> None:
+    def __init__(
+        self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0, share: tuple[int, int] = (1, 1)
+    ) -> None:
+        """``share``: how many of the run's workers share this one's node and its GPU (``memory.share``)."""
         # One process per worker scales far better on CPUs than threads in one
         # process (1.97x vs 1.4x for two on this machine's 2 cores).
         point("startup")
         torch.set_num_threads(max(1, threads))
         malloc.claim()  # an actor process of distmaml's: its runner keeps the memory it frees
+        memory.share(*share)
         self.runner = build_runner()
         self.refused: MemoryFitError | None = None
         if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
