@@ -19,7 +19,7 @@ from torch import Tensor
 from distmaml import memory
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.fastpath import malloc
-from distmaml.memory import MemoryFitError
+from distmaml.errors import DistmamlError
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 
@@ -65,14 +65,17 @@ class ShardWorker:
         torch.set_num_threads(max(1, threads))
         malloc.claim()  # an actor process of distmaml's: its runner keeps the memory it frees
         memory.share(*share)
-        self.runner = build_runner()
-        self.refused: MemoryFitError | None = None
-        if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
-            point("batching")
-            try:
+        # A setting or input this worker cannot go on with (not even one task fits its memory, a damaged
+        # task store) is told by describe(): raised in __init__ it would reach the driver as a dead actor
+        # with text only, and be replaced as if the worker had been lost.
+        self.refused: DistmamlError | None = None
+        try:
+            self.runner = build_runner()
+            if tasks:  # batching: auto is timed here, at start-up, on this actor's device and threads
+                point("batching")
                 self.runner.choose_batching(tasks)
-            except MemoryFitError as e:  # told by describe(): an error in __init__ reaches the driver as text only
-                self.refused = e
+        except DistmamlError as e:
+            self.refused = e
 
     def use_batching(self, name: str) -> None:
         """Computes with ``name`` from now on (the engine's common choice), whatever this worker timed."""
@@ -92,7 +95,8 @@ class ShardWorker:
     def describe(self) -> dict[str, Any]:
         """Where this actor runs (pid, node, visible GPUs, torch device, threads) and its batching.
 
-        Raises the ``MemoryFitError`` of a worker in which not even one task fits.
+        Raises the one-line error of a worker that cannot go on (``refused``): not even one task fits
+        (``MemoryFitError``), a damaged task store (``DataError``).
         """
         import ray
 
