@@ -44,6 +44,7 @@ from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
 from distmaml.fastpath.malloc import keep_freed_memory_if_claimed
 from distmaml.interrupt import Interrupted
+from distmaml.memory import MemoryFitError
 from distmaml.models import build_model
 from distmaml.runner import TaskRunner
 from distmaml.storage import Location
@@ -436,10 +437,11 @@ def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
     return type(engine).__name__ == "CollectiveEngine"
 
 
-SAME_ON_EVERY_WORKER = (NonFiniteError, ConfigError)
+SAME_ON_EVERY_WORKER = (NonFiniteError, ConfigError, MemoryFitError)
 """Errors every worker of a group raises at the same point, decided from values all share (the reduced
-meta-gradient, the gathered scores, the checkpoint's config): reported, they end the group at once
-instead of Ray Train restarting it ``engine.max_worker_failures`` times into the same error."""
+meta-gradient, the gathered scores, the checkpoint's config; a memory refusal, gathered at start-up by
+``GroupEngine``): reported, they end the group at once instead of Ray Train restarting it
+``engine.max_worker_failures`` times into the same error."""
 
 
 class GroupReporter(Callback):
@@ -511,7 +513,11 @@ def fit_in_group(
     algorithm = build_algorithm(cfg)
     params = init_algorithm_params(network, algorithm)
     device = member.device if cfg.device != "cpu" else None
-    engine = member.engine(build_runner(cfg, device, network=network, family=family), cfg.meta.batch_size)
+    try:
+        engine = member.engine(build_runner(cfg, device, network=network, family=family), cfg.meta.batch_size)
+    except MemoryFitError as e:  # gathered at start-up: every worker raises the same refusal
+        member.report({"step": 0}, error=e)
+        return
     everyone: list[Callback] = []
     if member.lead:
         everyone = [

@@ -108,6 +108,31 @@ def test_one_task_that_cannot_fit_stops_the_run_with_one_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a Ray instance and a Ray Train group: about a minute
+def test_a_collective_group_where_one_task_cannot_fit_stops_at_once_with_one_line(tmp_path):
+    """Each worker of the group measures; the refusal is gathered and raised alike on every worker, so Ray
+    Train ends the group at once (no restart into the same refusal, no worker's traceback on the console)."""
+    env = {**os.environ, memory.ENV_LIMIT: "1M"}
+    sets = [
+        "engine.reduce=collective",
+        "tracking.enabled=false",
+        "engine.cpus_per_worker=0.5",
+        "engine.driver_cpus=0.5",
+    ]
+    argv = ["train", "--workers", "2", "--quiet", "--out", "run"] + [a for s in sets for a in ("--set", s)]
+    done = subprocess.run(
+        [sys.executable, "-m", "distmaml", *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr and "MemoryFitError" not in done.stderr, done.stderr[-3000:]
+    assert re.fullmatch(
+        r"distmaml: error: one task of this run needs (about \d+|more than 1) MiB of memory \(batching loop, "
+        r"measured\) but a worker on cpu has 1 MiB; .*",
+        done.stderr.strip().splitlines()[-1],
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("cap", ["lots"])
 def test_a_cap_that_is_not_bytes_is_refused(cap, monkeypatch):
     monkeypatch.setenv(memory.ENV_LIMIT, cap)

@@ -32,6 +32,7 @@ from torch import Tensor
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.shm import GroupSum
 from distmaml.engine.testpoints import eval_point, point
+from distmaml.memory import MemoryFitError
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 EXTRA = 4
@@ -84,8 +85,16 @@ class GroupEngine:
         self._common: str | None = None
         if batch_size:
             point("batching")
-            runner.choose_batching(len(self._my_range(batch_size)))
-            self._reports = self._gather_objects(runner.batching_report())
+            refused: MemoryFitError | None = None
+            try:
+                runner.choose_batching(len(self._my_range(batch_size)))
+            except MemoryFitError as e:  # told to every worker: each raises it alike, the group ends at once
+                refused = e
+            gathered = self._gather_objects(refused or runner.batching_report())
+            first = next((r for r in gathered if isinstance(r, MemoryFitError)), None)
+            if first is not None:
+                raise first
+            self._reports = gathered
             self._common = common_batching(self._reports)
             if self._common is not None:
                 runner.batching = self._common

@@ -18,8 +18,8 @@ from torch import Tensor
 
 from distmaml import memory
 from distmaml.engine.testpoints import eval_point, point
-from distmaml.fastpath import malloc
 from distmaml.errors import DistmamlError
+from distmaml.fastpath import malloc
 from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 
