@@ -434,7 +434,9 @@ def assemble(
 
 # -- a collective group's worker --------------------------------------------------------
 def is_collective(engine: object) -> TypeGuard[CollectiveEngine]:
-    return type(engine).__name__ == "CollectiveEngine"
+    """Whether ``engine`` runs the whole program in its workers (``CollectiveEngine.runs_the_program``),
+    asked without importing Ray Train."""
+    return getattr(engine, "runs_the_program", False) is True
 
 
 SAME_ON_EVERY_WORKER = (NonFiniteError, ConfigError, MemoryFitError)

@@ -292,6 +292,10 @@ class CollectiveEngine:
         >>> result = engine.fit(functools.partial(fit_in_group, ...), "runs/a")
     """
 
+    runs_the_program = True
+    """The whole run (trainer, callbacks, checkpoints) runs in the group's workers, not in the driver: what
+    ``assembly.is_collective`` asks (the driver's engines compute shards for a trainer in the driver)."""
+
     replacements = 0
 
     def __init__(
