@@ -175,9 +175,10 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         assert str(head_home / "distmaml" / "distmaml" / "__init__.py") in where
 
         # `ray up` returns once the head is up; the head's autoscaler then sets up the workers (the same
-        # setup_commands) and starts Ray there. A run submitted before they join is refused at once: distmaml
-        # sees no node type the local provider can launch (its one type is also the head's). Wait as a user
-        # would, asking the cluster through the launcher.
+        # setup_commands) and starts Ray there. A run submitted before they join waits for them (the local
+        # provider's one node type, also the head's, counts as launchable: placement.node_types); the test
+        # waits first anyway, asking the cluster through the launcher, to tell a worker that never joins
+        # apart from a run that fails.
         alive = "import ray; ray.init(address='auto', logging_level='ERROR'); print('ALIVE', sum(n['Alive'] for n in ray.nodes()))"
         start = time.monotonic()
         while True:
