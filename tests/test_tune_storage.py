@@ -18,7 +18,7 @@ from test_tune import _children, _client, _steps, space_file
 from distmaml import storage
 from distmaml.cli import main
 from distmaml.tune import load_space, run_sweep
-from distmaml.tune.shared import check_tracking_reach, tune_storage
+from distmaml.tune.shared import check_tracking_reach, launched_elsewhere, tune_storage
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,29 @@ def test_a_tracking_uri_other_machines_cannot_reach_is_refused_where_trials_may_
     with pytest.raises(ConfigError, match=r"tracking.uri = .*but trials may run on other machines") as e:
         check_tracking_reach(uri, elsewhere)
     assert "tracking.uri=http://HEAD_PRIVATE_IP:5000" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("provider", "here", "elsewhere"),
+    [
+        # the local provider starts nodes at its worker_ips only: loopback ones are this machine (launcher_journey)
+        ({"type": "local", "head_ip": "127.0.0.2", "worker_ips": ["127.0.0.3", "127.0.0.4"]}, "127.0.0.2", False),
+        ({"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.10"]}, "10.0.0.10", False),
+        ({"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.11"]}, "10.0.0.10", True),
+        ({"type": "local", "head_ip": "127.0.0.2", "worker_ips": ["127.0.0.3", "10.0.0.11"]}, "127.0.0.2", True),
+        ({"type": "fake_multinode"}, "127.0.0.1", False),
+        ({"type": "aws", "region": "us-west-2"}, "10.0.0.10", True),
+        ({}, "10.0.0.10", True),  # a cluster file without a provider: anything may be launched anywhere
+    ],
+)
+def test_nodes_a_cluster_file_may_launch_are_elsewhere_unless_its_addresses_are_this_machine(provider, here, elsewhere):
+    why = launched_elsewhere({"provider": provider}, ["local.cluster.node"], here)
+    assert (why is not None) == elsewhere
+    if elsewhere:
+        assert (
+            why
+            == f"the autoscaler can launch nodes of type local.cluster.node (provider {provider.get('type', 'unknown')})"
+        )
 
 
 @pytest.mark.parametrize(

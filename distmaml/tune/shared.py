@@ -58,7 +58,9 @@ def other_machines() -> str | None:
 
     They may when a node up has another address, or when the autoscaler can
     launch nodes (a cloud, a lab's machines), except Ray's fake multi-node
-    provider, whose nodes are processes on this machine.
+    provider, whose nodes are processes on this machine, and the ``local``
+    provider when every address it may start a node at (``worker_ips``) is
+    this machine's (``same_machine``: loopback addresses standing for machines).
     """
     import ray
 
@@ -73,11 +75,28 @@ def other_machines() -> str | None:
     types, _ = launchable_node_types()
     if types:
         config = _autoscaling_config(ray.get_runtime_context().gcs_address) or {}
-        provider = (config.get("provider") or {}).get("type", "unknown")
-        if provider != "fake_multinode":
-            names = ", ".join(t.name.removeprefix("node type ") for t in types)
-            return f"the autoscaler can launch nodes of type {names} (provider {provider})"
+        return launched_elsewhere(config, [t.name.removeprefix("node type ") for t in types], here)
     return None
+
+
+def launched_elsewhere(config: dict[str, Any], types: list[str], here: str) -> str | None:
+    """Why nodes the autoscaler of ``config`` (its cluster file) may launch of ``types`` may be another
+    machine than ``here``, the driver's address, or None.
+
+    Example:
+        >>> local = {"provider": {"type": "local", "head_ip": "127.0.0.2", "worker_ips": ["127.0.0.3"]}}
+        >>> launched_elsewhere(local, ["local.cluster.node"], "127.0.0.2") is None
+        True
+        >>> launched_elsewhere({"provider": {"type": "aws"}}, ["gpu_worker"], "10.0.0.10")
+        'the autoscaler can launch nodes of type gpu_worker (provider aws)'
+    """
+    provider = config.get("provider") or {}
+    kind = provider.get("type", "unknown")
+    if kind == "fake_multinode":
+        return None
+    if kind == "local" and all(same_machine(str(ip), here) for ip in provider.get("worker_ips") or []):
+        return None
+    return f"the autoscaler can launch nodes of type {', '.join(types)} (provider {kind})"
 
 
 def same_machine(a: str, b: str) -> bool:
