@@ -197,10 +197,22 @@ def _site_dirs() -> list[str]:
     return [p for p in sys.path if p.rstrip("/").endswith("site-packages") and Path(p).is_dir()]
 
 
+def _others_may_read(folder: Path) -> bool:
+    """Whether another user may list ``folder`` and pass through every folder above it."""
+    parents = folder.resolve().parents
+    return folder.stat().st_mode & 0o005 == 0o005 and all(p.stat().st_mode & 0o001 for p in parents)
+
+
 def start_machines(addresses: list[str], timeout: float = 60.0) -> Machines:
     """A user, key and sshd for ``addresses`` (the head first), with a home and Python environment for each."""
     if why := missing():
         raise RuntimeError("the launcher test needs " + ", ".join(why))
+    if closed := [s for s in _site_dirs() if not _others_may_read(Path(s))]:
+        raise RuntimeError(
+            f"the launcher test's user could not import this Python environment's packages: {', '.join(closed)} "
+            "(or a folder above) is closed to other users; a virtual environment under `mktemp -d` needs "
+            "`chmod 755` on that folder (.ci/run does it)"
+        )
     base = Path(tempfile.mkdtemp(prefix="lt", dir="/tmp"))  # short: Ray's socket paths under TMPDIR must fit 107 bytes
     base.chmod(0o755)
     user = "dmlt" + secrets.token_hex(4)

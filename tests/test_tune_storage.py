@@ -125,7 +125,7 @@ def test_a_tracking_uri_other_machines_cannot_reach_is_refused_where_trials_may_
 @pytest.mark.parametrize(
     ("provider", "here", "elsewhere"),
     [
-        # the local provider starts nodes at its worker_ips only: loopback ones are this machine (launcher_journey)
+        # the local provider starts nodes at its worker_ips only: loopback ones are this machine (test_launcher)
         ({"type": "local", "head_ip": "127.0.0.2", "worker_ips": ["127.0.0.3", "127.0.0.4"]}, "127.0.0.2", False),
         ({"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.10"]}, "10.0.0.10", False),
         ({"type": "local", "head_ip": "10.0.0.10", "worker_ips": ["10.0.0.11"]}, "10.0.0.10", True),
