@@ -1,6 +1,6 @@
 """Independent computations for the tests.
 
-``reference_meta_gradient`` is ``distmaml.baseline``: a per-task loop with
+``reference_meta_gradient`` is ``distmaml.bench.baseline``: a per-task loop with
 ``torch.autograd.grad(create_graph=True)`` on a module clone and torch's own
 batch-norm, sharing no computation with ``distmaml.core``.
 ``query_loss_after_adaptation`` is a plain function of the parameters for
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distmaml.baseline import baseline_meta_gradient, clone_module, native_twin
+from distmaml.bench.baseline import baseline_meta_gradient, clone_module, native_twin
 
 
 def reference_meta_gradient(model, params, batch, *, lr, steps, first_order, loss):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distmaml.bench_engines import ENGINES, flat_size, parse_reduces, with_ratios
+from distmaml.bench.engines import ENGINES, flat_size, parse_reduces, with_ratios
 from distmaml.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

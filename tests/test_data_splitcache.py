@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distmaml.data.bench import split_memory, write_synthetic_store
+from distmaml.bench.data import split_memory, write_synthetic_store
 from distmaml.data.episodes import ImageTasks
 from distmaml.data.splitcache import SUFFIX, cache_folder, cache_name, shared_split
 from distmaml.data.store import load_split, open_store

@@ -56,6 +56,13 @@ def test_nothing_imports_the_cli_but_main():
     assert _importers("distmaml.cli") == ["distmaml.__main__"]
 
 
+def test_the_runtime_never_imports_the_benchmark_harness():
+    """``distmaml/bench/`` sits on top: only the CLI's ``distmaml bench`` reaches into it."""
+    outside = [m for m in _importers("distmaml.bench") if not m.startswith("distmaml.bench")]
+    assert outside == ["distmaml.cli"]
+    assert {m for m in GRAPH if m.startswith("distmaml.bench")} >= {"distmaml.bench", "distmaml.bench.engines"}
+
+
 def test_tracking_does_not_import_the_engine():
     bad = {
         m: sorted(d for d in GRAPH[m] if d.startswith("distmaml.engine"))

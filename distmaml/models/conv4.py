@@ -10,7 +10,7 @@ order: a window whose maximum is not positive gets zero gradient either way);
 but the ReLU and its backward then touch a quarter of the elements. In
 ``distmaml bench`` (omniglot shape, 1 thread) this order made the meta-step
 about 17% faster, with gradients equal to the last bit. The baseline
-(``distmaml.baseline``) keeps the paper's order, so the tests check the two
+(``distmaml.bench.baseline``) keeps the paper's order, so the tests check the two
 against each other.
 """
 

@@ -1,6 +1,6 @@
 """The algorithm table: each algorithm after a short run against no adaptation.
 
-``python -m distmaml.algorithm_table --config sinusoid --steps 500 --out runs/table``
+``python -m distmaml.bench.algorithms --config sinusoid --steps 500 --out runs/table``
 trains every algorithm of the family on one recipe (``distmaml train
 --workers 0``, one after another, each in its own process), then prints for
 each: the meta-test metric after adaptation and without it (the same
@@ -63,7 +63,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distmaml.algorithm_table", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m distmaml.bench.algorithms", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="sinusoid", help="recipe name or YAML path (default: sinusoid)")
     parser.add_argument("--steps", type=int, default=500, help="meta-steps per run (default: 500)")
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated (default: all)")

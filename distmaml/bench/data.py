@@ -15,8 +15,8 @@ shared by k processes counts 1/k in each) before and after, from
 ``/proc/<pid>/smaps_rollup``. Shared through the node's cache file, the W
 workers' PSS grows by one copy in total; read privately, by W copies::
 
-    python -m distmaml.data.bench memory              # both modes, 2 workers, miniImageNet's size
-    python -m distmaml.data.bench memory --workers 4 --store DATA_DIR
+    python -m distmaml.bench.data memory              # both modes, 2 workers, miniImageNet's size
+    python -m distmaml.bench.data memory --workers 4 --store DATA_DIR
 
 The generated store takes about 1 GB in the temporary folder, 2 GB of
 memory while it is written, and each private copy 0.8 GB per worker.
@@ -271,7 +271,7 @@ def _memory_main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m distmaml.data.bench memory",
+        prog="python -m distmaml.bench.data memory",
         description="PSS and RSS growth of W worker processes that each read a store's meta-train split.",
     )
     parser.add_argument("--workers", type=int, default=2)

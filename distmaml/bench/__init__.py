@@ -2,7 +2,7 @@
 
 Every figure is measured in the same run and reported as a ratio against a
 reference measured beside it: the core against the classic per-task baseline
-(``distmaml.baseline``) and, where it is installed, against learn2learn's
+(``distmaml.bench.baseline``) and, where it is installed, against learn2learn's
 ``MAML`` wrapped around the same network; W workers against 1. Each
 single-process measurement runs in a fresh subprocess with its own thread
 count, so peak memory (the RSS high-water mark above the process's RSS before
@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from distmaml.bench_engines import (
+from distmaml.bench.engines import (
     RESNET12_PARAMS,
     engine_rows,
     engine_summary,
@@ -124,7 +124,7 @@ def _learn2learn_step(model: torch.nn.Module, batch: TaskBatch, inner: Any) -> t
     (same weights, same layer order: the fastest form of the same network for it)."""
     import learn2learn as l2l
 
-    from distmaml.baseline import native_twin
+    from distmaml.bench.baseline import native_twin
     from distmaml.core.losses import loss_fn
 
     twin = native_twin(model, classic_order=False)
@@ -175,7 +175,7 @@ def _step_fn(name: str, impl: str, batching: str) -> tuple[Config, Any]:
     """The config and a zero-argument function computing one meta-step's gradient with ``impl``
     (``core`` uses ``batching``; ``core-<batching>`` names its own)."""
     from distmaml.assembly import build_runner
-    from distmaml.baseline import baseline_meta_gradient, native_twin
+    from distmaml.bench.baseline import baseline_meta_gradient, native_twin
     from distmaml.core import meta_grad
 
     config = bench_config(name, "workers=0")
@@ -455,7 +455,7 @@ def run(
 def sampler_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The task store's episode sampler on one thread (Omniglot-sized store, 5-way 1-shot, 15 queries),
     beside the rate at which one single-thread worker consumes those tasks (the core's row)."""
-    from distmaml.data.bench import sampler_tasks_per_second
+    from distmaml.bench.data import sampler_tasks_per_second
 
     out: dict[str, Any] = _in_subprocess(sampler_tasks_per_second)
     core = next((r for r in rows if r["config"] == "omniglot" and r["impl"] == "core" and r["threads"] == 1), None)
@@ -465,7 +465,7 @@ def sampler_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "model", ""):
-        from distmaml.bench_model import model_main
+        from distmaml.bench.model import model_main
 
         return model_main(args)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
