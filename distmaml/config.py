@@ -297,7 +297,7 @@ class EngineConfig:
     outer limit, long enough for a cloud GPU node to boot and run ``setup_commands`` (often 5-15 minutes)."""
     startup_stall: float = 300.0
     """Seconds the wait goes on while the autoscaler could add nodes but none is launching or starting (its
-    launches fail, or it launches nothing), before the run fails with one line; see ``distmaml.engine.autoscaler``."""
+    launches fail, or it launches nothing), before the run fails with one line; see ``distmaml.cluster.autoscaler``."""
     reduce: str = "driver"
     """Who adds the workers' gradients: ``driver`` (worker actors send their sums to the driver, which
     steps and sends the parameters back) or ``collective`` (a Ray Train worker group all-reduces with

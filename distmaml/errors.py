@@ -16,7 +16,7 @@ and keeps its traceback.
 | ``UserCodeError`` (also a ``ValueError``) | ``usercode`` | 2 |
 | ``TrainError`` | ``api`` | 2 |
 | ``EngineError`` (also a ``RuntimeError``) | ``engine`` | 3 |
-| ``ClusterError`` (also a ``ConnectionError``) | ``raycluster`` | 3 |
+| ``ClusterError`` (also a ``ConnectionError``) | ``cluster.connect`` | 3 |
 | ``NonFiniteError`` (also a ``RuntimeError``) | ``trainer`` | 3 |
 | ``TrackingError`` (also a ``ConnectionError``) | ``tracking.probe`` | 3 |
 | ``MemoryFitError`` (also a ``RuntimeError``) | ``memory`` | 3 |

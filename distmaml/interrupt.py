@@ -21,7 +21,7 @@ Three things shape it:
 - Ray's driver sets SIGTERM handlers of its own when it connects:
   ``ray.init``'s (``sys.exit``) and, in C, the core worker's failure-signal
   handler, which prints a stack dump and aborts. ``reinstall()`` runs after
-  ``ray.init`` (``distmaml.raycluster.connect``) so that ours win.
+  ``ray.init`` (``distmaml.cluster.connect.connect``) so that ours win.
 
 Sweep trials and Ray workers never install these handlers (Tune stops a trial
 itself, with SystemExit in ``report``); outside ``stop_on_signals`` ``atomic``

@@ -24,7 +24,7 @@ preparation, in ``distmaml.cli`` through the functions here:
   YAML starts on the head's private address, port 5000
   (``DISTMAML_MLFLOW_PORT``), if it answers.
 - **waiting for the autoscaler**: nothing here; the engine does it
-  (``distmaml.engine.placement``), and reads the node types the head's
+  (``distmaml.cluster.placement``), and reads the node types the head's
   autoscaler may launch from this node.
 """
 
@@ -119,7 +119,7 @@ def join(address: str, config: Config | None) -> str:
     """
     import ray
 
-    from distmaml.raycluster import connect
+    from distmaml.cluster.connect import connect
 
     env = _runtime_env(config)
     joined = connect(address, runtime_env=env) if env else connect(address)
@@ -161,7 +161,7 @@ def head_ip() -> str:
 
 def head_tracking_uri() -> str | None:
     """``http://HEAD_IP:PORT`` when the head's MLflow server answers there, else None; says which."""
-    from distmaml.reach import unreachable
+    from distmaml.cluster.reach import unreachable
 
     host, port = head_ip(), int(os.environ.get(MLFLOW_PORT_ENV) or 5000)
     why = unreachable(host, port, PROBE_TIMEOUT)

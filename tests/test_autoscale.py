@@ -21,8 +21,8 @@ import ray
 from fakecluster import start_fake_cluster
 
 from distmaml.assembly import runner_factory
+from distmaml.cluster.placement import EngineError, cluster_shape, worker_resources
 from distmaml.config import load_config
-from distmaml.engine.placement import EngineError, cluster_shape, worker_resources
 from distmaml.engine.ray_engine import RayEngine
 
 SUBMIT = Path(__file__).resolve().parent.parent / "cluster" / "submit.py"

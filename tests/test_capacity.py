@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, nodes_needed, why_not
+from distmaml.cluster.capacity import Bundle, NodeShape, describe, holders, nodes_needed, why_not
 
 HEAD = NodeShape("node 10.0.0.1", {"CPU": 0.0})  # cluster/config.yaml: the head offers no CPUs
 GPU_TYPE = NodeShape("node type gpu_worker", {"CPU": 2.0, "GPU": 1.0}, count=2, launchable=True)

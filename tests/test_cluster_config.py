@@ -43,8 +43,8 @@ def test_runs_wait_for_the_machines_a_cluster_file_can_add_instead_of_being_refu
     shipped file as `ray up` prepares it. The local provider's machines share the head's node type and
     declare no resources (Ray finds them when a machine joins): a run that no node up can hold yet waits
     for them; it is refused at once only against types whose resources are declared."""
-    from distmaml.engine.capacity import Bundle, NodeShape, why_not
-    from distmaml.engine.placement import node_types
+    from distmaml.cluster.capacity import Bundle, NodeShape, why_not
+    from distmaml.cluster.placement import node_types
 
     head_only = [NodeShape("node 127.0.0.2", {"CPU": 0.0})]
     run = [Bundle("driver", {"CPU": 1.0}), Bundle("worker", {"CPU": 2.0}), Bundle("worker", {"CPU": 2.0})]

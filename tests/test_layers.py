@@ -56,6 +56,18 @@ def test_nothing_imports_the_cli_but_main():
     assert _importers("distmaml.cli") == ["distmaml.__main__"]
 
 
+def test_the_cluster_layer_sits_below_the_engines():
+    """``distmaml/cluster/`` (connect, reach, placement, capacity, autoscaler) uses nothing above or beside it."""
+    above = ("engine", "assembly", "trainer", "runner", "tune", "tracking", "core", "data", "models", "tasks", "bench")
+    cluster = [m for m in GRAPH if m.startswith("distmaml.cluster")]
+    assert len(cluster) >= 6
+    bad = {
+        m: sorted(d for d in GRAPH[m] if any(d == f"distmaml.{a}" or d.startswith(f"distmaml.{a}.") for a in above))
+        for m in cluster
+    }
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
 def test_the_runtime_never_imports_the_benchmark_harness():
     """``distmaml/bench/`` sits on top: only the CLI's ``distmaml bench`` reaches into it."""
     outside = [m for m in _importers("distmaml.bench") if not m.startswith("distmaml.bench")]

@@ -11,8 +11,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from distmaml.assembly import runner_factory
+from distmaml.cluster.placement import EngineError
 from distmaml.config import load_config
-from distmaml.engine.placement import EngineError
 from distmaml.engine.ray_engine import RayEngine
 
 BASE = ["meta.batch_size=8", "tracking.enabled=false", "engine.cpus_per_worker=0.5", "engine.driver_cpus=0.5"]
@@ -85,7 +85,7 @@ def test_node_types_reported_to_the_gcs_count(gpu_cluster):
     from ray._private.state import state
     from ray.core.generated import autoscaler_pb2
 
-    from distmaml.engine.placement import cluster_shape, launchable_node_types
+    from distmaml.cluster.placement import cluster_shape, launchable_node_types
 
     reported = autoscaler_pb2.ClusterConfig()
     group = reported.node_group_configs.add(name="big_gpu", max_count=3)
@@ -103,7 +103,7 @@ def test_node_types_reported_to_the_gcs_count(gpu_cluster):
         assert [(t.name, t.resources, t.count) for t in types] == [("node type big_gpu", {"CPU": 8.0, "GPU": 4.0}, 3)]
         assert launches == 3
         config = load_config("sinusoid", [*BASE, "meta.batch_size=12", "workers=12", "engine.gpus_per_worker=1"])
-        from distmaml.engine.placement import check_feasible, worker_resources
+        from distmaml.cluster.placement import check_feasible, worker_resources
 
         check_feasible(config, worker_resources(config))  # 4 GPUs up + 3 x 4 to launch: 16 >= 12
         assert len(cluster_shape().nodes) == 4  # 3 nodes up and the one type

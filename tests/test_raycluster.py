@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from distmaml.raycluster import ClusterError, connect, probe, resolve, split_address
+from distmaml.cluster.connect import ClusterError, connect, probe, resolve, split_address
 
 
 def test_address_forms():

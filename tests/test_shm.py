@@ -109,7 +109,7 @@ def test_a_worker_that_dies_ends_the_others_wait(tmp_path):
 
 
 def test_the_node_sum_setting_is_checked(monkeypatch):
-    from distmaml.engine.placement import EngineError
+    from distmaml.cluster.placement import EngineError
 
     monkeypatch.setenv("DISTMAML_NODE_SUM", "nccl")
     with pytest.raises(

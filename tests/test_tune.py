@@ -15,8 +15,8 @@ import ray
 import yaml
 
 from distmaml.cli import main
+from distmaml.cluster.capacity import NodeShape
 from distmaml.config import config_from_dict
-from distmaml.engine.capacity import NodeShape
 from distmaml.tune import SpaceError, load_space, run_sweep, with_overrides
 from distmaml.tune.space import Resources, check_resources
 

@@ -51,11 +51,7 @@ import torch
 
 from distmaml import interrupt, memory, storage
 from distmaml.checkpoint import write_json
-from distmaml.config import Config
-from distmaml.engine import elastic
-from distmaml.engine.failures import STARTUP, failure_places
-from distmaml.engine.group import GroupEngine
-from distmaml.engine.placement import (
+from distmaml.cluster.placement import (
     EngineError,
     WorkerResources,
     check_feasible,
@@ -63,6 +59,10 @@ from distmaml.engine.placement import (
     gpu_share,
     worker_resources,
 )
+from distmaml.config import Config
+from distmaml.engine import elastic
+from distmaml.engine.failures import STARTUP, failure_places
+from distmaml.engine.group import GroupEngine
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc

@@ -43,9 +43,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from distmaml import storage
+from distmaml.cluster.placement import EngineError
 from distmaml.config import Config
 from distmaml.engine.failures import death_reason
-from distmaml.engine.placement import EngineError
 from distmaml.environ import environ
 from distmaml.storage import Location
 

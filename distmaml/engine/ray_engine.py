@@ -21,9 +21,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
-from distmaml.config import Config
-from distmaml.engine.failures import STARTUP, death_reason, failure_places
-from distmaml.engine.placement import (
+from distmaml.cluster.placement import (
     EngineError,
     Placement,
     WorkerResources,
@@ -33,6 +31,8 @@ from distmaml.engine.placement import (
     reserve,
     worker_resources,
 )
+from distmaml.config import Config
+from distmaml.engine.failures import STARTUP, death_reason, failure_places
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker, to_wire
 from distmaml.errors import DistmamlError

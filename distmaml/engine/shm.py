@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from distmaml.engine.placement import EngineError
+from distmaml.cluster.placement import EngineError
 
 SPIN_SECONDS = 0.002
 """How long a waiting worker spins (yielding) before it sleeps between looks."""

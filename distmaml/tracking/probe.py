@@ -19,9 +19,9 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
+from distmaml.cluster.reach import unreachable
 from distmaml.config import Config
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
-from distmaml.reach import unreachable
 
 CONNECT_TIMEOUT = 3.0
 """Seconds to wait for a TCP connection to the tracking server."""

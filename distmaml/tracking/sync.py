@@ -41,7 +41,7 @@ class Synced:
 
 
 def _check(uri: str, where: str) -> None:
-    from distmaml.reach import unreachable
+    from distmaml.cluster.reach import unreachable
 
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):

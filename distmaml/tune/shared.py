@@ -64,7 +64,7 @@ def other_machines() -> str | None:
     """
     import ray
 
-    from distmaml.engine.placement import _autoscaling_config, launchable_node_types
+    from distmaml.cluster.placement import _autoscaling_config, launchable_node_types
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     me = ray.get_runtime_context().get_node_id()  # the driver's node, as the cluster addresses it

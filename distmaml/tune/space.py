@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
+from distmaml.cluster.capacity import Bundle, NodeShape, why_not
 from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe, set_dotted
-from distmaml.engine.capacity import Bundle, NodeShape, why_not
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -442,7 +442,7 @@ def check_resources(spec: SweepSpec, nodes: list[NodeShape], max_launches: int =
     """Refuses a trial no node the cluster has or can launch could ever hold, before any trial waits.
 
     ``nodes`` are the nodes up and the node types the autoscaler may launch (up
-    to ``max_launches`` new nodes), as ``distmaml.engine.placement.cluster_shape``
+    to ``max_launches`` new nodes), as ``distmaml.cluster.placement.cluster_shape``
     reads them: on a cluster whose head offers no CPUs, trials wait for worker
     nodes instead of being refused.
     """

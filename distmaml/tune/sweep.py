@@ -180,7 +180,7 @@ def run_sweep(
     from ray import tune
 
     from distmaml.assembly import user_runtime_env, with_absolute_uri
-    from distmaml.engine.placement import cluster_shape
+    from distmaml.cluster.placement import cluster_shape
 
     where = tune_storage(storage)
     base = with_absolute_uri(spec.base_config())

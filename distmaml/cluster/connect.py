@@ -32,8 +32,8 @@ import sys
 from typing import Any
 from urllib.parse import urlparse
 
+from distmaml.cluster.reach import unreachable
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
-from distmaml.reach import unreachable
 
 PROBE_TIMEOUT = 3.0
 """Seconds to wait for a TCP connection to the cluster before giving up."""

@@ -2,7 +2,7 @@
 
 Ray's and MLflow's clients retry an address where nobody listens for a
 minute or more; a plain TCP connection tells in at most ``timeout`` seconds.
-``distmaml.raycluster`` (``--address``) and ``distmaml.tracking.probe``
+``distmaml.cluster.connect`` (``--address``) and ``distmaml.tracking.probe``
 (``tracking.uri``) turn the answer into their one-line errors.
 """
 

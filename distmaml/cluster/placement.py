@@ -32,9 +32,9 @@ from ray.util.placement_group import (
     remove_placement_group,
 )
 
+from distmaml.cluster.autoscaler import read_report
+from distmaml.cluster.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
 from distmaml.config import Config
-from distmaml.engine.autoscaler import read_report
-from distmaml.engine.capacity import Bundle, NodeShape, describe, holders, show, total_nodes, why_not
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
 WAIT_FIRST = 2.0
@@ -80,13 +80,13 @@ def connect(address: str | None, cpus_needed: float, runtime_env: dict[str, Any]
     ``local`` (the default) starts a private instance sized for the run, never
     joining a cluster already running on the machine; ``auto`` joins the
     running cluster (what ``ray submit`` needs); anything else is probed, then
-    goes to ``ray.init(address=...)`` (see ``distmaml.raycluster``).
+    goes to ``ray.init(address=...)`` (see ``distmaml.cluster.connect``).
 
     ``runtime_env`` is the job's (``distmaml.shipping``: the user's packages):
     every actor, Ray Train worker and Tune trial of the job inherits it.
     """
-    from distmaml.raycluster import ClusterError
-    from distmaml.raycluster import connect as join
+    from distmaml.cluster.connect import ClusterError
+    from distmaml.cluster.connect import connect as join
 
     if ray.is_initialized():
         return False
@@ -286,7 +286,7 @@ def _wait_until_placed(group: PlacementGroup, wanted: list[Bundle], config: Conf
     Ray places a group whole or not at all, so every bundle is pending until
     the group is ready. While the autoscaler could add nodes for it, the wait
     goes on as long as it makes progress (a node starting, a node coming up:
-    ``distmaml.engine.autoscaler``) and stops with one line after
+    ``distmaml.cluster.autoscaler``) and stops with one line after
     ``engine.startup_stall`` seconds without any.
     """
     limit, strategy = config.engine.startup_timeout, config.engine.placement
