@@ -21,7 +21,7 @@ __all__ = ["MetaGradient", "__version__", "load_checkpoint", "meta_gradient", "t
 def __getattr__(name: str):  # type: ignore[no-untyped-def]
     # Lazy, so that ``import distmaml.core`` stays light.
     if name == "load_checkpoint":
-        from distmaml.checkpoint import load_checkpoint
+        from distmaml.run.checkpoint import load_checkpoint
 
         return load_checkpoint
     if name == "train":

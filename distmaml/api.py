@@ -1,6 +1,6 @@
 """``distmaml.train(...)``: the trainer from Python, with your model and tasks as callables (notebooks).
 
-The same run as ``distmaml train``: one assembly (``distmaml.assembly``), the
+The same run as ``distmaml train``: one assembly (``distmaml.run.assembly``), the
 same engines, checkpoints, meta-test and MLflow run. What differs is that
 the network and the task family may be callables instead of import paths;
 the config records them as ``module:qualname`` (``__main__:make_net`` for a
@@ -9,7 +9,7 @@ notebook's function).
 Callables reach Ray workers inside the worker's task program, pickled by
 cloudpickle: by value when defined in a notebook, a script's ``__main__`` or
 inside a function; by reference otherwise, when their package is shipped as
-the job's runtime environment (``distmaml.shipping``).
+the job's runtime environment (``distmaml.run.shipping``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 from distmaml import storage
 from distmaml.config import Config, apply_override, config_from_dict, load_recipe
 from distmaml.errors import DistmamlError
-from distmaml.usercode import import_path_of
+from distmaml.run.usercode import import_path_of
 
 
 class TrainError(DistmamlError):
@@ -69,12 +69,12 @@ def train(
         >>> result = distmaml.train("sinusoid", model=make, workers=2, overrides=["meta.steps=500"])
         >>> result["meta_test"]["mean"]
     """
-    from distmaml.assembly import assemble, with_absolute_uri
+    from distmaml.run.assembly import assemble, with_absolute_uri
     from distmaml.tracking.probe import check_tracking
 
     run_dir = storage.location(str(out)) if out is not None else None
     if resume:
-        from distmaml.checkpoint import load_checkpoint
+        from distmaml.run.checkpoint import load_checkpoint
 
         if run_dir is None:
             raise TrainError("distmaml.train(resume=True) needs out=RUN_DIR, the run to continue")

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distmaml import interrupt, storage
-from distmaml.assembly import with_absolute_uri
+from distmaml import storage
 from distmaml.config import Config, config_from_dict, load_config
 from distmaml.data.errors import DataError
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
-from distmaml.results import describe
+from distmaml.machine import interrupt
+from distmaml.run.assembly import with_absolute_uri
+from distmaml.run.results import describe
 from distmaml.storage import Location
 from distmaml.tracking.probe import check_tracking
 
@@ -43,11 +44,11 @@ def print_meta_test(result: dict[str, Any], out: Any = None) -> None:
 
 @interrupt.stop_on_signals()  # SIGTERM, SIGINT: checkpoint the last step, one line, exit 143 or 130
 def cmd_train(args: argparse.Namespace) -> int:
-    from distmaml.assembly import assemble
+    from distmaml.run.assembly import assemble
 
     run_dir: Location | None
     if args.resume:
-        from distmaml.checkpoint import load_checkpoint
+        from distmaml.run.checkpoint import load_checkpoint
 
         if args.set or args.workers is not None:
             raise UserError("--resume continues the run with its own config; drop --set and --workers")
@@ -60,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if run_dir is not None:
             if storage.listdir(storage.join(run_dir, "checkpoints")):
                 raise UserError(f"--out {run_dir}: already holds a run; use --resume {run_dir} or another folder")
-            from distmaml.checkpoint import foreign_run_file
+            from distmaml.run.checkpoint import foreign_run_file
 
             if (foreign := foreign_run_file(run_dir)) is not None:  # a run would overwrite it
                 raise UserError(
@@ -82,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from distmaml.evaluate import evaluate_checkpoint
+    from distmaml.run.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, tasks=args.tasks, overrides=args.set or [])
     print_meta_test(result)
@@ -90,7 +91,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from distmaml.catalog import recipe_rows, render_markdown, render_text
+    from distmaml.recipes.catalog import recipe_rows, render_markdown, render_text
 
     rows = recipe_rows()
     print(render_markdown(rows) if args.markdown else render_text(rows))
@@ -434,7 +435,7 @@ def _command_config(args: argparse.Namespace) -> Config | None:
     overrides = list(getattr(args, "set", None) or [])
     try:
         if args.command == "train" and args.resume:
-            from distmaml.checkpoint import load_checkpoint
+            from distmaml.run.checkpoint import load_checkpoint
 
             return config_from_dict(load_checkpoint(args.resume).config)
         if args.command == "train":
@@ -473,7 +474,8 @@ def main(argv: list[str] | None = None, *, on_cluster: bool = False) -> int:
     Inside a Ray job (``ray job submit -- distmaml ...``) ``train``, ``tune`` and ``evaluate`` are
     prepared the same way as with ``on_cluster``.
     """
-    from distmaml.oncluster import COMMANDS, job_runtime_env
+    from distmaml.cluster.connect import job_runtime_env
+    from distmaml.oncluster import COMMANDS
 
     args = build_parser().parse_args(argv)
     malloc.claim()  # the distmaml command's own process (fastpath.malloc)

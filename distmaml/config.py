@@ -465,12 +465,13 @@ class Config:
 
     @property
     def loss(self) -> str:
-        """``data.loss``; for a user's family not yet resolved, the family is built here to ask it (and kept)."""
+        """``data.loss``, once resolved: a built-in family's when the config is made, a user's family's by
+        ``distmaml.run.usercode.resolve_loss`` (which builds the family to ask it)."""
         if self.data.loss is None:
-            from distmaml.usercode import resolve_loss  # lazily: the user's code is imported only when needed
-
-            resolve_loss(self)
-        assert self.data.loss is not None
+            raise ConfigError(
+                f"data.loss: not resolved for data.family = {self.data.family!r}; "
+                "distmaml.run.usercode.resolve_loss(config) sets it"
+            )
         return self.data.loss
 
     @property

@@ -17,7 +17,7 @@ preparation, in ``distmaml.cli`` through the functions here:
 - **joining the cluster** (``join``): ``RAY_ADDRESS`` (a job's, or the
   user's) or ``auto``, failing in seconds with one line if none answers, with
   the runtime environment that ships the user's own model and task family
-  (``distmaml.shipping``; inside a job whose ``working_dir`` holds them,
+  (``distmaml.run.shipping``; inside a job whose ``working_dir`` holds them,
   nothing more is shipped).
 - **the head's MLflow server** (``head_tracking_uri``): for ``train`` and
   ``tune`` without a ``tracking.uri`` of the user's, the server the cluster
@@ -30,7 +30,6 @@ preparation, in ``distmaml.cli`` through the functions here:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -42,26 +41,12 @@ from distmaml.config import Config, TrackingConfig
 MLFLOW_PORT_ENV = "DISTMAML_MLFLOW_PORT"
 PROBE_TIMEOUT = 2.0
 """Seconds to wait for the head's MLflow server to accept a connection."""
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray's job supervisor for a job's entrypoint: the job's runtime environment, as JSON."""
 BOOTSTRAP_CONFIG = "ray_bootstrap_config.yaml"
 """The cluster config ``ray up`` writes into the head's home folder, each file mount mapped to its target."""
 DEFAULT_PROJECT = "distmaml"
 """The project's folder under the home folder when no bootstrap config names one."""
 COMMANDS = ("train", "tune", "evaluate")
 """The subcommands that join the cluster."""
-
-
-def job_runtime_env() -> dict[str, Any] | None:
-    """The runtime environment of the Ray job this process is the entrypoint of, or None outside a Ray job."""
-    text = os.environ.get(JOB_CONFIG_ENV)
-    if not text:
-        return None
-    try:
-        env = json.loads(text).get("runtime_env")
-    except (ValueError, AttributeError):
-        return None
-    return env if isinstance(env, dict) else {}
 
 
 def _expand(path: str, home: Path) -> Path:
@@ -131,8 +116,8 @@ def join(address: str, config: Config | None) -> str:
 def _runtime_env(config: Config | None) -> dict[str, Any] | None:
     """The runtime environment shipping the user's model and task family, set when joining, so that the
     engine's actors, Ray Train workers and Tune trials of the command all inherit it."""
-    from distmaml.assembly import user_runtime_env
     from distmaml.errors import DistmamlError
+    from distmaml.run.assembly import user_runtime_env
 
     if config is None:
         return None

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -153,6 +155,16 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     # One write of the whole buffer: no partial content is ever handed to the stream.
     with fs.open_output_stream(p) as f:
         f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """``text`` to ``path`` (a local path or a URI) atomically, as ``write_bytes_atomic``."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as indented JSON to ``path``, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def exists(path: str | os.PathLike[str]) -> bool:

@@ -57,7 +57,7 @@ from typing import Any
 
 from rayhead import RayHead, free_port, new_temp_dir, start_head
 
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 
 HEAD_TYPE = "ray.head.default"  # the fake provider tags its head node with this type name
 GPU_WORKER = {"resources": {"CPU": 2, "GPU": 1}, "min_workers": 0, "max_workers": 2}

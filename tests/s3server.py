@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 
 
 @contextmanager

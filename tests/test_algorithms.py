@@ -335,8 +335,8 @@ def test_more_test_steps_reuse_the_last_slot_with_a_warning():
 @pytest.mark.parametrize("name", ["maml", "mamlpp"])
 def test_inner_recompute_config_key_gives_the_same_shard(name):
     """``inner.recompute`` from the config reaches the core: the same flat meta-gradient to 1e-10."""
-    from distmaml.assembly import build_runner
     from distmaml.config import load_config
+    from distmaml.run.assembly import build_runner
 
     base = [
         "precision=float64",

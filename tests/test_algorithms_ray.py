@@ -6,8 +6,8 @@ import pytest
 import ray
 import torch
 
-from distmaml.assembly import assemble
 from distmaml.config import load_config
+from distmaml.run.assembly import assemble
 
 BASE = [
     "precision=float64",

@@ -20,10 +20,10 @@ import pytest
 import ray
 from fakecluster import start_fake_cluster
 
-from distmaml.assembly import runner_factory
 from distmaml.cluster.placement import EngineError, cluster_shape, worker_resources
 from distmaml.config import load_config
 from distmaml.engine.ray_engine import RayEngine
+from distmaml.run.assembly import runner_factory
 
 SUBMIT = Path(__file__).resolve().parent.parent / "cluster" / "submit.py"
 TINY = ["meta.batch_size=4", "meta.val_tasks=8", "meta.test_tasks=8"]

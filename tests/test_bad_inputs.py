@@ -132,10 +132,10 @@ def test_an_internal_error_keeps_its_traceback(tmp_path):
     """A bug (here a ValueError raised inside the task program, as torch or pyarrow might) is not a bad input:
     ``distmaml`` ends with the traceback and a non-zero exit, not a one-line ``distmaml: error``."""
     code = (
-        "import sys, distmaml.runner, distmaml.cli\n"
+        "import sys, distmaml.run.runner, distmaml.cli\n"
         "def broken(*args, **kwargs):\n"
         "    raise ValueError('deliberate internal error')\n"
-        "distmaml.runner.meta_grad = broken\n"
+        "distmaml.run.runner.meta_grad = broken\n"
         "sys.exit(distmaml.cli.main(sys.argv[1:]))\n"
     )
     argv = ["train", "--quiet", "--workers", "0", "--set", "meta.steps=2", "--set", "tracking.enabled=false"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from test_core import _conv, _image_batch
 
-from distmaml.assembly import assemble, build_runner
 from distmaml.config import load_config
 from distmaml.core import InnerLoop, meta_grad
 from distmaml.core.batching import BATCHINGS, candidates, choose_batching, describe_batching, time_candidates
 from distmaml.models import sinusoid_mlp
-from distmaml.runner import AUTO_TASKS
+from distmaml.run.assembly import assemble, build_runner
+from distmaml.run.runner import AUTO_TASKS
 
 CONV_INNER = InnerLoop(lr=0.1, steps=1)
 
@@ -93,7 +93,7 @@ def test_an_evaluation_goes_in_chunks_that_fit_and_the_chunks_change_nothing():
     """A meta-test scores hundreds of tasks: with ``auto`` on a candidate that holds every task at once, the
     runner samples and scores as many as its start-up measurement says fit (not EVAL_CHUNK blindly)."""
     from distmaml.core.batching import BatchingChoice, expected_bytes
-    from distmaml.runner import EVAL_CHUNK
+    from distmaml.run.runner import EVAL_CHUNK
 
     config = load_config("sinusoid", ["precision=float64", "meta.batch_size=4", "tracking.enabled=false"])
     runner = build_runner(config, device="cpu")

@@ -18,10 +18,10 @@ import torch
 from test_algorithms_ray import BASE as ALGORITHM_BASE
 from test_algorithms_ray import CASES
 
-from distmaml.assembly import assemble
-from distmaml.checkpoint import list_checkpoints, load_checkpoint
 from distmaml.config import ConfigError, load_config
 from distmaml.engine.collective import state_api_answers
+from distmaml.run.assembly import assemble
+from distmaml.run.checkpoint import list_checkpoints, load_checkpoint
 
 BASE = [
     "precision=float64",
@@ -117,7 +117,7 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
 def test_an_error_every_worker_raises_ends_the_group_at_once(tmp_path):
     """A meta-loss that turns NaN: every worker sees it in the reduced loss, rank 0 reports it, the driver
     raises it; the group is not restarted into the same error."""
-    from distmaml.trainer import NonFiniteError
+    from distmaml.run.trainer import NonFiniteError
 
     sets = [*BASE, "engine.reduce=collective", "workers=2", "inner.lr=1e30", "engine.max_worker_failures=3"]
     with pytest.raises(NonFiniteError, match=r"meta-step 0: the meta-loss or meta-gradient is not finite"):

@@ -17,11 +17,11 @@ import ray
 import torch
 from test_core import _image_batch  # the conv tests' tasks
 
-from distmaml.assembly import assemble
 from distmaml.config import ConfigError, load_config
 from distmaml.core import Algorithm, InnerLoop, MamlppOptions, init_algorithm_params, meta_grad, score_tasks
 from distmaml.core.compiled import _GRAPHS
 from distmaml.models import MLP, Conv4, sinusoid_mlp
+from distmaml.run.assembly import assemble
 from distmaml.typing import TaskBatch
 
 TOL = 1e-10

@@ -10,7 +10,6 @@ import pytest
 import torch
 from datagen import make_omniglot
 
-from distmaml.assembly import build_runner, init_meta_params
 from distmaml.cli import main
 from distmaml.config import load_config
 from distmaml.data.episodes import ImageTasks, choose_distinct
@@ -18,6 +17,7 @@ from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
 from distmaml.data.omniglot import prepare_omniglot
 from distmaml.data.prepare import staged_output
 from distmaml.data.store import METADATA, StoreWriter, load_split, open_store
+from distmaml.run.assembly import build_runner, init_meta_params
 
 SHOTS, QUERIES, WAYS = 2, 3, 5
 

@@ -11,12 +11,12 @@ import torch
 from reference import reference_scores
 
 from distmaml import load_checkpoint
-from distmaml.assembly import build_family, build_network, make_engine
 from distmaml.bench.data import mapped_memory, write_synthetic_store
 from distmaml.cli import main
 from distmaml.config import config_from_dict, load_config
 from distmaml.data.splitcache import cache_folder, cache_name
 from distmaml.data.store import open_store
+from distmaml.run.assembly import build_family, build_network, make_engine
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,11 @@ from ray import cloudpickle
 from ray._private import state  # the GCS actor table: pids and nodes without the dashboard's state API
 from ray.cluster_utils import Cluster
 
-from distmaml.assembly import assemble
-from distmaml.checkpoint import load_checkpoint
 from distmaml.config import load_config
 from distmaml.engine.elastic import GroupFailure
-from distmaml.trainer import Callback
+from distmaml.run.assembly import assemble
+from distmaml.run.checkpoint import load_checkpoint
+from distmaml.run.trainer import Callback
 
 pytestmark = pytest.mark.slow  # each run starts a Ray Train group; a restart waits for Ray to notice
 

@@ -11,10 +11,10 @@ import pytest
 import ray
 import torch
 
-from distmaml.assembly import assemble, runner_factory
 from distmaml.config import load_config
 from distmaml.engine.ray_engine import RayEngine, WorkerFailure
-from distmaml.trainer import Callback
+from distmaml.run.assembly import assemble, runner_factory
+from distmaml.run.trainer import Callback
 
 BASE = [
     "precision=float64",

@@ -31,8 +31,8 @@ import torch
 from pausing import plan, points_env
 
 import distmaml
-from distmaml import interrupt
 from distmaml.cli import main
+from distmaml.machine import interrupt
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "DISTMAML_TEST_RUN"
@@ -286,9 +286,9 @@ def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
 def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
     """The signal lands in a meta-step sized to take over a minute on each Ray worker: the run stops within 30 s
     with the state before that step (step 0) saved."""
-    from distmaml.assembly import assemble
     from distmaml.config import load_config
-    from distmaml.runner import ParamLayout
+    from distmaml.run.assembly import assemble
+    from distmaml.run.runner import ParamLayout
 
     run = assemble(
         load_config("sinusoid", ["batching=loop", "precision=float64", "tracking.enabled=false", "workers=0"])

@@ -26,7 +26,7 @@ from s3server import s3_server
 from test_journey import BUCKET, TINY, TINY_TUNE, _sets, readme_commands
 from userpkg import SETS, write_package
 
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ from rayhead import free_port, listening_addresses
 from s3server import s3_server
 from userpkg import SETS, assert_shipped, worker_calls, write_package
 
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 
 pytestmark = pytest.mark.slow
 BUCKET = "your-bucket"  # the README's YOUR-BUCKET (S3 bucket names are lower case)

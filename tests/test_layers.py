@@ -40,6 +40,147 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
+def _edges(module: str) -> set[str]:
+    """The package's modules ``module`` imports: ``from distmaml import storage`` is ``distmaml.storage``,
+    not the package ``distmaml`` (whose ``__init__`` Python has run already)."""
+    out = set()
+    for d in GRAPH[module]:
+        if d not in GRAPH or d == module:
+            continue
+        if any(o != d and o.startswith(d + ".") and o in GRAPH for o in GRAPH[module]) and _names_only_modules(
+            module, d
+        ):
+            continue
+        out.add(d)
+    return out
+
+
+def _names_only_modules(module: str, package: str) -> bool:
+    """Whether every ``from package import ...`` in ``module`` names submodules only."""
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == package and not node.level:
+            if any(f"{package}.{a.name}" not in GRAPH for a in node.names):
+                return False
+    return True
+
+
+EDGES = {m: _edges(m) for m in GRAPH}
+
+LAYERS = [
+    (
+        "entry points",
+        (
+            "distmaml",
+            "distmaml.__main__",
+            "distmaml.cli",
+            "distmaml.api",
+            "distmaml.oncluster",
+            "distmaml.tune",
+            "distmaml.bench",
+            "distmaml.recipes",
+        ),
+    ),
+    ("the run", ("distmaml.run", "distmaml.tracking")),
+    ("engine", ("distmaml.engine",)),
+    ("cluster", ("distmaml.cluster",)),
+    ("parts", ("distmaml.data", "distmaml.models", "distmaml.tasks", "distmaml.config")),
+    ("core", ("distmaml.core", "distmaml.fastpath")),
+    ("machine", ("distmaml.machine",)),
+    ("base", ("distmaml.storage", "distmaml.errors", "distmaml.typing")),
+]
+"""docs/architecture.md, "Layers", top to bottom: a module imports its own layer and those below."""
+
+
+def _layer(module: str) -> int:
+    best = max(
+        (
+            (len(prefix), i)
+            for i, (_, prefixes) in enumerate(LAYERS)
+            for prefix in prefixes
+            if module == prefix or module.startswith(prefix + ".")
+        ),
+        default=None,
+    )
+    assert best is not None, f"{module} is in no layer of LAYERS (and of docs/architecture.md)"
+    return best[1]
+
+
+def test_every_module_imports_only_its_layer_and_those_below():
+    upward = {
+        m: sorted(f"{d} ({LAYERS[_layer(d)][0]})" for d in deps if _layer(d) < _layer(m)) for m, deps in EDGES.items()
+    }
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_no_import_circle():
+    """No module reaches itself through the package's imports, lazy ones included (Tarjan's components)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in EDGES[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(EDGES):
+        if v not in index:
+            visit(v)
+    assert circles == []
+
+
+def test_the_circle_check_sees_a_circle():
+    """The check above is not vacuous: the edges hold known imports, and a circle added to them is found."""
+    assert "distmaml.run.trainer" in EDGES["distmaml.run.assembly"]
+    assert "distmaml.storage" in EDGES["distmaml.run.checkpoint"]  # from distmaml import storage
+    assert "distmaml" not in EDGES["distmaml.run.checkpoint"]
+    saved = set(EDGES["distmaml.run.trainer"])
+    EDGES["distmaml.run.trainer"].add("distmaml.run.assembly")
+    try:
+        with pytest.raises(AssertionError):
+            test_no_import_circle()
+    finally:
+        EDGES["distmaml.run.trainer"] = saved
+
+
+def test_at_most_ten_modules_at_the_top():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 10, top
+
+
+def test_one_engine_protocol_module():
+    """The contract between trainer, engines and task program is defined in ``engine/protocol.py`` alone,
+    and the engines take it from there (never from the run layer's ``TaskRunner``)."""
+    contract = ("Engine", "TaskProgram", "GradShard", "EvalShard", "ParamLayout")
+    defined = {
+        node.name: _module_name(path)
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.name in contract
+    }
+    assert defined == dict.fromkeys(contract, "distmaml.engine.protocol")
+    engines = [m for m in GRAPH if m.startswith("distmaml.engine.") and m != "distmaml.engine.protocol"]
+    assert not [m for m in engines if any(d.startswith("distmaml.run") for d in GRAPH[m])]
+
+
 def _importers(target: str) -> list[str]:
     return sorted(m for m, deps in GRAPH.items() if any(d == target or d.startswith(target + ".") for d in deps))
 
@@ -48,7 +189,7 @@ def test_the_graph_is_read():
     """The reader sees imports, lazy ones included (guards the tests below against reading nothing)."""
     assert len(GRAPH) > 40
     assert "distmaml.cli" in GRAPH["distmaml.__main__"]
-    assert "distmaml.assembly" in GRAPH["distmaml.tune.trial"]  # imported inside run_trial
+    assert "distmaml.run.assembly" in GRAPH["distmaml.tune.trial"]  # imported inside run_trial
     assert "torch" in GRAPH["distmaml.core.program"]
 
 
@@ -58,7 +199,7 @@ def test_nothing_imports_the_cli_but_main():
 
 def test_the_cluster_layer_sits_below_the_engines():
     """``distmaml/cluster/`` (connect, reach, placement, capacity, autoscaler) uses nothing above or beside it."""
-    above = ("engine", "assembly", "trainer", "runner", "tune", "tracking", "core", "data", "models", "tasks", "bench")
+    above = ("engine", "run", "tune", "tracking", "core", "data", "models", "tasks", "bench")
     cluster = [m for m in GRAPH if m.startswith("distmaml.cluster")]
     assert len(cluster) >= 6
     bad = {
@@ -84,16 +225,18 @@ def test_tracking_does_not_import_the_engine():
     assert not any(bad.values()), bad
 
 
-@pytest.mark.parametrize("layer", ["distmaml.engine", "distmaml.trainer", "distmaml.tracking", "distmaml.runner"])
+@pytest.mark.parametrize(
+    "layer", ["distmaml.engine", "distmaml.run.trainer", "distmaml.tracking", "distmaml.run.runner"]
+)
 def test_layers_below_the_assembly_do_not_import_it(layer):
     """The trainer, the engine and tracking receive what they need; only the layers above assemble."""
-    bad = [m for m in GRAPH if (m == layer or m.startswith(layer + ".")) and "distmaml.assembly" in GRAPH[m]]
+    bad = [m for m in GRAPH if (m == layer or m.startswith(layer + ".")) and "distmaml.run.assembly" in GRAPH[m]]
     assert not bad
 
 
 def test_engine_knows_nothing_of_algorithms():
     """The engine receives a ready task program; it does not build families, networks or algorithms."""
-    forbidden = ("distmaml.core", "distmaml.tasks", "distmaml.data", "distmaml.models", "distmaml.assembly")
+    forbidden = ("distmaml.core", "distmaml.tasks", "distmaml.data", "distmaml.models", "distmaml.run.assembly")
     bad = {m: sorted(d for d in GRAPH[m] if d.startswith(forbidden)) for m in GRAPH if m.startswith("distmaml.engine")}
     assert not any(bad.values()), bad
 

@@ -12,7 +12,7 @@ import resource
 
 import pytest
 
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
@@ -25,10 +25,10 @@ def _faults_per_step(steps: int, claim: bool = True) -> tuple[bool, list[int]]:
     the process is distmaml's own (its command, a worker), as opposed to a library caller's."""
     import torch
 
-    from distmaml.assembly import build_runner
     from distmaml.bench import bench_config
     from distmaml.core.algorithm import init_algorithm_params
     from distmaml.fastpath import malloc
+    from distmaml.run.assembly import build_runner
 
     torch.set_num_threads(1)
     if claim:

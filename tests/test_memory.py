@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
-from distmaml import memory
-from distmaml.assembly import build_runner
 from distmaml.config import load_config
 from distmaml.core.batching import expected_bytes, fit_candidates, is_out_of_memory
+from distmaml.machine import memory
+from distmaml.run.assembly import build_runner
 
 CONV4 = [
     "data.family=noise",

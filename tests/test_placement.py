@@ -10,10 +10,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from distmaml.assembly import runner_factory
 from distmaml.cluster.placement import EngineError
 from distmaml.config import load_config
 from distmaml.engine.ray_engine import RayEngine
+from distmaml.run.assembly import runner_factory
 
 BASE = ["meta.batch_size=8", "tracking.enabled=false", "engine.cpus_per_worker=0.5", "engine.driver_cpus=0.5"]
 
@@ -113,8 +113,8 @@ def test_node_types_reported_to_the_gcs_count(gpu_cluster):
 
 
 def _flat(config):
-    from distmaml.assembly import build_network, init_meta_params
-    from distmaml.runner import ParamLayout
+    from distmaml.run.assembly import build_network, init_meta_params
+    from distmaml.run.runner import ParamLayout
 
     params = init_meta_params(config, build_network(config))
     return ParamLayout(params).flatten(params)

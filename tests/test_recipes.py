@@ -12,11 +12,11 @@ import pytest
 import yaml
 from datagen import make_imagefolder
 
-from distmaml.catalog import recipe_rows, render_markdown
 from distmaml.cli import main
 from distmaml.config import RECIPES_DIR, ConfigError, load_config, recipe_names
 from distmaml.data.glyphs import GlyphSpec, prepare_glyphs
 from distmaml.data.imagefolder import prepare_imagefolder
+from distmaml.recipes.catalog import recipe_rows, render_markdown
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from datagen import make_imagefolder
 
-from distmaml.assembly import build_network
 from distmaml.bench.model import linear_fit, measure_model, model_table
 from distmaml.cli import main
 from distmaml.config import RECIPES_DIR, load_config
 from distmaml.core import Algorithm, InnerLoop, meta_grad
 from distmaml.data.imagefolder import prepare_imagefolder
 from distmaml.models import ResNet12
+from distmaml.run.assembly import build_network
 from distmaml.typing import TaskBatch
 
 

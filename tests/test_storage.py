@@ -11,9 +11,9 @@ from s3server import s3_server
 
 import distmaml
 from distmaml import storage
-from distmaml.assembly import build_network, init_meta_params
 from distmaml.cli import main
 from distmaml.config import load_config
+from distmaml.run.assembly import build_network, init_meta_params
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from reference import reference_scores
 
 import distmaml
-from distmaml.assembly import assemble
 from distmaml.cli import main
 from distmaml.config import load_config
 from distmaml.models import sinusoid_mlp
+from distmaml.run.assembly import assemble
 from distmaml.tasks import SinusoidTasks
 
 
@@ -134,7 +134,7 @@ class _GivenGradients:
         self.numel = numel
 
     def meta_batch(self, flat, step, batch_size):
-        from distmaml.runner import GradShard
+        from distmaml.engine.protocol import GradShard
 
         g = torch.randn(self.numel, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
         return GradShard(g * batch_size, 1.0, 1.0, batch_size)
@@ -144,8 +144,8 @@ def test_the_outer_step_is_torch_adam_with_its_schedule_and_resumes_alike(tmp_pa
     """The trainer's outer step (fused Adam over one flat tensor, its kernel called directly after the first
     step) equals torch.optim.Adam's per-tensor step with MAML++'s cosine schedule over 30 steps, float64; a
     trainer resumed from the checkpoint at step 12 goes on identically."""
-    from distmaml.assembly import init_meta_params
-    from distmaml.trainer import Trainer, make_scheduler
+    from distmaml.run.assembly import init_meta_params
+    from distmaml.run.trainer import Trainer, make_scheduler
 
     config = load_config(
         "sinusoid",

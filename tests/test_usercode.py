@@ -13,14 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distmaml.assembly import assemble, build_family, build_network
 from distmaml.config import ConfigError, load_config
 from distmaml.core import meta_grad
 from distmaml.core.algorithm import Algorithm, InnerLoop
 from distmaml.core.batching import BATCHINGS
 from distmaml.core.batchnorm import MetaBatchNorm
+from distmaml.run.assembly import assemble, build_family, build_network
+from distmaml.run.usercode import UserCodeError
 from distmaml.typing import TaskBatch
-from distmaml.usercode import UserCodeError
 
 
 class ConvBN(nn.Module):
@@ -90,7 +90,7 @@ def _refusal(factory, *sets):
     with pytest.raises(UserCodeError) as e:
         config = _config(*sets)
         net = build_network(config, model=factory)
-        from distmaml.usercode import check_run
+        from distmaml.run.usercode import check_run
 
         check_run(config, net, build_family(config), user_model=True, user_family=False)
     assert "\n" not in str(e.value)

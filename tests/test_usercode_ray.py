@@ -20,7 +20,7 @@ import yaml
 from userpkg import SETS, assert_shipped, worker_calls, write_package
 
 import distmaml
-from distmaml.checkpoint import load_checkpoint
+from distmaml.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

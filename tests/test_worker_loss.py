@@ -25,10 +25,10 @@ import ray
 import torch
 from pausing import acted_at, clear, disturb, kill, plan, points_env
 
-from distmaml.assembly import assemble
-from distmaml.checkpoint import load_checkpoint
 from distmaml.cli import main
 from distmaml.config import load_config
+from distmaml.run.assembly import assemble
+from distmaml.run.checkpoint import load_checkpoint
 
 BASE = [
     "precision=float64",

@@ -19,14 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distmaml.checkpoint import write_json
 from distmaml.config import ALGORITHMS, load_config
-from distmaml.results import describe
+from distmaml.run.results import describe
+from distmaml.storage import write_json
 
 
 def run_one(config: str, algorithm: str, steps: int, out: Path, extra: list[str]) -> dict[str, Any]:
     """Trains one algorithm; returns its table row."""
-    from distmaml.bench import _in_subprocess, measure_config
+    from distmaml.bench.measure import in_subprocess, measure_config
 
     sets = [f"algorithm={algorithm}", f"meta.steps={steps}", "meta.val_every=0", "tracking.enabled=false", *extra]
     run_dir = out / f"{Path(config).stem}-{algorithm}"
@@ -35,7 +35,7 @@ def run_one(config: str, algorithm: str, steps: int, out: Path, extra: list[str]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     result = json.loads((run_dir / "result.json").read_text())
     cfg = load_config(config, [*sets, "workers=0", "device=cpu"])
-    memory = _in_subprocess(measure_config, cfg.to_dict(), 1, 1)
+    memory = in_subprocess(measure_config, cfg.to_dict(), 1, 1)
     return {
         "config": Path(config).stem,
         "algorithm": algorithm,

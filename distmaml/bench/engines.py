@@ -30,8 +30,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from distmaml.engine.protocol import EvalShard, GradShard
 from distmaml.engine.shm import GroupSum
-from distmaml.runner import EvalShard, GradShard, TaskRunner
+from distmaml.run.runner import TaskRunner
 
 RESNET12_PARAMS = 12_000_000
 """Entries of the flat gradient ``reduce_cost`` moves (ResNet-12 for miniImageNet: about 12M parameters)."""
@@ -117,9 +118,9 @@ def _free_port() -> int:
 
 def flat_size(name: str) -> int:
     """Entries of a bench config's flat meta-parameters (what its engines reduce every step)."""
-    from distmaml.assembly import build_algorithm, build_network
-    from distmaml.bench import bench_config
+    from distmaml.bench.measure import bench_config
     from distmaml.core.algorithm import init_algorithm_params
+    from distmaml.run.assembly import build_algorithm, build_network
 
     config = bench_config(name)
     return sum(p.numel() for p in init_algorithm_params(build_network(config), build_algorithm(config)).values())
@@ -139,7 +140,7 @@ def reduce_cost(workers: list[int], sizes: dict[str, int], steps: int = REDUCE_S
     """
     import ray
 
-    from distmaml.bench import bench_config
+    from distmaml.bench.measure import bench_config
     from distmaml.engine.ray_engine import RayEngine
 
     started = not ray.is_initialized()
@@ -240,10 +241,10 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
     """
     import ray
 
-    from distmaml.assembly import Run, assemble
-    from distmaml.bench import _step_fn, bench_config
+    from distmaml.bench.measure import bench_config, step_fn
     from distmaml.engine.ray_engine import RayEngine
-    from distmaml.trainer import Trainer
+    from distmaml.run.assembly import Run, assemble
+    from distmaml.run.trainer import Trainer
 
     started = not ray.is_initialized()
     if started:
@@ -256,7 +257,7 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
             assert isinstance(run.engine, RayEngine)
             engines[w] = (run, run.engine, run.trainer(progress=False))
         torch.set_num_threads(2)
-        base_config, baseline = _step_fn(name, "baseline", "auto")
+        base_config, baseline = step_fn(name, "baseline", "auto")
         steps_s: dict[int, list[float]] = {w: [] for w in workers}
         walls: dict[int, list[float]] = {w: [] for w in workers}
         computes: dict[int, list[float]] = {w: [] for w in workers}
@@ -320,9 +321,9 @@ def collective_rows(name: str, workers: list[int], steps: int, sets: Sequence[st
 
     import ray
 
-    from distmaml.assembly import assemble
-    from distmaml.bench import bench_config
+    from distmaml.bench.measure import bench_config
     from distmaml.engine.collective import CollectiveEngine
+    from distmaml.run.assembly import assemble
 
     started = not ray.is_initialized()
     if started:
@@ -371,10 +372,10 @@ def compute_bound(name: str, workers: list[int], sets: Sequence[str] = (), secon
     untimed one (``bench.interleaved_medians``). Returns ``bound`` (per W) and ``batch_seconds``, the
     whole batch's.
     """
-    from distmaml.assembly import build_runner
-    from distmaml.bench import bench_config, interleaved_medians
+    from distmaml.bench.measure import bench_config, interleaved_medians
     from distmaml.core.algorithm import init_algorithm_params
     from distmaml.engine.shard import balanced_ranges
+    from distmaml.run.assembly import build_runner
 
     torch.set_num_threads(1)
     config = bench_config(name, *sets, "workers=0")
@@ -492,15 +493,15 @@ def engine_rows(
     in its own process, before the rows), and with 2 workers ``side_by_side``, what two single-thread
     processes got from the machine right after the rows. ``sets``: config overrides of the engine
     rows (``--engine-set``, e.g. ``batching=compiled``)."""
-    from distmaml.bench import _in_subprocess
+    from distmaml.bench.measure import in_subprocess
 
-    compute = _in_subprocess(compute_bound, name, workers, list(sets))
+    compute = in_subprocess(compute_bound, name, workers, list(sets))
     rows: list[dict[str, Any]] = []
     for reduce in reduces:
         n = steps
         if reduce == "collective":  # its steps are short: enough of them to time COLLECTIVE_SECONDS or more
             n = max(steps, min(COLLECTIVE_MAX_STEPS, math.ceil(COLLECTIVE_SECONDS / compute["batch_seconds"])))
-        rows += [{**r, "sets": list(sets)} for r in _in_subprocess(ENGINES[reduce], name, workers, n, list(sets))]
+        rows += [{**r, "sets": list(sets)} for r in in_subprocess(ENGINES[reduce], name, workers, n, list(sets))]
     pair = side_by_side() if 2 in workers else None
     for r in rows:
         if "reduce" in r:

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from distmaml.bench import EXACT_RSS, _in_subprocess, _machine, _malloc_trim, _reset_peak_rss, _status_kb
-from distmaml.checkpoint import write_json
+from distmaml.bench.measure import EXACT_RSS, in_subprocess, machine, malloc_trim, reset_peak_rss, status_kb
 from distmaml.config import ALGORITHMS, ConfigError, load_config
+from distmaml.storage import write_json
 
 MODEL_BENCH: dict[str, list[str]] = {
     # miniImageNet shape: generated RGB 84x84 images, 5-way, the recipes' inner rate; one task per meta-step
@@ -65,9 +65,9 @@ def measure_points(config_dict: dict[str, Any], points: list[tuple[int, int]], t
     at the first point initialises everything; before each measured step,
     freed memory is trimmed and the high-water mark reset.
     """
-    from distmaml.assembly import build_family, build_runner, init_meta_params
     from distmaml.config import config_from_dict
     from distmaml.core import meta_grad
+    from distmaml.run.assembly import build_family, build_runner, init_meta_params
 
     torch.set_num_threads(threads)
     config = config_from_dict(config_dict)
@@ -86,13 +86,13 @@ def measure_points(config_dict: dict[str, Any], points: list[tuple[int, int]], t
     out = []
     for shots, queries in points:
         tasks = batch(shots, queries)
-        _malloc_trim()
-        _reset_peak_rss()
-        rss0 = _status_kb("VmRSS")
+        malloc_trim()
+        reset_peak_rss()
+        rss0 = status_kb("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
         step(tasks)
         seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        peak_mb = max(0, _status_kb("VmHWM") - rss0) / 1024
+        peak_mb = max(0, status_kb("VmHWM") - rss0) / 1024
         del tasks
         out.append(
             {"shots": shots, "queries": queries, "peak_mb": peak_mb, "seconds": seconds, "cpu_seconds": cpu_seconds}
@@ -137,7 +137,7 @@ def measure_model(
             for rc in (False, True) if recompute else (False,):
                 sets = [*MODEL_BENCH[model], f"algorithm={algo}", f"inner.steps={n}", f"inner.recompute={rc}", *extra]
                 config = load_config("sinusoid", sets)
-                measured = _in_subprocess(measure_points, config.to_dict(), points, threads, env=EXACT_RSS)
+                measured = in_subprocess(measure_points, config.to_dict(), points, threads, env=EXACT_RSS)
                 tasks, ways = config.meta.batch_size, config.data.ways
                 row: dict[str, Any] = {
                     "model": model,
@@ -220,6 +220,6 @@ def model_main(args: argparse.Namespace) -> int:
         ),
     )
     print(model_table(rows))
-    write_json(args.json, {"machine": _machine(), "model_rows": rows})
+    write_json(args.json, {"machine": machine(), "model_rows": rows})
     print(f"results written to {args.json}")
     return 0

@@ -27,6 +27,7 @@ A refused token is reported with what to set.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -43,6 +44,22 @@ class ClusterError(DistmamlError, ConnectionError):
     """No Ray cluster could be reached at the address given; the message says what to do."""
 
     exit_code = CANNOT_GO_ON
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for a job's entrypoint: the job's runtime environment, as JSON."""
+
+
+def job_runtime_env() -> dict[str, Any] | None:
+    """The runtime environment of the Ray job this process is the entrypoint of, or None outside a Ray job."""
+    text = os.environ.get(JOB_CONFIG_ENV)
+    if not text:
+        return None
+    try:
+        env = json.loads(text).get("runtime_env")
+    except (ValueError, AttributeError):
+        return None
+    return env if isinstance(env, dict) else {}
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -133,7 +150,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, **init_k
     """
     import ray
 
-    from distmaml import interrupt
+    from distmaml.machine import interrupt
 
     if ray.is_initialized():
         return address or "local"

@@ -82,7 +82,7 @@ def connect(address: str | None, cpus_needed: float, runtime_env: dict[str, Any]
     running cluster (what ``ray submit`` needs); anything else is probed, then
     goes to ``ray.init(address=...)`` (see ``distmaml.cluster.connect``).
 
-    ``runtime_env`` is the job's (``distmaml.shipping``: the user's packages):
+    ``runtime_env`` is the job's (``distmaml.run.shipping``: the user's packages):
     every actor, Ray Train worker and Tune trial of the job inherits it.
     """
     from distmaml.cluster.connect import ClusterError

@@ -21,7 +21,7 @@ native one gave a wrong second-order gradient under ``vmap``).
 Which is fastest depends on the model and the device, so with ``batching:
 auto`` each worker measures: ``time_candidates`` takes turns running a
 meta-step of each candidate on a few of the worker's own tasks, on its own
-device, and keeps the fastest (``distmaml.runner.TaskRunner`` does it once at
+device, and keeps the fastest (``distmaml.run.runner.TaskRunner`` does it once at
 start-up, logs the timings and reports them in ``result.json``). On the
 2-core CPU this project is developed on (torch 2.14, 1 thread, meta-steps of
 8 tasks as ``auto`` times them):
@@ -60,7 +60,7 @@ Tracing the ``batched`` path instead gave a graph that ran 2x (MLP) to 2.3x
 
 Memory comes before speed: ``vmap`` and ``batched`` hold every task's graph
 at once, and on a large network one task's graph is gigabytes. ``auto``
-therefore first measures what ``loop`` needs for one task (``distmaml.memory``)
+therefore first measures what ``loop`` needs for one task (``distmaml.machine.memory``)
 and times only the candidates whose expected memory, ``expected_bytes``, fits
 in what the worker has (``fit_candidates``); a candidate that runs out of
 memory while timed is dropped too. Both are recorded as ``skipped``.

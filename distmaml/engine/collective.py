@@ -24,7 +24,7 @@ A small actor, ``GroupControl``, links the driver and its group: Ray Train's
 controller tells it of each restart after a worker died (``result.json``'s
 ``worker_replacements``, and the places of the losses in the line that stops
 a run after too many), rank 0 tells it where the group is (start-up, the last
-checkpoint, meta-test), and a SIGTERM or SIGINT on the driver (``distmaml.interrupt``)
+checkpoint, meta-test), and a SIGTERM or SIGINT on the driver (``distmaml.machine.interrupt``)
 asks the group through it to stop after its current meta-step: rank 0 sees the
 request, it travels in that step's all-reduced buffer to every worker
 (``GroupEngine.stopped``), all stop after the same step, rank 0 checkpoints it,
@@ -49,8 +49,7 @@ from typing import Any
 
 import torch
 
-from distmaml import interrupt, memory, storage
-from distmaml.checkpoint import write_json
+from distmaml import storage
 from distmaml.cluster.placement import (
     EngineError,
     WorkerResources,
@@ -63,11 +62,12 @@ from distmaml.config import Config
 from distmaml.engine import elastic
 from distmaml.engine.failures import STARTUP, failure_places
 from distmaml.engine.group import GroupEngine
+from distmaml.engine.protocol import TaskProgram
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
-from distmaml.runner import TaskRunner
-from distmaml.storage import Location
+from distmaml.machine import interrupt, memory
+from distmaml.storage import Location, write_json
 
 log = logging.getLogger("distmaml.engine")
 
@@ -150,7 +150,7 @@ class Member:
         """Rank 0: writes the run directory, runs the callbacks, reports checkpoints."""
         return self.rank == 0
 
-    def engine(self, runner: TaskRunner, batch_size: int) -> GroupEngine:
+    def engine(self, runner: TaskProgram, batch_size: int) -> GroupEngine:
         """This worker's engine on ``runner`` (times ``batching: auto`` on its shard; a collective call).
         On rank 0 a thread watches ``GroupControl`` for a stop request and hands it to the engine."""
         engine = GroupEngine(runner, self.rank, self.world, batch_size=batch_size)
@@ -494,7 +494,7 @@ def state_api_answers() -> bool:
 
 def _stoppable(trainer_class: type) -> type:
     """``trainer_class`` that keeps the controller's handle (``.controller``) and, where
-    ``distmaml.interrupt`` handles SIGTERM and SIGINT (``distmaml train``), keeps those handlers instead
+    ``distmaml.machine.interrupt`` handles SIGTERM and SIGINT (``distmaml train``), keeps those handlers instead
     of Ray Train's SIGINT handler (which aborts the group without a checkpoint of the last step)."""
 
     class Trainer(trainer_class):  # type: ignore[misc, valid-type]

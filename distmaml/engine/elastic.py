@@ -46,7 +46,7 @@ from distmaml import storage
 from distmaml.cluster.placement import EngineError
 from distmaml.config import Config
 from distmaml.engine.failures import death_reason
-from distmaml.environ import environ
+from distmaml.machine.environ import environ
 from distmaml.storage import Location
 
 REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

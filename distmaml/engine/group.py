@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.shm import GroupSum
 from distmaml.engine.testpoints import eval_point, point
-from distmaml.memory import MemoryFitError
-from distmaml.runner import EvalShard, GradShard, TaskRunner
+from distmaml.machine.memory import MemoryFitError
 
 EXTRA = 4
 """Entries after the gradient in the all-reduced buffer: loss, metric and task sums, and the stop request
@@ -54,7 +54,7 @@ class GroupEngine:
 
     replacements = 0
 
-    def __init__(self, runner: TaskRunner, rank: int, world: int, *, batch_size: int = 0) -> None:
+    def __init__(self, runner: TaskProgram, rank: int, world: int, *, batch_size: int = 0) -> None:
         self.runner = runner
         self.rank = rank
         self.workers = world

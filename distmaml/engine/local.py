@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from distmaml.runner import EvalShard, GradShard, TaskRunner
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
 
 
 class InProcessEngine:
@@ -19,7 +19,7 @@ class InProcessEngine:
     workers = 0
     replacements = 0
 
-    def __init__(self, runner: TaskRunner, *, batch_size: int = 0) -> None:
+    def __init__(self, runner: TaskProgram, *, batch_size: int = 0) -> None:
         self.runner = runner
         if batch_size:  # batching: auto is timed, compiled is compiled, now rather than in the first meta-step
             runner.choose_batching(batch_size)

@@ -33,10 +33,10 @@ from distmaml.cluster.placement import (
 )
 from distmaml.config import Config
 from distmaml.engine.failures import STARTUP, death_reason, failure_places
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
 from distmaml.engine.shard import balanced_ranges, common_batching
 from distmaml.engine.worker import ShardWorker, to_wire
 from distmaml.errors import DistmamlError
-from distmaml.runner import EvalShard, GradShard, TaskRunner
 
 log = logging.getLogger("distmaml.engine")
 
@@ -69,7 +69,7 @@ class RayEngine:
     def __init__(
         self,
         config: Config,
-        build_runner: Callable[[], TaskRunner],
+        build_runner: Callable[[], TaskProgram],
         address: str | None = None,
         *,
         runtime_env: dict[str, Any] | None = None,

@@ -1,6 +1,6 @@
 """How a meta-batch is split into shards: balanced contiguous ranges of task ids.
 
-A shard's work is the ``TaskRunner``'s (``distmaml.runner``); this layer only
+A shard's work is the ``TaskRunner``'s (``distmaml.run.runner``); this layer only
 decides which worker computes which ids, and adds what comes back.
 """
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distmaml import memory
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
-from distmaml.runner import EvalShard, GradShard, TaskRunner
+from distmaml.machine import memory
 
 
 def to_wire(t: Tensor) -> np.ndarray:
@@ -56,7 +56,7 @@ class ShardWorker:
     """Computes shards of each meta-step on the device Ray gave this actor."""
 
     def __init__(
-        self, build_runner: Callable[[], TaskRunner], threads: int, tasks: int = 0, share: tuple[int, int] = (1, 1)
+        self, build_runner: Callable[[], TaskProgram], threads: int, tasks: int = 0, share: tuple[int, int] = (1, 1)
     ) -> None:
         """``share``: how many of the run's workers share this one's node and its GPU (``memory.share``)."""
         # One process per worker scales far better on CPUs than threads in one

@@ -39,39 +39,16 @@ from typing import Any
 from torch import nn
 
 from distmaml import storage
-from distmaml.checkpoint import atomic_write_text, write_json
 from distmaml.config import Config, dump_config
 from distmaml.core import Algorithm
-from distmaml.storage import Location
+from distmaml.run.trainer import Callback, Trainer
+from distmaml.storage import Location, atomic_write_text, write_json
 from distmaml.tasks import TaskFamily
 from distmaml.tracking.delivery import Courier, Delivery, Unreachable, pending_line
 from distmaml.tracking.outbox import FOLDER, Outbox, State
 from distmaml.tracking.uri import absolute_uri
-from distmaml.trainer import Callback, Trainer
 
 RUN_ID_FILE = "mlflow_run_id"
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-
-
-def experiment_id(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created if missing, with artifacts beside a SQLite database."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    location = None
-    if uri.startswith("sqlite:////"):
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / safe).as_uri()
-    try:
-        # The kind tag makes MLflow 3's UI open the experiment in its model-training
-        # view (runs, charts, compare) instead of the GenAI view (traces).
-        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
-        return str(client.create_experiment(name, artifact_location=location, tags=tags))
-    except Exception:  # created meanwhile by a concurrent trial
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return str(found.experiment_id)
 
 
 class MlflowCallback(Callback):
@@ -323,9 +300,10 @@ class MlflowCallback(Callback):
 
         MAML++'s per-step batch-norm goes in as its first step's (the network before adaptation).
         """
+        from importlib.metadata import version
+
         import torch
 
-        from distmaml import __version__
         from distmaml.core.algorithm import network_params
 
         assert self.outbox is not None
@@ -336,7 +314,7 @@ class MlflowCallback(Callback):
                 p.copy_(weights[name])
         folder, rel = self.outbox.artifact_dir()
         torch.save(model, folder / "network.pt")
-        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"distmaml=={__version__}"]
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"distmaml=={version('distmaml')}"]
         self._append({"kind": "model", "file": f"{rel}/network.pt", "requirements": requirements})
 
 

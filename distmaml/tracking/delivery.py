@@ -44,6 +44,30 @@ _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _MAX_PARAMS = 100  # and of params
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing, with artifacts beside a SQLite database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = None
+    if uri.startswith("sqlite:////"):
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / safe).as_uri()
+    try:
+        # The kind tag makes MLflow 3's UI open the experiment in its model-training
+        # view (runs, charts, compare) instead of the GenAI view (traces).
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        return str(client.create_experiment(name, artifact_location=location, tags=tags))
+    except Exception:  # created meanwhile by a concurrent trial
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
 class Unreachable(ConnectionError):
     """The tracking store did not answer (connection refused or reset, a timeout, a 5xx, a locked database)."""
 
@@ -173,7 +197,6 @@ class Delivery:
         self.client.log_batch(state.run_id, metrics=metrics)
 
     def _experiment_id(self, name: str) -> str:
-        from distmaml.tracking.callback import experiment_id
 
         if self._experiment is None:
             self._experiment = experiment_id(self.client, name, self.uri)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from distmaml.checkpoint import atomic_write_text
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
+from distmaml.storage import atomic_write_text
 from distmaml.tracking.delivery import Delivery, Unreachable, server_answers
 from distmaml.tracking.outbox import FOLDER, Outbox, OutboxBusy, outbox_folder
 from distmaml.tracking.probe import CONNECT_TIMEOUT, bound_http_retries

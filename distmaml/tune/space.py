@@ -37,6 +37,7 @@ import yaml
 
 from distmaml.cluster.capacity import Bundle, NodeShape, why_not
 from distmaml.config import Config, ConfigError, apply_override, config_from_dict, load_recipe, set_dotted
+from distmaml.run.usercode import resolve_loss
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -286,7 +287,7 @@ def load_space(path: str | Path) -> SweepSpec:
             except ConfigError as e:
                 raise SpaceError(f"{where}: space.{dim.key}: {e}") from None
 
-    metric_name = "mse" if base_config.loss == "mse" else "accuracy"
+    metric_name = "mse" if resolve_loss(base_config) == "mse" else "accuracy"
     metric = raw["metric"]
     allowed_metric = f"val_{metric_name}"
     if metric != allowed_metric:

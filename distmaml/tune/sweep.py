@@ -70,7 +70,7 @@ def _open_parent(spec: SweepSpec, uri: str) -> tuple[Any, str, str]:
     from mlflow import MlflowClient
     from mlflow.entities import Param
 
-    from distmaml.tracking.callback import experiment_id
+    from distmaml.tracking.delivery import experiment_id
 
     client = MlflowClient(tracking_uri=uri)
     exp = experiment_id(client, spec.name, uri)
@@ -179,8 +179,8 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from distmaml.assembly import user_runtime_env, with_absolute_uri
     from distmaml.cluster.placement import cluster_shape
+    from distmaml.run.assembly import user_runtime_env, with_absolute_uri
 
     where = tune_storage(storage)
     base = with_absolute_uri(spec.base_config())

@@ -2,7 +2,7 @@
 
 The trial runs in a Ray actor inside its placement group (a driver bundle and
 one bundle per worker). It builds its config from the sweep's base and the
-sampled values, assembles its run with ``distmaml.assembly.assemble`` (worker
+sampled values, assembles its run with ``distmaml.run.assembly.assemble`` (worker
 actors join the trial's placement group), and trains with two callbacks:
 ``MlflowCallback`` (a nested child run of the sweep's parent run) and
 ``TuneReporter``, which at every validation hands Tune the metric and a
@@ -31,10 +31,10 @@ from typing import Any
 
 from distmaml.config import config_from_dict, set_dotted
 from distmaml.fastpath import malloc
+from distmaml.run.trainer import Callback, Trainer
 from distmaml.storage import Location
 from distmaml.tracking.outbox import FOLDER as OUTBOX
 from distmaml.tracking.outbox import LOCK
-from distmaml.trainer import Callback, Trainer
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     import torch
     from ray import tune
 
-    from distmaml.assembly import assemble, is_collective
+    from distmaml.run.assembly import assemble, is_collective
 
     torch.set_num_threads(max(1, ctx.threads))
     malloc.claim()  # a trial's own process: a runner built here keeps the memory it frees
@@ -169,7 +169,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             run.close()
             raise
         if is_collective(run.engine):  # the trainer runs in the group's workers: their reports are relayed
-            from distmaml.checkpoint import load_checkpoint
+            from distmaml.run.checkpoint import load_checkpoint
             from distmaml.tune.relay import fit_collective_trial
 
             static["resumed_from"] = load_checkpoint(run_dir).step if restored is not None else 0

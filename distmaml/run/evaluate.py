@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from distmaml import storage
-from distmaml.assembly import build_runner
-from distmaml.checkpoint import load_checkpoint, write_json
 from distmaml.config import ConfigError, apply_override, config_from_dict
 from distmaml.core.losses import METRIC_NAME
-from distmaml.results import reference_entry, summarize
-from distmaml.runner import ParamLayout
-from distmaml.trainer import check_scores
+from distmaml.run.assembly import build_runner
+from distmaml.run.checkpoint import load_checkpoint
+from distmaml.run.results import reference_entry, summarize
+from distmaml.run.runner import ParamLayout
+from distmaml.run.trainer import check_scores
+from distmaml.run.usercode import resolve_loss
+from distmaml.storage import write_json
 
 
 def evaluate_checkpoint(
@@ -37,7 +39,7 @@ def evaluate_checkpoint(
     flat = ParamLayout(ckpt.params).flatten(ckpt.params)
     scores = runner.evaluate(flat, "test", range(n), config.test_steps)
     check_scores(scores, config, f"meta-test of {ckpt.path}", config.test_steps)
-    metric = METRIC_NAME[config.loss]
+    metric = METRIC_NAME[resolve_loss(config)]
     result = {
         "step": ckpt.step,
         "checkpoint": str(ckpt.path),

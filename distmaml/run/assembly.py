@@ -7,7 +7,7 @@ part (the ``TaskRunner``) from the same config through ``runner_factory``.
 The builders are named, one per piece (torchtitan's ``TrainSpec`` shape):
 
 * ``build_family(config)`` -> ``TaskFamily``: ``FAMILIES[data.family]``, or the
-  user's ``package.module:attr`` (``distmaml.usercode``);
+  user's ``package.module:attr`` (``distmaml.run.usercode``);
 * ``build_network(config)`` -> ``nn.Module``: ``NETWORKS[model.name]`` or the
   user's ``package.module:attr``, seeded by ``config.seed``, in ``config.precision``;
 * ``build_algorithm(config)`` -> ``core.Algorithm``;
@@ -19,7 +19,7 @@ The builders are named, one per piece (torchtitan's ``TrainSpec`` shape):
 Each builder also takes the user's callable instead of an import path
 (``model=``, ``tasks=``: what ``distmaml.train`` passes); the Ray engine gets
 them inside ``runner_factory``'s function, and the user's packages through the
-job's runtime environment (``distmaml.shipping``).
+job's runtime environment (``distmaml.run.shipping``).
 
 Nothing below this module imports it (the trainer, the engine and tracking
 receive what they need), and it imports ``cli`` never.
@@ -38,21 +38,17 @@ import torch
 from torch import nn
 
 from distmaml import storage
-from distmaml.checkpoint import load_checkpoint
 from distmaml.config import IMAGE_FAMILIES, Config, ConfigError, config_from_dict, is_import_path
 from distmaml.core.algorithm import Algorithm, InnerLoop, init_algorithm_params
 from distmaml.data.errors import DataError
 from distmaml.fastpath.malloc import keep_freed_memory_if_claimed
-from distmaml.interrupt import Interrupted
-from distmaml.memory import MemoryFitError
+from distmaml.machine.interrupt import Interrupted
+from distmaml.machine.memory import MemoryFitError
 from distmaml.models import build_model
-from distmaml.runner import TaskRunner
-from distmaml.storage import Location
-from distmaml.tasks import SinusoidTasks, TaskFamily
-from distmaml.tasks.noise import NoiseImageTasks
-from distmaml.trainer import Callback, Engine, NonFiniteError, Trainer
-from distmaml.typing import Params
-from distmaml.usercode import (
+from distmaml.run.checkpoint import load_checkpoint
+from distmaml.run.runner import TaskRunner
+from distmaml.run.trainer import Callback, Engine, NonFiniteError, Trainer
+from distmaml.run.usercode import (
     FamilyFactory,
     ModelFactory,
     UserCodeError,
@@ -60,7 +56,12 @@ from distmaml.usercode import (
     build_user_model,
     check_run,
     resolve,
+    resolve_loss,
 )
+from distmaml.storage import Location
+from distmaml.tasks import SinusoidTasks, TaskFamily
+from distmaml.tasks.noise import NoiseImageTasks
+from distmaml.typing import Params
 
 if TYPE_CHECKING:
     from distmaml.engine.collective import CollectiveEngine, Member
@@ -159,7 +160,9 @@ def build_algorithm(config: Config) -> Algorithm:
     """The config's algorithm with its inner loop (``algorithm``, ``inner.*``, ``mamlpp.*``)."""
     return Algorithm(
         name=config.algorithm,
-        inner=InnerLoop(lr=config.inner.lr, steps=config.inner.steps, first_order=config.first_order, loss=config.loss),
+        inner=InnerLoop(
+            lr=config.inner.lr, steps=config.inner.steps, first_order=config.first_order, loss=resolve_loss(config)
+        ),
         mamlpp=config.mamlpp,
         recompute=config.inner.recompute,
     )
@@ -221,7 +224,7 @@ def runner_factory(
 
     The user's ``model`` and ``tasks`` callables travel inside it (cloudpickle:
     by value when defined in ``__main__`` or a notebook, else by reference to
-    their module, which ``distmaml.shipping`` ships).
+    their module, which ``distmaml.run.shipping`` ships).
     """
     if model is None and tasks is None:
         return functools.partial(build_runner, config.to_dict())
@@ -236,7 +239,7 @@ def user_runtime_env(
     With one, workers run in Ray's copy of the packages rather than in the
     driver's folder: a relative ``data.path`` is made absolute here first.
     """
-    from distmaml.shipping import runtime_env
+    from distmaml.run.shipping import runtime_env
     from distmaml.storage import is_uri
 
     env = runtime_env(config, model, tasks)

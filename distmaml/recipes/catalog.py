@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from distmaml.config import Config, load_config, recipe_names
-from distmaml.results import describe
+from distmaml.run.results import describe
 
 NO_FILES = {"sinusoid": "none (synthetic tasks)", "glyphs": "none (generated on first use)", "noise": "none (random)"}
 """The store column of the built-in families that need no files."""

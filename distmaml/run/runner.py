@@ -1,7 +1,7 @@
 """The task program of a run: one shard of tasks computed where it runs.
 
 ``TaskRunner`` holds a ready network, algorithm and task family (the
-assembly, ``distmaml.assembly``, builds them from the config) and computes,
+assembly, ``distmaml.run.assembly``, builds them from the config) and computes,
 for the task ids it is given, the summed meta-gradient (one flat tensor) or
 the per-task scores. It samples its own tasks from (seed, step, id), so no
 data travels, and returns sums, so shards add up to the whole batch whatever
@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from distmaml import memory
 from distmaml.config import ConfigError
 from distmaml.core import Algorithm, MetaGradSum, meta_grad, score_tasks
 from distmaml.core.algorithm import init_algorithm_params
@@ -34,6 +33,8 @@ from distmaml.core.batching import (
     time_candidates,
 )
 from distmaml.core.compiled import CompileError
+from distmaml.engine.protocol import EvalShard, GradShard, ParamLayout
+from distmaml.machine import memory
 from distmaml.tasks import TaskFamily
 from distmaml.typing import Params, TaskBatch
 
@@ -48,46 +49,6 @@ AUTO_SECONDS = 0.5
 EVAL_CHUNK = 100
 """Tasks sampled and scored at once in an evaluation, at most (fewer where ``batching: auto`` measured
 that a chunk this large would not fit: ``TaskRunner.eval_chunk``)."""
-
-
-class GradShard(NamedTuple):
-    """Sums over a shard's tasks: flat gradient, query loss, metric; and the count."""
-
-    grad: Tensor
-    loss: float
-    metric: float
-    tasks: int
-    seconds: float = 0.0
-    """Compute time of the shard where it ran (for the benchmark's overhead share)."""
-
-
-class EvalShard(NamedTuple):
-    """Per-task query metric before and after adaptation, in task-id order."""
-
-    before: Tensor
-    after: Tensor
-
-
-class ParamLayout:
-    """Names and shapes of the meta-parameters, to flatten them into one tensor and back."""
-
-    def __init__(self, params: Params) -> None:
-        self.names = list(params)
-        self.shapes = [tuple(params[k].shape) for k in self.names]
-        self.sizes = [params[k].numel() for k in self.names]
-
-    @property
-    def numel(self) -> int:
-        return sum(self.sizes)
-
-    def flatten(self, tensors: Params, out: Tensor | None = None) -> Tensor:
-        """One flat tensor; written into ``out`` (``numel`` elements, any device) if given."""
-        parts = [tensors[k].reshape(-1) for k in self.names]
-        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
-
-    def unflatten(self, flat: Tensor) -> Params:
-        parts = torch.split(flat, self.sizes)
-        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
 
 
 class TaskRunner:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from distmaml.config import Config, is_import_path
-from distmaml.usercode import UserCodeError, resolve
+from distmaml.run.usercode import UserCodeError, resolve
 
 _IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
 _staged: dict[tuple[str, ...], Path] = {}
@@ -131,7 +131,7 @@ def runtime_env(
     sources = top_level_sources(user_modules(config, model, tasks))
     if not sources:
         return None
-    from distmaml.oncluster import job_runtime_env
+    from distmaml.cluster.connect import job_runtime_env
 
     job = job_runtime_env()
     if job is not None and job.get("working_dir"):

@@ -11,41 +11,29 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from distmaml import interrupt, storage
-from distmaml.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
-    write_json,
-)
+from distmaml import storage
 from distmaml.config import Config, ConfigError, config_from_dict, dump_config
 from distmaml.core.losses import METRIC_NAME
+from distmaml.engine.protocol import Engine, EvalShard, ParamLayout
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
 from distmaml.fastpath import adam as fused_adam
-from distmaml.results import reference_entry, summarize
-from distmaml.runner import EvalShard, GradShard, ParamLayout
-from distmaml.storage import Location
+from distmaml.machine import interrupt
+from distmaml.run.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distmaml.run.results import reference_entry, summarize
+from distmaml.run.usercode import resolve_loss
+from distmaml.storage import Location, atomic_write_text, write_json
 from distmaml.typing import Params
-
-
-class Engine(Protocol):
-    """What the trainer asks of an engine (``engine.InProcessEngine``, ``engine.ray_engine.RayEngine``)."""
-
-    workers: int
-    replacements: int
-
-    def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard: ...
-    def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard: ...
-    def batching(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...
 
 
 def make_scheduler(config: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -136,7 +124,7 @@ class Trainer:
         self.progress = progress
         self.echo = echo
         """Print each validation line (a collective group's workers other than rank 0 do not)."""
-        self.metric = METRIC_NAME[config.loss]
+        self.metric = METRIC_NAME[resolve_loss(config)]
         self.layout = ParamLayout(params)
         # The meta-parameters live in one flat tensor, and ``params`` (the
         # caller's dict, updated in place) holds views of it: the engines get
@@ -294,7 +282,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Runs to ``meta.steps``, meta-tests, writes ``result.json``; returns it.
 
-        Stopped by a signal (see ``distmaml.interrupt``), it abandons the step in
+        Stopped by a signal (see ``distmaml.machine.interrupt``), it abandons the step in
         flight, checkpoints the last completed one and raises ``Interrupted``
         saying which step that is and where it was saved.
         """

@@ -12,7 +12,6 @@ every read and write goes through ``distmaml.storage``.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import sys
@@ -44,19 +43,6 @@ class CheckpointError(DistmamlError, FileNotFoundError):
 
 class CheckpointVersionError(CheckpointError):
     """A distmaml checkpoint in another format than this version's: never skipped for an older one."""
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` (a local path or a URI) atomically; see ``storage.write_bytes_atomic``."""
-    storage.write_bytes_atomic(path, data)
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    storage.write_bytes_atomic(path, text.encode())
-
-
-def write_json(path: PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 @dataclass
@@ -108,7 +94,7 @@ def save_checkpoint(
     }
     torch.save(payload, buffer)
     path = storage.join(checkpoint_dir(run_dir), f"step_{step:09d}.pt")
-    atomic_write_bytes(path, buffer.getvalue())
+    storage.write_bytes_atomic(path, buffer.getvalue())
     for old in list_checkpoints(run_dir)[:-keep]:
         storage.delete(old)
     return path

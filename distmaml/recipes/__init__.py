@@ -1,0 +1,1 @@
+"""The built-in recipes (the YAML files beside this module) and their table (``catalog``)."""
