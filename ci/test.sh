@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 ruff check distmaml tests cluster ci
 mypy
 python ci/config_doc.py --check
-python -m pytest -q --durations=30 "$@"
+# Two pytest workers, a file each at a time (pytest-xdist; tests/conftest.py starts the longest files
+# first); `ci/test.sh -n 0` runs in this one process.
+python -m pytest -q -n 2 --dist loadfile --durations=30 "$@"

@@ -89,7 +89,34 @@ import sys as _sys  # noqa: E402
 _sys.addaudithook(_audit_sockets)
 
 
+_CHECKED = [0]
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only():
+    """Each test ends failed if this process reached off loopback since the last check (a module fixture's
+    connections count at its first test): also where pytest-xdist's workers run the tests, whose end of
+    session below does not set the suite's outcome."""
+    yield
+    new = _OFF_LOOPBACK[_CHECKED[0] :]
+    _CHECKED[0] = len(_OFF_LOOPBACK)
+    if new:
+        pytest.fail(f"reached addresses off loopback (only 127.0.0.0/8 is allowed): {sorted(set(new))}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OFF_LOOPBACK:
         print(f"\ntests reached addresses off loopback (only 127.0.0.0/8 is allowed): {sorted(set(_OFF_LOOPBACK))}")
         session.exitstatus = 1
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The longest files first, each file's own order kept: with ``-n`` (pytest-xdist, ``--dist loadfile``,
+    as ``ci/test.sh`` runs) they start at once and the short ones fill in beside them, instead of one long
+    file starting last. A file's length is guessed: an end-to-end (``slow``) test as a hundred others."""
+    weight: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        weight[path] = weight.get(path, 0) + (100 if item.get_closest_marker("slow") else 1)
+    first = {path: i for i, path in enumerate(weight)}
+    items.sort(key=lambda item: (-weight[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
