@@ -111,9 +111,12 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The longest files first, each file's own order kept: with ``-n`` (pytest-xdist, ``--dist loadfile``,
-    as ``ci/test.sh`` runs) they start at once and the short ones fill in beside them, instead of one long
-    file starting last. A file's length is guessed: an end-to-end (``slow``) test as a hundred others."""
+    """The longest files first, each file's own order kept: in pytest-xdist's workers (``ci/test.sh -n 2
+    --dist loadfile``) they start at once and the short ones fill in beside them, instead of one long
+    file starting last. A file's length is guessed: an end-to-end (``slow``) test as a hundred others.
+    In one process (no pytest-xdist worker) the order stays the files' own."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     weight: dict[str, int] = {}
     for item in items:
         path = item.nodeid.split("::")[0]

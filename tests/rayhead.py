@@ -130,6 +130,7 @@ def start_head(
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
         "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+        "--ray-client-server-port", str(free_port()),  # not 10001: heads of tests running side by side
     ]  # fmt: skip
     if resources:
         cmd += ["--resources", resources]
