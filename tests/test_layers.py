@@ -19,55 +19,40 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, absolute names (``from x import y`` gives ``x`` and ``x.y``)."""
+MODULES = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    """What ``path`` imports, absolute names (``from x import y`` gives ``x`` and ``x.y``); and of those, the
+    package's modules it runs: ``from x import y`` is ``x.y`` where that is a module, else ``x`` (so
+    ``from distmaml import storage`` is ``distmaml.storage``, not the package, whose ``__init__`` has run)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
     out: set[str] = set()
+    runs: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
+            runs.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
+            names = [f"{base}.{alias.name}" for alias in node.names]
             out.add(base)
-            out.update(f"{base}.{alias.name}" for alias in node.names)
-    return out
+            out.update(names)
+            runs.update(n for n in names if n in MODULES)
+            if any(n not in MODULES for n in names):
+                runs.add(base)
+    return out, {m for m in runs if m in MODULES and m != own}
 
 
-GRAPH = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _edges(module: str) -> set[str]:
-    """The package's modules ``module`` imports: ``from distmaml import storage`` is ``distmaml.storage``,
-    not the package ``distmaml`` (whose ``__init__`` Python has run already)."""
-    out = set()
-    for d in GRAPH[module]:
-        if d not in GRAPH or d == module:
-            continue
-        if any(o != d and o.startswith(d + ".") and o in GRAPH for o in GRAPH[module]) and _names_only_modules(
-            module, d
-        ):
-            continue
-        out.add(d)
-    return out
-
-
-def _names_only_modules(module: str, package: str) -> bool:
-    """Whether every ``from package import ...`` in ``module`` names submodules only."""
-    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == package and not node.level:
-            if any(f"{package}.{a.name}" not in GRAPH for a in node.names):
-                return False
-    return True
-
-
-EDGES = {m: _edges(m) for m in GRAPH}
+_READ = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+GRAPH = {m: names for m, (names, _) in _READ.items()}
+EDGES = {m: edges for m, (_, edges) in _READ.items()}
+"""The package's modules each one runs (the tests of layers and circles read these)."""
 
 LAYERS = [
     (
