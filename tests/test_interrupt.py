@@ -295,8 +295,8 @@ def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
     """The signal lands in a meta-step sized to take over a minute on each Ray worker: the run stops within 30 s
     with the state before that step (step 0) saved."""
     from distmaml.config import load_config
+    from distmaml.engine.protocol import ParamLayout
     from distmaml.run.assembly import assemble
-    from distmaml.run.runner import ParamLayout
 
     run = assemble(
         load_config("sinusoid", ["batching=loop", "precision=float64", "tracking.enabled=false", "workers=0"])

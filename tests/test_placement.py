@@ -113,8 +113,8 @@ def test_node_types_reported_to_the_gcs_count(gpu_cluster):
 
 
 def _flat(config):
+    from distmaml.engine.protocol import ParamLayout
     from distmaml.run.assembly import build_network, init_meta_params
-    from distmaml.run.runner import ParamLayout
 
     params = init_meta_params(config, build_network(config))
     return ParamLayout(params).flatten(params)

@@ -8,10 +8,10 @@ from typing import Any
 from distmaml import storage
 from distmaml.config import ConfigError, apply_override, config_from_dict
 from distmaml.core.losses import METRIC_NAME
+from distmaml.engine.protocol import ParamLayout
 from distmaml.run.assembly import build_runner
 from distmaml.run.checkpoint import load_checkpoint
 from distmaml.run.results import reference_entry, summarize
-from distmaml.run.runner import ParamLayout
 from distmaml.run.trainer import check_scores
 from distmaml.run.usercode import resolve_loss
 from distmaml.storage import write_json
