@@ -4,6 +4,7 @@ parameters, also when a worker is killed mid-run."""
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
@@ -12,6 +13,7 @@ import ray
 import torch
 
 from distmaml.config import load_config
+from distmaml.engine.protocol import GradShard, ParamLayout, to_wire
 from distmaml.engine.ray_engine import RayEngine, WorkerFailure
 from distmaml.run.assembly import assemble, runner_factory
 from distmaml.run.trainer import Callback
@@ -84,6 +86,32 @@ def test_workers_match_in_process(in_process, workers):
     # meta-test sharded the same way: same per-task scores in task order
     torch.testing.assert_close(scores.after, ref_scores.after, rtol=0, atol=1e-10)
     torch.testing.assert_close(scores.before, ref_scores.before, rtol=0, atol=1e-10)
+
+
+def test_a_shard_travels_as_itself_with_its_gradient_as_one_raw_buffer():
+    shard = GradShard(torch.arange(6.0, dtype=torch.float64), 1.5, 0.25, 3, 0.125)
+    buffers: list[pickle.PickleBuffer] = []
+    wire = pickle.dumps(shard, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 1 and buffers[0].raw().nbytes == 6 * 8  # out of band: not pickled element by element
+    got = pickle.loads(wire, buffers=buffers)
+    assert type(got) is GradShard and got[1:] == shard[1:]
+    assert torch.equal(got.grad, shard.grad)
+
+
+def test_a_worker_returns_the_shard_type_the_driver_sums(in_process):
+    """A worker's answer arrives as a ``GradShard`` (no wire type of its own); the two shards' sum over the
+    meta-batch is the first step's gradient of the in-process run."""
+    ref_grads = in_process[1]
+    run = assemble(_config(2))
+    try:
+        ref = ray.put(to_wire(ParamLayout(run.params).flatten(run.params)))
+        halves = (range(0, 4), range(4, 7))
+        shards = ray.get([a.meta_grad.remote(ref, 0, r.start, r.stop) for a, r in zip(run.engine.actors, halves)])
+    finally:
+        run.engine.close()
+    assert [type(s) for s in shards] == [GradShard, GradShard] and [s.tasks for s in shards] == [4, 3]
+    assert all(s.seconds > 0 for s in shards)
+    torch.testing.assert_close((shards[0].grad + shards[1].grad) / 7, ref_grads[0], rtol=0, atol=1e-10)
 
 
 class KillWorker(Callback):

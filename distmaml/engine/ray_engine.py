@@ -33,9 +33,9 @@ from distmaml.cluster.placement import (
 )
 from distmaml.config import Config
 from distmaml.engine.failures import STARTUP, death_reason, failure_places
-from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram, to_wire
 from distmaml.engine.shard import balanced_ranges, common_batching
-from distmaml.engine.worker import ShardWorker, to_wire
+from distmaml.engine.worker import ShardWorker
 from distmaml.errors import DistmamlError
 
 log = logging.getLogger("distmaml.engine")
@@ -210,14 +210,11 @@ class RayEngine:
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
         t0 = time.perf_counter()
         ref = ray.put(to_wire(flat))  # once per step, whatever the number of workers; a raw buffer, not a pickle
-        shards = [
-            w.shard()
-            for w in self._run(
-                balanced_ranges(batch_size, self.workers),
-                lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
-                f"meta-step {step}",
-            )
-        ]
+        shards: list[GradShard] = self._run(
+            balanced_ranges(batch_size, self.workers),
+            lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
+            f"meta-step {step}",
+        )
         grad = shards[0].grad.clone()
         for s in shards[1:]:
             grad += s.grad

@@ -8,48 +8,17 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram
+from distmaml.engine.protocol import EvalShard, GradShard, TaskProgram, from_wire
 from distmaml.engine.testpoints import eval_point, point
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
 from distmaml.machine import memory
-
-
-def to_wire(t: Tensor) -> np.ndarray:
-    """A CPU tensor as the numpy array it shares memory with: Ray stores numpy arrays as raw buffers and
-    reads them in place, where a tensor is pickled (about 15x slower for a 12M-value gradient)."""
-    return t.detach().cpu().numpy()
-
-
-def from_wire(a: np.ndarray, *, copy: bool = False) -> Tensor:
-    """The tensor of an array ``to_wire`` sent. Ray hands such arrays over read-only, in its object store:
-    without ``copy`` the tensor is a read-only view (only read it)."""
-    if copy:
-        return torch.from_numpy(np.array(a))
-    with warnings.catch_warnings():  # torch warns that the array is not writable: the view is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-class WireShard(NamedTuple):
-    """A ``GradShard`` with its gradient as a numpy array (``to_wire``), as a worker returns it."""
-
-    grad: np.ndarray
-    loss: float
-    metric: float
-    tasks: int
-    seconds: float
-
-    def shard(self) -> GradShard:
-        return GradShard(from_wire(self.grad), self.loss, self.metric, self.tasks, self.seconds)
 
 
 class ShardWorker:
@@ -81,12 +50,13 @@ class ShardWorker:
         """Computes with ``name`` from now on (the engine's common choice), whatever this worker timed."""
         self.runner.batching = name
 
-    def meta_grad(self, flat: np.ndarray, step: int, start: int, stop: int) -> WireShard:
-        """The shard's summed meta-gradient; ``flat``: the parameters as ``to_wire`` sent them."""
+    def meta_grad(self, flat: np.ndarray, step: int, start: int, stop: int) -> GradShard:
+        """The shard's summed meta-gradient, with its compute time; ``flat``: the parameters as ``to_wire``
+        sent them."""
         point(f"step:{step}")
         t0 = time.perf_counter()
         shard = self.runner.meta_grad(from_wire(flat, copy=True), step, range(start, stop))
-        return WireShard(to_wire(shard.grad), shard.loss, shard.metric, shard.tasks, time.perf_counter() - t0)
+        return shard._replace(seconds=time.perf_counter() - t0)
 
     def evaluate(self, flat: np.ndarray, split: str, start: int, stop: int, steps: int) -> EvalShard:
         eval_point(split)
