@@ -22,6 +22,7 @@ import yaml
 from distmaml.core.algorithm import ALGORITHMS, LEARNED_STEP_RATES, MamlppOptions
 from distmaml.core.batching import ALLOWED_BATCHINGS, COMPILED
 from distmaml.errors import DistmamlError
+from distmaml.models.registry import IMAGE_MODELS, MODELS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 
@@ -115,10 +116,28 @@ class InnerConfig:
             _at_least("inner.test_steps", self.test_steps, 0)
 
 
-DATA_FAMILIES = ("sinusoid", "glyphs", "store", "noise")
-IMAGE_FAMILIES = ("glyphs", "store", "noise")
 LOSS_NAMES = ("mse", "cross_entropy")
-BUILTIN_LOSS = {"sinusoid": "mse", **{name: "cross_entropy" for name in IMAGE_FAMILIES}}
+
+
+@dataclass(frozen=True)
+class BuiltinFamily:
+    loss: str
+    """What ``data.loss`` resolves to."""
+    images: bool
+    """Whether its tasks are images (for ``conv4`` or ``resnet12``) rather than vectors (for ``mlp``)."""
+
+
+FAMILIES = {
+    "sinusoid": BuiltinFamily("mse", images=False),
+    "glyphs": BuiltinFamily("cross_entropy", images=True),
+    "store": BuiltinFamily("cross_entropy", images=True),
+    "noise": BuiltinFamily("cross_entropy", images=True),
+}
+"""The registry of built-in task families, ``data.family`` -> what config checks of it; the run's
+assembly has a builder for each (``distmaml.run.assembly.FAMILIES``, tests/test_config.py)."""
+DATA_FAMILIES = tuple(FAMILIES)
+IMAGE_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.images)
+BUILTIN_LOSS = {name: family.loss for name, family in FAMILIES.items()}
 """The loss of each built-in family (``data.loss`` resolves to it)."""
 
 
@@ -227,8 +246,7 @@ class ReferenceConfig:
         return {"metric": self.metric, "mean": self.mean, "ci95": self.ci95, "source": self.source}
 
 
-MODEL_NAMES = ("mlp", "conv4", "resnet12")
-IMAGE_MODELS = ("conv4", "resnet12")
+MODEL_NAMES = tuple(MODELS)
 
 
 @dataclass(kw_only=True)

@@ -353,3 +353,30 @@ def test_inner_recompute_config_key_gives_the_same_shard(name):
     a, b = plain.meta_grad(flat, 3, range(4)), recomputed.meta_grad(flat, 3, range(4))
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10)
     assert abs(b.loss - a.loss) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "name, options, rate, network",
+    [
+        ("maml", {}, "fixed_rate", "WholeNetwork"),
+        ("fomaml", {}, "fixed_rate", "WholeNetwork"),
+        ("anil", {}, "fixed_rate", "HeadOnly"),
+        ("metasgd", {}, "metasgd_rate", "WholeNetwork"),
+        ("mamlpp", {}, "per_step_rate", "WholeNetwork"),
+        ("mamlpp", {"learned_lrs": False}, "fixed_rate", "WholeNetwork"),
+    ],
+)
+def test_an_algorithm_is_its_two_strategies_around_the_one_inner_step(name, options, rate, network):
+    """Which rates and which network each algorithm's inner steps use; the step itself is ``inner_step``."""
+    from distmaml.core import program
+
+    algo = Algorithm(name=name, inner=InnerLoop(lr=0.1, steps=2), mamlpp=MamlppOptions(**options))
+    p = TaskProgram(_conv(), algo)
+    chosen = p.rate.__qualname__.split(".")[0]  # fixed_rate's closure is named fixed_rate.<locals>.<lambda>
+    assert chosen == rate and type(p.network).__name__ == network
+    params = init_algorithm_params(_conv(), algo)
+    theta, phi = p.split(params)
+    grads = {k: torch.full_like(v, 2.0) for k, v in theta.items()}
+    stepped = program.inner_step(theta, grads, lambda k: p.rate(k, 1, phi))
+    for k, v in theta.items():  # every rate starts at inner.lr: theta - 0.1 * 2 everywhere
+        torch.testing.assert_close(stepped[k], v - 0.2)

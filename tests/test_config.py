@@ -112,3 +112,17 @@ def test_test_steps_default_to_the_algorithms_own(overrides, steps):
     assert config.inner.test_steps == config.test_steps == steps
     assert f"test_steps: {steps}\n" in dump_config(config)  # the resolved number, in config.yaml
     assert load_config("omniglot_5w1s").inner.test_steps == 3  # the paper's protocol, explicit in its recipe
+
+
+def test_one_registry_per_plug_in_kind_and_the_assembly_builds_each_entry():
+    """Config validates model.name and data.family against the registries (models.MODELS, config.FAMILIES);
+    the run's assembly has a builder for exactly their entries, so a new network or family is added in one
+    registry and a missing builder fails here."""
+    from distmaml import config
+    from distmaml.models import IMAGE_MODELS, MODELS
+    from distmaml.run import assembly
+
+    assert set(assembly.NETWORKS) == set(MODELS) == set(config.MODEL_NAMES) and set(IMAGE_MODELS) < set(MODELS)
+    assert set(assembly.FAMILIES) == set(config.FAMILIES) == set(config.DATA_FAMILIES)
+    with pytest.raises(ConfigError, match="model.name = 'conv5': allowed values are mlp, conv4, resnet12"):
+        load_config("sinusoid", ["model.name=conv5"])

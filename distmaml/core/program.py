@@ -17,6 +17,17 @@ weights) and gives:
 With ``batched=True`` the same functions take every task at once (task
 dimension first) and return sums over tasks (``scores``: per-task values).
 
+The inner step is ``inner_step``: gradient descent on the support loss,
+``theta - rate * grad``. What tells the algorithms apart are two small
+strategies, chosen once per program from the ``Algorithm``:
+
+* the rates (``inner_rates``): one fixed rate (MAML, FOMAML, ANIL), a learned
+  rate per element (Meta-SGD, ``metasgd_rate``) or per tensor and step (MAML++,
+  ``per_step_rate``);
+* the network the steps run (``WholeNetwork``, or ANIL's ``HeadOnly``: the
+  body's features computed once per task, then only the head), with MAML++'s
+  per-step batch-norm weights standing in for the model's own.
+
 Inner step ``i`` (0-based) computes the support loss with per-step slot ``i``
 and the query loss after it with slot ``i`` too (as the MAML++ code does);
 past the training steps, slots are the last one's.
@@ -28,6 +39,7 @@ meta-test (``scores``), the plots (``predictions``) and the library's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,6 +86,103 @@ def _add(a: Params, b: Params) -> Params:
     return {k: a[k] + b[k] for k in a}
 
 
+def inner_step(theta: Params, grads: Params, rate: Callable[[str], Tensor | float]) -> Params:
+    """One inner step: gradient descent on the support loss, ``theta[k] - rate(k) * grads[k]`` for every
+    adapted tensor ``k``. Second order when ``grads`` carry their graph; first order when they are constants."""
+    return {k: v - rate(k) * grads[k] for k, v in theta.items()}
+
+
+Rates = Callable[[str, int, Params], "Tensor | float"]
+"""The inner rate of adapted tensor ``name`` at per-step slot ``slot``, read from the context if learned."""
+
+
+def fixed_rate(lr: float) -> Rates:
+    """MAML, FOMAML, ANIL: one rate, ``inner.lr``."""
+    return lambda name, slot, ctx: lr
+
+
+def metasgd_rate(name: str, slot: int, ctx: Params) -> Tensor:
+    """Meta-SGD: a learned rate per element of each adapted tensor (``lrs.<param>``), the same at every step."""
+    return ctx[METASGD_PREFIX + name]
+
+
+def per_step_rate(name: str, slot: int, ctx: Params) -> Tensor:
+    """MAML++: a learned scalar rate per adapted tensor and inner step (``mamlpp.lr.<param>.<step>``)."""
+    return ctx[f"{MAMLPP_LR_PREFIX}{name}.{slot}"]
+
+
+def inner_rates(algorithm: Algorithm) -> Rates:
+    if algorithm.name == "metasgd":
+        return metasgd_rate
+    if algorithm.learned_step_lrs:
+        return per_step_rate
+    return fixed_rate(algorithm.inner.lr)
+
+
+class WholeNetwork:
+    """The steps run the whole network: the adapted tensors, the frozen ones from the context, and MAML++'s
+    per-step batch-norm (``mamlpp.bn.<param>.<slot>``) in place of the model's own batch-norm weights."""
+
+    def __init__(self, model: nn.Module, adapted: list[str], bn: list[str]) -> None:
+        self.module = model
+        self.bn = bn
+        self.frozen = [k for k, _ in model.named_parameters() if k not in adapted and k not in bn]
+        self.shared = {*self.frozen, *bn}
+        """Parameters that are the same for every task (batched: not copied per task)."""
+
+    def context(self, phi: Params, sx: Tensor, qx: Tensor, layout: Callable[[Tensor], Tensor]) -> Params:
+        return phi
+
+    def call(
+        self, slot: int, theta: Params, ctx: Params, which: str, x: Tensor, layout: Callable[[Tensor], Tensor]
+    ) -> tuple[Params, Tensor]:
+        """The module's parameters at ``slot`` and its input, for ``functional_call``."""
+        params = {k: ctx[k] for k in self.frozen}
+        params.update(theta)
+        for k in self.bn:
+            params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
+        return params, layout(x)
+
+
+class HeadOnly:
+    """ANIL: only the head adapts. The body's features of the support and query inputs are computed once
+    per task (the context) and the steps run the head alone on them."""
+
+    def __init__(self, model: nn.Module, batched: bool) -> None:
+        self.model, self.batched = model, batched
+        self.head = head_prefix(model)
+        self.module = model.get_submodule(self.head)
+        self.shared: set[str] = set()  # the head's parameters are all adapted: one copy per task
+
+    def context(self, phi: Params, sx: Tensor, qx: Tensor, layout: Callable[[Tensor], Tensor]) -> Params:
+        return {"features.s": self._features(phi, sx, layout), "features.q": self._features(phi, qx, layout)}
+
+    def call(
+        self, slot: int, theta: Params, ctx: Params, which: str, x: Tensor, layout: Callable[[Tensor], Tensor]
+    ) -> tuple[Params, Tensor]:
+        """The head's parameters and the features of ``which`` (``s``: support, ``q``: query) of the context."""
+        prefix = self.head + "."
+        return {k[len(prefix) :]: v for k, v in theta.items()}, ctx[f"features.{which}"]
+
+    def _features(self, phi: Params, x: Tensor, layout: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.batched:  # the body is shared, batch-norm statistics are per task
+            return torch.stack([self._features_of_task(phi, x[t], layout) for t in range(x.shape[0])])
+        return self._features_of_task(phi, x, layout)
+
+    def _features_of_task(self, phi: Params, x: Tensor, layout: Callable[[Tensor], Tensor]) -> Tensor:
+        def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            raise _StopForward(args[0])
+
+        handle = self.module.register_forward_pre_hook(stop)
+        try:
+            functional_call(self.model, phi, (layout(x),))
+        except _StopForward as e:
+            return e.features
+        finally:
+            handle.remove()
+        raise RuntimeError(f"ANIL head {self.head!r} was not called by {type(self.model).__name__}.forward")
+
+
 class TaskProgram:
     """The loops of ``algorithm`` at meta-step ``meta_step`` for one task (no task dimension)."""
 
@@ -113,11 +222,13 @@ class TaskProgram:
         (``core.compiled``) puts tensors in place of the non-zero ones, so that MAML++'s annealed
         weights, which change every meta-step, are inputs of one graph rather than constants of many."""
         self.adapted = adapted_names(model, algorithm)
-        self.anil = algorithm.name == "anil"
-        self.head = head_prefix(model) if self.anil else ""
-        self.bn = batchnorm_names(model) if algorithm.per_step_bn else []
-        self.per_step = bool(self.bn) or algorithm.learned_step_lrs
-        self.frozen = [k for k, _ in model.named_parameters() if k not in self.adapted and k not in self.bn]
+        bn = batchnorm_names(model) if algorithm.per_step_bn else []
+        self.per_step = bool(bn) or algorithm.learned_step_lrs
+        """Whether the algorithm has parameters per inner step (MAML++): slots past training are the last one's."""
+        self.rate = inner_rates(algorithm)
+        self.network: WholeNetwork | HeadOnly = (
+            HeadOnly(model, batched) if algorithm.name == "anil" else WholeNetwork(model, self.adapted, bn)
+        )
 
     # -- the pieces -----------------------------------------------------------
     def split(self, params: Params) -> tuple[Params, Params]:
@@ -132,64 +243,28 @@ class TaskProgram:
         # convolution produce NHWC.
         return x.to(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
-    def _features(self, phi: Params, x: Tensor) -> Tensor:
-        if self.batched:  # the body is shared, batch-norm statistics are per task
-            return torch.stack([self._features_of_task(phi, x[t]) for t in range(x.shape[0])])
-        return self._features_of_task(phi, x)
-
-    def _features_of_task(self, phi: Params, x: Tensor) -> Tensor:
-        head = self.model.get_submodule(self.head)
-
-        def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            raise _StopForward(args[0])
-
-        handle = head.register_forward_pre_hook(stop)
-        try:
-            functional_call(self.model, phi, (self._layout(x),))
-        except _StopForward as e:
-            return e.features
-        finally:
-            handle.remove()
-        raise RuntimeError(f"ANIL head {self.head!r} was not called by {type(self.model).__name__}.forward")
-
     def context(self, phi: Params, sx: Tensor, qx: Tensor) -> Params:
         """What the steps read besides theta: ANIL's body features (computed once), else phi itself."""
-        if self.anil:
-            return {"features.s": self._features(phi, sx), "features.q": self._features(phi, qx)}
-        return phi
+        return self.network.context(phi, sx, qx, self._layout)
 
     def _slot(self, i: int) -> int:
         return step_slot(i, self.train_steps) if self.per_step else i
 
     def forward(self, slot: int, theta: Params, ctx: Params, which: str, x: Tensor) -> Tensor:
-        if self.anil:
-            prefix = self.head + "."
-            module, params = self.model.get_submodule(self.head), {k[len(prefix) :]: v for k, v in theta.items()}
-            x = ctx[f"features.{which}"]
-        else:
-            module, params = self.model, {k: ctx[k] for k in self.frozen}
-            params.update(theta)
-            for k in self.bn:
-                params[k] = ctx[f"{MAMLPP_BN_PREFIX}{k}.{slot}"]
-            x = self._layout(x)
+        module = self.network.module
+        params, x = self.network.call(slot, theta, ctx, which, x, self._layout)
         if not self.batched:
             return functional_call(module, params, (x,))
-        per_task = {k: 0 if k in theta or self.anil else None for k in params}  # theta: one copy per task
+        per_task = {k: None if k in self.network.shared else 0 for k in params}  # theta: one copy per task
         return vmap(lambda p, xt: functional_call(module, p, (xt,)), in_dims=(per_task, 0))(params, x)
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         """The task's loss; batched, each task's (a vector over tasks)."""
         return task_losses(self.algorithm.inner.loss, out, y) if self.batched else self.lossf(out, y)
 
-    def _lr(self, slot: int, name: str, ctx: Params) -> Tensor | float:
-        if self.algorithm.name == "metasgd":
-            return ctx[METASGD_PREFIX + name]
-        if self.algorithm.learned_step_lrs:
-            return ctx[f"{MAMLPP_LR_PREFIX}{name}.{slot}"]
-        return self.algorithm.inner.lr
-
     def step(self, i: int, theta: Params, ctx: Params, sx: Tensor, sy: Tensor, first_order: bool) -> Params:
-        """Inner step ``i``: theta - rate * grad of the support loss (a constant grad if first order)."""
+        """Inner step ``i`` (``inner_step``) on the support set: the gradient of the support loss, a constant
+        if ``first_order``, and the algorithm's rates at ``i``'s slot."""
         slot = self._slot(i)
         at, at_ctx = (_detached(theta), _detached(ctx)) if first_order else (theta, ctx)
 
@@ -204,7 +279,7 @@ class TaskProgram:
                 g = autograd_grad(support(at), at, create_graph=not first_order)
         else:
             g = grad(support)(at)
-        return {k: v - self._lr(slot, k, ctx) * g[k] for k, v in theta.items()}
+        return inner_step(theta, g, lambda k: self.rate(k, slot, ctx))
 
     def query(self, i: int, theta: Params, ctx: Params, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         """Query loss and metric after inner step ``i`` (``i = -1``: before adaptation)."""
@@ -286,7 +361,7 @@ class TaskProgram:
             adj_theta, d_ctx = self._pullback(one_step, (thetas[i], ctx), adj_theta)
             adj_ctx = _add(adj_ctx, d_ctx)
         adj_phi = adj_ctx  # context is phi itself, except for ANIL's features
-        if self.anil:
+        if isinstance(self.network, HeadOnly):
             (adj_phi,) = self._pullback(lambda p: self.context(p, sx, qx), (phi,), adj_ctx)
         assert last is not None
         return {**adj_theta, **adj_phi}, (total, last)

@@ -1,4 +1,6 @@
-"""Builds a model by name from the config's model and data sections."""
+"""The registry of built-in networks: ``model.name`` -> builder. Config validates ``model.name`` against it
+and the run's assembly builds from it; a new network is one entry here (and in ``IMAGE_MODELS`` if it
+takes images)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         out_features, in_channels, image_size, filters
     ),
 }
+
+IMAGE_MODELS = ("conv4", "resnet12")
+"""The registered networks that take images (``in_channels``, ``image_size``, ``filters``); the others
+take vectors (``in_features``, ``hidden``)."""
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:

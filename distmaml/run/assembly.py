@@ -44,7 +44,7 @@ from distmaml.data.errors import DataError
 from distmaml.fastpath.malloc import keep_freed_memory_if_claimed
 from distmaml.machine.interrupt import Interrupted
 from distmaml.machine.memory import MemoryFitError
-from distmaml.models import build_model
+from distmaml.models import IMAGE_MODELS, build_model
 from distmaml.run.checkpoint import load_checkpoint
 from distmaml.run.runner import TaskRunner
 from distmaml.run.trainer import Callback, Engine, NonFiniteError, Trainer
@@ -82,7 +82,8 @@ FAMILIES: dict[str, Callable[[Config], TaskFamily]] = {
     ),
     **{name: _image_family for name in IMAGE_FAMILIES if name != "noise"},
 }
-"""``data.family`` -> builder of the task family from the config."""
+"""``data.family`` -> builder of the task family from the config, for each of the registry
+``config.FAMILIES`` (tests/test_config.py checks they name the same families)."""
 
 
 def build_family(config: Config, tasks: FamilyFactory | None = None) -> TaskFamily:
@@ -129,10 +130,10 @@ def _image_network(name: str, config: Config) -> nn.Module:
 
 NETWORKS: dict[str, Callable[[Config], nn.Module]] = {
     "mlp": _mlp,
-    "conv4": functools.partial(_image_network, "conv4"),
-    "resnet12": functools.partial(_image_network, "resnet12"),
+    **{name: functools.partial(_image_network, name) for name in IMAGE_MODELS},
 }
-"""``model.name`` -> builder of the network from the config."""
+"""``model.name`` -> builder of the network from the config: the registry ``models.MODELS``, each name
+with the config's settings it needs (tests/test_config.py checks they name the same networks)."""
 
 
 def build_network(config: Config, model: ModelFactory | None = None) -> nn.Module:
