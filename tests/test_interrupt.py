@@ -39,15 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MARK = "DISTMAML_TEST_RUN"
 CRASH_TEXT = ("Traceback", "SIGTERM received", "PC: @", "core dumped", "Aborted", "logging.cc")
 STEPS = 400  # enough that the signal lands mid-run on an idle machine too
-COLLECTIVE_STEPS = 150
-"""A collective run's length: its signal goes while a worker is paused at step 5 (a handshake, not the progress
-bar), and the group stops a few steps after the worker goes on (rank 0 looks for the driver's stop request every
-0.25 s): the rest of 150 steps is seconds of margin, and the resume and the reference compute less."""
 
 
-def sets(*extra: str, steps: int = STEPS) -> list[str]:
+def sets(*extra: str) -> list[str]:
     options = [
-        f"meta.steps={steps}", "meta.batch_size=4", "meta.val_every=0", "meta.checkpoint_every=100000",
+        f"meta.steps={STEPS}", "meta.batch_size=4", "meta.val_every=0", "meta.checkpoint_every=100000",
         "meta.test_tasks=8", "meta.val_tasks=8", "precision=float64", *extra,
     ]  # fmt: skip
     return [x for o in options for x in ("--set", o)]
@@ -130,7 +126,6 @@ def stop_mid_run(
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
     points: Path | None = None,
-    steps: int = STEPS,
 ) -> Stopped:
     """Runs ``distmaml train ARGS``; sends ``sig`` ``settle`` s after its progress bar shows ``after_step`` steps.
 
@@ -163,8 +158,8 @@ def stop_mid_run(
                 paused = list(points.glob("ready-*"))
                 seen = after_step if paused else -1
                 continue
-            shown = re.findall(rb"(\d+)/" + str(steps).encode() + rb" \[", b"".join(chunks))
-            seen = max([int(s) for s in shown], default=-1)
+            steps = re.findall(rb"(\d+)/" + str(STEPS).encode() + rb" \[", b"".join(chunks))
+            seen = max([int(s) for s in steps], default=-1)
         time.sleep(settle)
         started = run_processes(proc.pid, marker, before)
         os.kill(proc.pid, sig)
@@ -188,7 +183,7 @@ def stop_mid_run(
     )
 
 
-def check_clean_stop(stopped: Stopped, sig: int, run_dir: str, steps: int = STEPS) -> int:
+def check_clean_stop(stopped: Stopped, sig: int, run_dir: str) -> int:
     """The exit code, the one line, no traceback or crash dump, nothing left running; returns the step saved."""
     name = signal.Signals(sig).name
     assert stopped.code == 128 + sig, stopped.stderr[-3000:]
@@ -202,7 +197,7 @@ def check_clean_stop(stopped: Stopped, sig: int, run_dir: str, steps: int = STEP
     )
     assert found, stopped.line
     step = int(found.group(1))
-    assert stopped.step_seen <= step < steps
+    assert stopped.step_seen <= step < STEPS
     assert found.group(2) == f"{run_dir}/checkpoints/step_{step:09d}.pt"
     assert stopped.left == []
     return step
@@ -214,28 +209,11 @@ def mlflow_status(uri: str, run_id: str) -> str:
     return str(MlflowClient(tracking_uri=uri).get_run(run_id).info.status)
 
 
-@pytest.fixture(scope="module")
-def shared_ray():
-    """One Ray instance in this process for the resumes and references of the module's tests, started by the
-    first that calls it (after its interrupted run, which has a Ray of its own) and shut down with the module."""
-    import ray
-
-    def start() -> None:
-        if not ray.is_initialized():
-            ray.init(address="local", num_cpus=3, include_dashboard=False)
-
-    yield start
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 _WHOLE: dict[tuple[str, ...], Any] = {}
 """The run never stopped, per command line: computed by the first test that needs it, shared with the next."""
 
 
-def resume_equals_uninterrupted(
-    tmp_path: Path, run: str, args: list[str], uri: str, saved: int, steps: int = STEPS
-) -> None:
+def resume_equals_uninterrupted(tmp_path: Path, run: str, args: list[str], uri: str, saved: int) -> None:
     """``--resume`` ends the same MLflow run, FINISHED, with the parameters of a run never stopped (1e-12)."""
     run_id = (Path(run) / "mlflow_run_id").read_text().strip()
     assert mlflow_status(uri, run_id) == "KILLED"
@@ -249,7 +227,7 @@ def resume_equals_uninterrupted(
         assert main(["train", "--quiet", "--out", whole, *args, "--set", "tracking.enabled=false"]) == 0
         _WHOLE[key] = distmaml.load_checkpoint(whole)
     a, b = distmaml.load_checkpoint(run), _WHOLE[key]
-    assert a.step == b.step == steps and sorted(a.params) == sorted(b.params)
+    assert a.step == b.step == STEPS and sorted(a.params) == sorted(b.params)
     for k, v in b.params.items():
         assert v.dtype == torch.float64
         torch.testing.assert_close(a.params[k], v, rtol=0, atol=1e-12)
@@ -294,8 +272,10 @@ def test_without_out_the_line_says_nothing_was_saved(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch, shared_ray):
+def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
     """``--workers 2`` on the default ``--address local``: the run's own Ray instance ends with it."""
+    import ray
+
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["--workers", "2", *sets(f"tracking.uri={uri}")]
@@ -303,8 +283,11 @@ def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch, sha
     stopped = stop_mid_run(["--out", run, *args], tmp_path, signal.SIGTERM)
     saved = check_clean_stop(stopped, signal.SIGTERM, run)
     # the resume and the reference share one Ray instance; 2 workers in both (sums in the same order)
-    shared_ray()
-    resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)
+    try:
+        resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+    finally:
+        ray.shutdown()
 
 
 @pytest.mark.slow
@@ -338,22 +321,26 @@ def test_a_meta_step_longer_than_30s_does_not_delay_the_stop(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_collective_engine_stops_cleanly_and_resumes_exactly(sig, tmp_path, monkeypatch, shared_ray):
+def test_collective_engine_stops_cleanly_and_resumes_exactly(sig, tmp_path, monkeypatch):
     """``engine.reduce=collective``: the driver asks its Ray Train group to stop after the step in flight;
     rank 0 checkpoints it, no worker process outlives the run, and the resume ends where a run never
     stopped ends (Ray Train's SIGINT handler, which would abort the group unsaved, is not used)."""
+    import ray
+
     monkeypatch.chdir(tmp_path)
     points = tmp_path / "points"
     points.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    steps = COLLECTIVE_STEPS
-    args = ["--workers", "2", *sets(f"tracking.uri={uri}", "engine.reduce=collective", "batching=batched", steps=steps)]
+    args = ["--workers", "2", *sets(f"tracking.uri={uri}", "engine.reduce=collective", "batching=batched")]
     run = "run"
-    stopped = stop_mid_run(["--out", run, *args], tmp_path, sig, after_step=5, points=points, steps=steps)
-    saved = check_clean_stop(stopped, sig, run, steps)
+    stopped = stop_mid_run(["--out", run, *args], tmp_path, sig, after_step=5, points=points)
+    saved = check_clean_stop(stopped, sig, run)
     assert (tmp_path / run / "checkpoints" / f"step_{saved:09d}.pt").is_file()
-    shared_ray()  # the resume and the reference share it
-    resume_equals_uninterrupted(tmp_path, run, args, uri, saved, steps)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # the resume and the reference share it
+    try:
+        resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+    finally:
+        ray.shutdown()
 
 
 CLUSTER_STATE = """
