@@ -123,6 +123,9 @@ class WholeNetwork:
     """The steps run the whole network: the adapted tensors, the frozen ones from the context, and MAML++'s
     per-step batch-norm (``mamlpp.bn.<param>.<slot>``) in place of the model's own batch-norm weights."""
 
+    context_is_phi = True
+    """The context is phi itself: its adjoint is phi's (``TaskProgram.recomputed_grad``)."""
+
     def __init__(self, model: nn.Module, adapted: list[str], bn: list[str]) -> None:
         self.module = model
         self.bn = bn
@@ -147,6 +150,9 @@ class WholeNetwork:
 class HeadOnly:
     """ANIL: only the head adapts. The body's features of the support and query inputs are computed once
     per task (the context) and the steps run the head alone on them."""
+
+    context_is_phi = False
+    """The context is the body's features: their adjoint is pulled back through the body to phi."""
 
     def __init__(self, model: nn.Module, batched: bool) -> None:
         self.model, self.batched = model, batched
@@ -360,8 +366,8 @@ class TaskProgram:
 
             adj_theta, d_ctx = self._pullback(one_step, (thetas[i], ctx), adj_theta)
             adj_ctx = _add(adj_ctx, d_ctx)
-        adj_phi = adj_ctx  # context is phi itself, except for ANIL's features
-        if isinstance(self.network, HeadOnly):
+        adj_phi = adj_ctx
+        if not self.network.context_is_phi:
             (adj_phi,) = self._pullback(lambda p: self.context(p, sx, qx), (phi,), adj_ctx)
         assert last is not None
         return {**adj_theta, **adj_phi}, (total, last)
