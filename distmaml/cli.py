@@ -334,6 +334,12 @@ def _add_prepare(sub: Any) -> None:
     gl.add_argument("--jitter", type=float, default=1.0, help="how unsteady the hand is (default: 1.0)")
 
 
+ADDRESS_HELP = (
+    "Ray address: local, auto (the cluster 'ray start' began on this machine), host:port or ray://host:port "
+    "(default: RAY_ADDRESS, else a Ray started here for this command alone)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distmaml", description="Distributed MAML on Ray, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default="sinusoid", help="built-in recipe name or YAML path (default: sinusoid)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
     train.add_argument("--workers", type=int, help="worker actors (0: compute in this process)")
-    train.add_argument("--address", help="Ray address: local, auto, or ray://host:port")
+    train.add_argument("--address", help=ADDRESS_HELP)
     train.add_argument(
         "--out", help="run directory for config.yaml, checkpoints and result.json: a folder, s3://... or gs://..."
     )
@@ -368,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--space", required=True, help="search-space YAML, e.g. tune_spaces/sinusoid.yaml")
     tn.add_argument("--trials", type=int, default=None, help="number of trials (default: the file's num_samples)")
     tn.add_argument("--set", action="append", metavar="KEY=VALUE", help="fixed override of the base config; repeatable")
-    tn.add_argument("--address", help="Ray address: auto, ray://host:port (default: start Ray here)")
+    tn.add_argument("--address", help=ADDRESS_HELP)
     tn.add_argument(
         "--storage",
         default="ray_results",

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -122,11 +124,17 @@ class Training:
         return [line for _, line in self.lines if text in line]
 
 
-def wait_file(path: Path, run: Training) -> None:
+def wait_file(path: Path, run: Training, within: float = 300.0) -> None:
+    """Waits for the gate file ``path``; fails if the run ends first or nothing comes within ``within`` s."""
+    deadline = time.monotonic() + within
     while not path.exists():
         if run.proc.poll() is not None:
             run.finish()
             raise AssertionError(f"the run ended before {path.name}: {[line for _, line in run.lines][-20:]}")
+        if time.monotonic() > deadline:
+            run.proc.kill()
+            run.finish()
+            raise AssertionError(f"no {path.name} within {within:.0f} s: {[line for _, line in run.lines][-20:]}")
         time.sleep(0.02)
 
 
@@ -271,6 +279,14 @@ def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
     }  # fmt: skip
     (tmp_path / "outage.yaml").write_text(json.dumps(space))  # JSON is YAML
     env = dict(os.environ, GATES=str(tmp_path / "gates"), GATE_STEPS="5", PYTHONPATH=str(tmp_path))
+    # This machine's record of the cluster 'ray start' last began, a cluster now gone. With no --address and no
+    # RAY_ADDRESS the sweep starts a Ray of its own: it once joined the recorded cluster, whose workers lack
+    # this environment (GATES), and which here is not there at all.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_TMPDIR"] = str(ray_tmp)
     sweep = Training(
         ["tune", "--space", "outage.yaml", "--quiet", "--storage", str(tmp_path / "results")], tmp_path, env
     )
@@ -281,6 +297,7 @@ def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
         assert sweep.finish() == 0
     finally:
         sweep.proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     [line] = sweep.said("MLflow did not take its last records")
     checkpoint = line.split("'distmaml sync ")[1].rstrip("'")
     assert Path(checkpoint, "tracking", "outbox.jsonl").is_file()

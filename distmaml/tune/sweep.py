@@ -165,7 +165,8 @@ def run_sweep(
     verbose: int = 1,
     exit_after_step: int | None = None,
 ) -> SweepResult:
-    """Runs the sweep ``spec`` on the Ray cluster at ``address`` (started here if none is running).
+    """Runs the sweep ``spec`` on the Ray cluster at ``address``: ``local``, ``auto``, ``host:port``;
+    ``None`` means ``RAY_ADDRESS`` if set, else a Ray started here for the sweep alone.
 
     ``storage`` is Tune's storage for trial checkpoints and results: a local
     folder on one machine, a bucket URI (``s3://...``) that every node reaches
@@ -176,9 +177,9 @@ def run_sweep(
         >>> result.best.checkpoint   # a run dir that ``distmaml evaluate --checkpoint`` takes
         's3://bucket/sweeps/sinusoid-.../run_trial_.../checkpoint_000002'
     """
-    import ray
     from ray import tune
 
+    from distmaml.cluster.connect import connect
     from distmaml.cluster.placement import cluster_shape
     from distmaml.run.assembly import user_runtime_env, with_absolute_uri
 
@@ -189,8 +190,9 @@ def run_sweep(
     if data_path and "://" not in data_path and not Path(data_path).expanduser().is_absolute():
         # trials run in their own folders: a relative store path means the driver's directory
         base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
-    if not ray.is_initialized():  # the job's runtime environment ships the user's code to every trial and worker
-        ray.init(address=address, log_to_driver=verbose > 0, runtime_env=user_runtime_env(base))
+    # RAY_ADDRESS, else a Ray of its own: never a cluster that some 'ray start' on this machine left behind.
+    # The job's runtime environment ships the user's code to every trial and worker.
+    connect(address, log_to_driver=verbose > 0, runtime_env=user_runtime_env(base))
     cluster = cluster_shape()
     check_resources(spec, cluster.nodes, cluster.max_launches)
     if base.tracking.enabled:
