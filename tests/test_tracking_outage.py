@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -24,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from rayhead import free_port
+from rayhead import free_port, new_temp_dir
 
 STEPS, VAL_EVERY = 20, 10
 PER_STEP = ("train_loss", "train_mse", "tasks_per_second", "meta_lr", "worker_replacements")
@@ -282,7 +281,7 @@ def test_a_tune_trial_keeps_its_outbox_in_its_checkpoint_for_sync(setup):
     # This machine's record of the cluster 'ray start' last began, a cluster now gone. With no --address and no
     # RAY_ADDRESS the sweep starts a Ray of its own: it once joined the recorded cluster, whose workers lack
     # this environment (GATES), and which here is not there at all.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    ray_tmp = new_temp_dir()  # the sweep's own Ray keeps its sockets here too
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     env.pop("RAY_ADDRESS", None)

@@ -190,7 +190,7 @@ def run_sweep(
     if data_path and "://" not in data_path and not Path(data_path).expanduser().is_absolute():
         # trials run in their own folders: a relative store path means the driver's directory
         base_data["data"] = dict(base_data.get("data", {}), path=str(Path(data_path).resolve()))
-    # RAY_ADDRESS, else a Ray of its own: never a cluster that some 'ray start' on this machine left behind.
+    # --address, else RAY_ADDRESS, else a Ray of its own: never a cluster a 'ray start' here merely recorded.
     # The job's runtime environment ships the user's code to every trial and worker.
     connect(address, log_to_driver=verbose > 0, runtime_env=user_runtime_env(base))
     cluster = cluster_shape()
