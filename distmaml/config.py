@@ -298,7 +298,8 @@ class EngineConfig:
     gpus_per_worker: float | None = None
     """GPUs per worker; None: 1 where the cluster has GPUs and ``device`` is not ``cpu``, else 0."""
     driver_cpus: float = 1.0
-    """CPUs of the driver's bundle in the run's placement group."""
+    """CPUs of the driver's bundle in the run's placement group; while the Ray engine's workers compute,
+    the driver's torch threads are pinned to this number (at least 1)."""
     placement: str = "PACK"
     """Placement-group strategy: PACK (fewest nodes) or SPREAD (one worker per node where possible)."""
     max_worker_failures: int = 3

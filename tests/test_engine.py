@@ -168,3 +168,28 @@ def test_more_cpus_than_the_cluster_fails_fast():
     ):
         RayEngine(config, runner_factory(config))
     assert time.time() - start < 10
+
+
+def test_the_driver_computes_on_its_own_bundles_cpus_while_the_workers_do():
+    """The driver's sum and outer step run on ``engine.driver_cpus`` torch threads (at least 1), as each
+    worker's compute on ``engine.cpus_per_worker``: torch's default of one thread per core made every small
+    op of the driver wake an OpenMP thread that spun on the workers' cores. The caller's setting is back
+    after ``close``, also when the engine fails to start."""
+    caller = torch.get_num_threads()
+    try:
+        for cpus, threads in (("2", 2), ("1", 1), ("0.5", 1)):
+            torch.set_num_threads(3)
+            run = assemble(_config(1, f"engine.driver_cpus={cpus}"))
+            try:
+                assert torch.get_num_threads() == threads
+                run.trainer(progress=False).train_step()
+                assert torch.get_num_threads() == threads
+            finally:
+                run.close()
+            assert torch.get_num_threads() == 3
+        torch.set_num_threads(3)
+        with pytest.raises(Exception, match="but the Ray cluster has at most 4"):
+            assemble(_config(1, "engine.driver_cpus=4"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller)
