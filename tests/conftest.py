@@ -17,6 +17,14 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # looks is still given Ray Train's own timeout (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, unchanged).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# One torch (OpenMP) thread in every process the tests start (CLI runs, bench and Tune subprocesses, Ray
+# workers that do not pin their own), as in this one (below): two pytest workers run side by side on the
+# machine's 2 cores, and a process on torch's default of a thread per core oversubscribes them, its OpenMP
+# threads spinning on cores the other test computes on. Measured here: two `distmaml train --workers 0`
+# runs of glyphs_5w1s at once took 70-93 s on the default threads, 22.6 s on one each. A process that asks
+# for threads (engine.cpus_per_worker, bench --threads) still gets them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Decoded splits (distmaml.data.splitcache) and copies of stores from buckets go to a cache folder of
 # this session, inherited by the Ray workers and subprocesses the tests start, not to ~/.cache/distmaml.
 if "DISTMAML_CACHE" not in os.environ:
