@@ -263,13 +263,15 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
         computes: dict[int, list[float]] = {w: [] for w in workers}
         base_times: list[float] = []
         for i in range(steps + 1):  # the first round is a warm-up
-            for w, (_, engine, trainer) in engines.items():
+            for w, (run, engine, trainer) in engines.items():
+                torch.set_num_threads(RayEngine.driver_threads(run.config))  # the driver's own, as in a run
                 t0 = time.perf_counter()
                 trainer.train_step()
                 if i:
                     steps_s[w].append(time.perf_counter() - t0)
                     walls[w].append(engine.last_timing["wall"])
                     computes[w].append(engine.last_timing["compute"])
+            torch.set_num_threads(2)
             t0 = time.perf_counter()
             baseline()
             if i:
