@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from distmaml.cluster.placement import cpu_threads
 from distmaml.config import load_config
 from distmaml.engine.protocol import GradShard, ParamLayout, to_wire
 from distmaml.engine.ray_engine import RayEngine, WorkerFailure
@@ -187,7 +188,7 @@ def test_the_driver_computes_on_its_own_bundles_cpus_while_the_workers_do():
             run.close()
         assert torch.get_num_threads() == 3
         # less than one CPU (BASE: 0.5): one thread
-        assert RayEngine.driver_threads(_config(1)) == 1
+        assert cpu_threads(_config(1).engine.driver_cpus) == 1
         with pytest.raises(Exception, match="but the Ray cluster has at most 4"):
             assemble(_config(1, "engine.driver_cpus=4"))
         assert torch.get_num_threads() == 3

@@ -242,6 +242,7 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
     import ray
 
     from distmaml.bench.measure import bench_config, step_fn
+    from distmaml.cluster.placement import cpu_threads
     from distmaml.engine.ray_engine import RayEngine
     from distmaml.run.assembly import Run, assemble
     from distmaml.run.trainer import Trainer
@@ -262,9 +263,10 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
         walls: dict[int, list[float]] = {w: [] for w in workers}
         computes: dict[int, list[float]] = {w: [] for w in workers}
         base_times: list[float] = []
+        driver_threads = cpu_threads(next(iter(engines.values()))[0].config.engine.driver_cpus)
         for i in range(steps + 1):  # the first round is a warm-up
-            for w, (run, engine, trainer) in engines.items():
-                torch.set_num_threads(RayEngine.driver_threads(run.config))  # the driver's own, as in a run
+            torch.set_num_threads(driver_threads)  # the driver's own, as in a run
+            for w, (_, engine, trainer) in engines.items():
                 t0 = time.perf_counter()
                 trainer.train_step()
                 if i:

@@ -53,6 +53,11 @@ class EngineError(DistmamlError, RuntimeError):
     exit_code = CANNOT_GO_ON
 
 
+def cpu_threads(cpus: float) -> int:
+    """The torch threads of a process on a bundle of ``cpus`` CPUs: its whole CPUs, at least 1."""
+    return max(1, int(cpus))
+
+
 @dataclass(frozen=True)
 class WorkerResources:
     cpus: float
@@ -60,7 +65,7 @@ class WorkerResources:
 
     @property
     def threads(self) -> int:
-        return max(1, int(self.cpus))
+        return cpu_threads(self.cpus)
 
     def bundle(self) -> dict[str, float]:
         b = {"CPU": self.cpus}

@@ -26,6 +26,7 @@ from distmaml.cluster.placement import (
     Placement,
     WorkerResources,
     connect,
+    cpu_threads,
     gpu_share,
     job_ships_code,
     reserve,
@@ -86,7 +87,7 @@ class RayEngine:
         # it woke an OpenMP thread that then spun on cores the workers were computing on: the README's
         # main job (2 workers on 2 cores) took 82-169 s instead of 55-59 s. Restored by close().
         self._caller_threads: int | None = torch.get_num_threads()
-        torch.set_num_threads(self.driver_threads(config))
+        torch.set_num_threads(cpu_threads(config.engine.driver_cpus))
         # Ray started by someone else (a test, a notebook's ray.init) without the user's code: the
         # actors carry it themselves. A job that ships code already (a Tune trial) passes it on.
         self._actor_env = (
@@ -121,11 +122,6 @@ class RayEngine:
         except BaseException:
             self.close()
             raise
-
-    @staticmethod
-    def driver_threads(config: Config) -> int:
-        """The driver's torch threads while the engine runs: ``engine.driver_cpus``, at least 1."""
-        return max(1, int(config.engine.driver_cpus))
 
     # -- actors -----------------------------------------------------------------
     def _start(self, index: int, tasks: int | None = None) -> Any:

@@ -180,7 +180,7 @@ def run_sweep(
     from ray import tune
 
     from distmaml.cluster.connect import connect
-    from distmaml.cluster.placement import cluster_shape
+    from distmaml.cluster.placement import cluster_shape, cpu_threads
     from distmaml.run.assembly import user_runtime_env, with_absolute_uri
 
     where = tune_storage(storage)
@@ -205,7 +205,7 @@ def run_sweep(
         parent_run_id=parent,
         metric=spec.metric,
         address=address,
-        threads=max(1, int(spec.resources.driver_cpus)),
+        threads=cpu_threads(spec.resources.driver_cpus),
         exit_after_step=exit_after_step,
     )
     bundles = spec.resources.bundles()
