@@ -64,6 +64,7 @@ from distmaml.engine.failures import STARTUP, failure_places
 from distmaml.engine.group import GroupEngine
 from distmaml.engine.protocol import TaskProgram
 from distmaml.engine.shm import NODE_SUM, node_sum_setting
+from distmaml.engine.testpoints import point
 from distmaml.errors import DistmamlError
 from distmaml.fastpath import malloc
 from distmaml.machine import interrupt, memory
@@ -230,6 +231,7 @@ def _watch(control: Any, engine: GroupEngine) -> None:
             return
         if signum:
             engine.stop_request = signum
+            point("stop_seen")  # a test that stopped the driver learns that the group has the request
             return
         time.sleep(WATCH_INTERVAL)
 
@@ -350,7 +352,7 @@ class CollectiveEngine:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         gpus = self.resources.gpus > 0
-        trainer_class = _stoppable(TorchTrainer if state_api_answers() else _without_cleaner(TorchTrainer))
+        trainer_class = _stoppable(_lean(TorchTrainer, cleaner=state_api_answers()))
         # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
         control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
         loop_config = {
@@ -527,22 +529,31 @@ def _failure_counter(control: Any) -> list[Any]:
     return [CountFailures()]
 
 
-def _without_cleaner(trainer_class: type) -> type:
-    """``trainer_class`` without Ray Train's ``PlacementGroupCleaner``: a detached actor that asks the
-    State API every second whether the controller is alive, to remove the group's placement group
-    after a controller crash. Where the State API does not answer, it can never learn that: it only
-    logs "Failed to query Ray Train Controller actor state" every second, on the driver's console
-    too, and takes CPU from the workers (measured: 0.2 s of CPU in 15 s). Ray versions without the
-    callback, or without the hook, get ``trainer_class`` as it is."""
+def _lean(trainer_class: type, cleaner: bool) -> type:
+    """``trainer_class`` without the Ray Train helpers a distmaml group has no use for, each an actor
+    (a Python process that imports Ray Train: about 1.3 s of CPU, taken from the workers as they start):
+
+    - ``DatasetsCallback`` starts a ``DatasetManager`` actor for every group to hand out shards of Ray
+      Datasets; distmaml's workers read their tasks themselves and pass no datasets.
+    - Without ``cleaner``: ``PlacementGroupCleaner``, a detached actor that asks the State API every second
+      whether the controller is alive, to remove the group's placement group after a controller crash.
+      Where the State API does not answer, it can never learn that: it only logs "Failed to query Ray
+      Train Controller actor state" every second, on the driver's console too (measured: 0.2 s of CPU in
+      15 s).
+
+    Ray versions without these callbacks, or without the hook, get ``trainer_class`` as it is."""
     try:
+        from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:
         return trainer_class
+    unused: tuple[type, ...] = (DatasetsCallback,) if cleaner else (DatasetsCallback, PlacementGroupCleanerCallback)
 
     class Trainer(trainer_class):  # type: ignore[misc, valid-type]
         def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            if self.datasets:
+                return list(super()._create_default_callbacks())
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
     return Trainer
 
