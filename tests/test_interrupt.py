@@ -5,9 +5,11 @@ with the default handlers of SIGINT and SIGTERM (a background job of a
 non-interactive shell would ignore SIGINT), tracking on (SQLite in the test's
 folder), float64, and ``meta.checkpoint_every`` larger than the run, so the
 only checkpoint near the signal is the one the stop writes. The signal is sent
-once the progress bar shows a few steps. The Ray processes a run starts carry
-a marker in their environment (they inherit it from the driver), so the test
-finds them among new pids whatever other Ray instances run on the machine.
+once the progress bar shows a few steps or, in the runs of Ray workers, while a
+worker is paused at step 5 (``tests/pausing.py``): those runs stop on time
+whatever the machine's speed, so they are short. The Ray processes a run starts
+carry a marker in their environment (they inherit it from the driver), so the
+test finds them among new pids whatever other Ray instances run on the machine.
 
 The resume and the uninterrupted run go through the CLI in this process.
 """
@@ -38,12 +40,14 @@ from distmaml.machine import interrupt
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "DISTMAML_TEST_RUN"
 CRASH_TEXT = ("Traceback", "SIGTERM received", "PC: @", "core dumped", "Aborted", "logging.cc")
-STEPS = 400  # enough that the signal lands mid-run on an idle machine too
+STEPS = 400  # enough that the signal lands mid-run on an idle machine too (a signal sent on the progress bar)
+PAUSED_STEPS = 30
+"""Runs of Ray workers: the signal goes while a worker is paused at step 5 (``points``), whatever the speed."""
 
 
-def sets(*extra: str) -> list[str]:
+def sets(*extra: str, steps: int = STEPS) -> list[str]:
     options = [
-        f"meta.steps={STEPS}", "meta.batch_size=4", "meta.val_every=0", "meta.checkpoint_every=100000",
+        f"meta.steps={steps}", "meta.batch_size=4", "meta.val_every=0", "meta.checkpoint_every=100000",
         "meta.test_tasks=8", "meta.val_tasks=8", "precision=float64", *extra,
     ]  # fmt: skip
     return [x for o in options for x in ("--set", o)]
@@ -126,18 +130,23 @@ def stop_mid_run(
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
     points: Path | None = None,
+    stop_seen: bool = False,
 ) -> Stopped:
     """Runs ``distmaml train ARGS``; sends ``sig`` ``settle`` s after its progress bar shows ``after_step`` steps.
 
     With ``points`` (a test points folder, ``tests/pausing.py``), the signal goes when a worker pauses at
     ``step:AFTER_STEP`` instead, and the worker goes on after it: the progress bar of a collective
-    group's rank 0 reaches the driver's console only line by line, long after the steps.
+    group's rank 0 reaches the driver's console only line by line, long after the steps. With ``stop_seen``
+    (a collective group, whose rank 0 learns of the stop from the driver a moment later), the worker goes
+    on once rank 0 has the stop request: a short run cannot end before it does.
     """
     marker = uuid.uuid4().hex
     before = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT), MARK: marker}
     if points is not None:
         plan(points, f"step:{after_step}")
+        if stop_seen:
+            plan(points, "stop_seen")
         env.update(points_env(points))
     cmd = [sys.executable, "-m", "distmaml", "train", *args]
     proc = subprocess.Popen(
@@ -165,6 +174,11 @@ def stop_mid_run(
         os.kill(proc.pid, sig)
         sent = time.monotonic()
         at_signal = len(b"".join(chunks))
+        while stop_seen and not (seen_by_group := list(points.glob("ready-stop_seen-*"))):  # type: ignore[union-attr]
+            assert proc.poll() is None and time.monotonic() < sent + 60, "the group never saw the stop request"
+            time.sleep(0.05)
+        if stop_seen:
+            paused += seen_by_group
         for ready in paused:  # the paused worker computes its step: the group stops after a step, whole
             (ready.parent / f"go-{ready.read_text()}").write_text("")
         proc.wait(timeout=120)
@@ -183,7 +197,7 @@ def stop_mid_run(
     )
 
 
-def check_clean_stop(stopped: Stopped, sig: int, run_dir: str) -> int:
+def check_clean_stop(stopped: Stopped, sig: int, run_dir: str, steps: int = STEPS) -> int:
     """The exit code, the one line, no traceback or crash dump, nothing left running; returns the step saved."""
     name = signal.Signals(sig).name
     assert stopped.code == 128 + sig, stopped.stderr[-3000:]
@@ -197,7 +211,7 @@ def check_clean_stop(stopped: Stopped, sig: int, run_dir: str) -> int:
     )
     assert found, stopped.line
     step = int(found.group(1))
-    assert stopped.step_seen <= step < STEPS
+    assert stopped.step_seen <= step < steps
     assert found.group(2) == f"{run_dir}/checkpoints/step_{step:09d}.pt"
     assert stopped.left == []
     return step
@@ -213,7 +227,9 @@ _WHOLE: dict[tuple[str, ...], Any] = {}
 """The run never stopped, per command line: computed by the first test that needs it, shared with the next."""
 
 
-def resume_equals_uninterrupted(tmp_path: Path, run: str, args: list[str], uri: str, saved: int) -> None:
+def resume_equals_uninterrupted(
+    tmp_path: Path, run: str, args: list[str], uri: str, saved: int, steps: int = STEPS
+) -> None:
     """``--resume`` ends the same MLflow run, FINISHED, with the parameters of a run never stopped (1e-12)."""
     run_id = (Path(run) / "mlflow_run_id").read_text().strip()
     assert mlflow_status(uri, run_id) == "KILLED"
@@ -227,7 +243,7 @@ def resume_equals_uninterrupted(tmp_path: Path, run: str, args: list[str], uri: 
         assert main(["train", "--quiet", "--out", whole, *args, "--set", "tracking.enabled=false"]) == 0
         _WHOLE[key] = distmaml.load_checkpoint(whole)
     a, b = distmaml.load_checkpoint(run), _WHOLE[key]
-    assert a.step == b.step == STEPS and sorted(a.params) == sorted(b.params)
+    assert a.step == b.step == steps and sorted(a.params) == sorted(b.params)
     for k, v in b.params.items():
         assert v.dtype == torch.float64
         torch.testing.assert_close(a.params[k], v, rtol=0, atol=1e-12)
@@ -277,15 +293,17 @@ def test_ray_engine_stops_cleanly_and_resumes_exactly(tmp_path, monkeypatch):
     import ray
 
     monkeypatch.chdir(tmp_path)
+    points = tmp_path / "points"
+    points.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--workers", "2", *sets(f"tracking.uri={uri}")]
+    args = ["--workers", "2", *sets(f"tracking.uri={uri}", steps=PAUSED_STEPS)]
     run = "run"
-    stopped = stop_mid_run(["--out", run, *args], tmp_path, signal.SIGTERM)
-    saved = check_clean_stop(stopped, signal.SIGTERM, run)
+    stopped = stop_mid_run(["--out", run, *args], tmp_path, signal.SIGTERM, after_step=5, points=points)
+    saved = check_clean_stop(stopped, signal.SIGTERM, run, PAUSED_STEPS)
     # the resume and the reference share one Ray instance; 2 workers in both (sums in the same order)
     ray.init(address="local", num_cpus=3, include_dashboard=False)
     try:
-        resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+        resume_equals_uninterrupted(tmp_path, run, args, uri, saved, PAUSED_STEPS)
     finally:
         ray.shutdown()
 
@@ -331,14 +349,18 @@ def test_collective_engine_stops_cleanly_and_resumes_exactly(sig, tmp_path, monk
     points = tmp_path / "points"
     points.mkdir()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--workers", "2", *sets(f"tracking.uri={uri}", "engine.reduce=collective", "batching=batched")]
+    args = [
+        "--workers",
+        "2",
+        *sets(f"tracking.uri={uri}", "engine.reduce=collective", "batching=batched", steps=PAUSED_STEPS),
+    ]
     run = "run"
-    stopped = stop_mid_run(["--out", run, *args], tmp_path, sig, after_step=5, points=points)
-    saved = check_clean_stop(stopped, sig, run)
+    stopped = stop_mid_run(["--out", run, *args], tmp_path, sig, after_step=5, points=points, stop_seen=True)
+    saved = check_clean_stop(stopped, sig, run, PAUSED_STEPS)
     assert (tmp_path / run / "checkpoints" / f"step_{saved:09d}.pt").is_file()
     ray.init(address="local", num_cpus=3, include_dashboard=False)  # the resume and the reference share it
     try:
-        resume_equals_uninterrupted(tmp_path, run, args, uri, saved)
+        resume_equals_uninterrupted(tmp_path, run, args, uri, saved, PAUSED_STEPS)
     finally:
         ray.shutdown()
 

@@ -4,8 +4,10 @@ A worker's death is only worth testing where it really happens (while it
 starts, times its batching, computes step 5, meta-tests), and a test that waits
 for that moment with a sleep is a flaky test. So the engines mark those moments:
 ``point("startup")``, ``point("batching")``, ``point("step:5")``,
-``point("validation")``, ``point("meta_test")``. With ``DISTMAML_TEST_POINTS``
-unset (always, outside tests) a point costs one environment lookup.
+``point("validation")``, ``point("meta_test")``, and in a collective group's
+rank 0 ``point("stop_seen")``, once the driver's stop request has reached it.
+With ``DISTMAML_TEST_POINTS`` unset (always, outside tests) a point costs one
+environment lookup.
 
 With ``DISTMAML_TEST_POINTS=FOLDER`` in the workers' environment (a test sets
 it before it starts Ray: every worker inherits it) a point looks for a plan file
