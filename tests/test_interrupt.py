@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from pausing import plan, points_env
+from pausing import act_at_pause, plan, points_env
 
 import distmaml
 from distmaml.cli import main
@@ -174,11 +174,9 @@ def stop_mid_run(
         os.kill(proc.pid, sig)
         sent = time.monotonic()
         at_signal = len(b"".join(chunks))
-        while stop_seen and not (seen_by_group := list(points.glob("ready-stop_seen-*"))):  # type: ignore[union-attr]
-            assert proc.poll() is None and time.monotonic() < sent + 60, "the group never saw the stop request"
-            time.sleep(0.05)
-        if stop_seen:
-            paused += seen_by_group
+        if points is not None and stop_seen:  # rank 0 pauses at stop_seen once it holds the request
+            held = act_at_pause(points, lambda pid: None, {p.name for p in paused}, alive=lambda: proc.poll() is None)
+            assert held, "the group never saw the stop request"
         for ready in paused:  # the paused worker computes its step: the group stops after a step, whole
             (ready.parent / f"go-{ready.read_text()}").write_text("")
         proc.wait(timeout=120)

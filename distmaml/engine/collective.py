@@ -541,19 +541,28 @@ def _lean(trainer_class: type, cleaner: bool) -> type:
       Train Controller actor state" every second, on the driver's console too (measured: 0.2 s of CPU in
       15 s).
 
-    Ray versions without these callbacks, or without the hook, get ``trainer_class`` as it is."""
+    Ray versions without one of these callbacks keep what they have; without the hook, ``trainer_class``."""
+    unused: list[type] = []
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        unused.append(DatasetsCallback)
     except ImportError:
+        pass
+    if not cleaner:
+        try:
+            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+            unused.append(PlacementGroupCleanerCallback)
+        except ImportError:
+            pass
+    if not unused:
         return trainer_class
-    unused: tuple[type, ...] = (DatasetsCallback,) if cleaner else (DatasetsCallback, PlacementGroupCleanerCallback)
+    dropped = tuple(unused)
 
     class Trainer(trainer_class):  # type: ignore[misc, valid-type]
         def _create_default_callbacks(self) -> list[Any]:
-            if self.datasets:
-                return list(super()._create_default_callbacks())
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, dropped)]
 
     return Trainer
 
