@@ -37,6 +37,12 @@ multi-node provider starts. Its only other effect: ``ray start --address`` (a se
 refused."""
 
 
+STOP_GRACE = 1.0
+"""Seconds between SIGTERM and SIGKILL when a head is stopped. Its Python processes (dashboard, log monitor,
+agents, workers) exit within 0.1 s of SIGTERM; its raylet takes 10 s, and its gcs_server and the autoscaler's
+monitor did not exit within 12 s (measured here), so a longer grace only waited for the SIGKILL. A test's head
+holds nothing to save when it ends: its temporary folder is removed with it."""
+
 START_ATTEMPTS = 3
 """Tries of ``ray start --head`` when it fails only because its raylet registered too slowly."""
 
@@ -73,7 +79,7 @@ class RayHead:
                 continue
         return found
 
-    def stop(self, grace: float = 10.0, keep_temp_dir: bool = False) -> None:
+    def stop(self, grace: float = STOP_GRACE, keep_temp_dir: bool = False) -> None:
         """SIGTERM to each process of this head, SIGKILL to what is left after ``grace`` seconds."""
         stop_pids(self.pids, grace)
         if not keep_temp_dir:

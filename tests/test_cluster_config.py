@@ -79,6 +79,7 @@ def _check_common(config: dict) -> None:
     # MLflow bound to the head's private address (not loopback: trials on other nodes log to it; not 0.0.0.0)
     assert "IP=$(hostname -I | awk '{print $1}');" in head_cmds
     assert 'mlflow server --host $IP --port 5000 --allowed-hosts "$IP:5000,localhost:5000' in head_cmds
+    assert "(MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup mlflow server" in head_cmds  # no job runner
     assert "--serve-artifacts" in head_cmds
     assert "--dashboard-host=127.0.0.1" in head_cmds and "0.0.0.0" not in head_cmds
 

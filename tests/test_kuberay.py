@@ -254,6 +254,7 @@ def test_tracking_goes_to_the_mlflow_service_and_sweeps_to_a_shared_volume():
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     assert server["command"] == ["mlflow", "server"]
+    assert {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"} in server["env"]  # no job runner
     target = next(
         p for p in server["ports"] if p.get("name") == port["targetPort"] or p["containerPort"] == port["targetPort"]
     )

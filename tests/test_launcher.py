@@ -194,6 +194,10 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         assert f"tracking to the head's MLflow server: --set tracking.uri=http://{HEAD}:{machines.mlflow_port}" in out
         result = json.loads((runs / "result.json").read_text())
         assert result["steps"] == STEPS and result["workers"] == 1
+        # the head's server as local.yaml starts it: MLflow without its job runner (huey consumers)
+        server = [_cmdline(p).replace(b"\0", b" ") for p in machines.pids() if b"mlflow" in _cmdline(p)]
+        assert any(b"mlflow server" in c for c in server), server
+        assert not [c for c in server if b"huey" in c or b"_job_" in c], server
 
         sweeps = machines.shared / "sweeps"
         out = launcher("tune", "submit", str(config), "cluster/submit.py", "--", "tune", "--space",

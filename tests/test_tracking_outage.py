@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflowserver import SERVER_ENV
 from rayhead import free_port, new_temp_dir
 
 STEPS, VAL_EVERY = 20, 10
@@ -69,7 +70,7 @@ class Server:
             [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
              "--artifacts-destination", str(self.folder / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
         )  # fmt: skip
         while True:  # until it answers /health (or dies)
             assert self.proc.poll() is None, "mlflow server exited"

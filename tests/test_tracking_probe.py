@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflowserver import SERVER_ENV
 from rayhead import free_port
 
 from distmaml.cli import main
@@ -77,7 +78,7 @@ def test_a_real_server_passes_and_its_loss_stops_the_run_in_seconds(tmp_path, mo
     server = subprocess.Popen(
         [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
