@@ -17,6 +17,7 @@ environment, which ``env`` returns for the clients, so neither side depends on
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -47,8 +48,36 @@ START_ATTEMPTS = 3
 """Tries of ``ray start --head`` when it fails only because its raylet registered too slowly."""
 
 
+PORTS_BELOW_EPHEMERAL = 12000
+"""How many ports below the kernel's ephemeral range ``free_port`` picks from."""
+
+RAY_WORKER_PORTS_END = 19999
+"""The last of the ports Ray's workers take by default (``--min-worker-port 10002``, ``--max-worker-port``):
+``free_port`` picks above them."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free on 127.0.0.1 now, for a server started next (a head's ports, MLflow, S3).
+
+    Picked at random below the kernel's ephemeral range (``ip_local_port_range``), not where ``bind(0)``
+    picks: the kernel gives ports of that range to every outgoing connection, so on a machine busy with tests
+    one could take the port between its choice here and its server's bind (a Ray agent that cannot bind its
+    port fails, and its raylet ends with it). Ports below the range go only to servers that name them.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    first = max(RAY_WORKER_PORTS_END + 1, low - PORTS_BELOW_EPHEMERAL)
+    for _ in range(200 if first < low else 0):
+        port = random.randrange(first, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # none free there: what the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
