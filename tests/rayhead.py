@@ -71,15 +71,25 @@ def free_port() -> int:
     first = max(RAY_WORKER_PORTS_END + 1, low - PORTS_BELOW_EPHEMERAL)
     for _ in range(200 if first < low else 0):
         port = random.randrange(first, low)
+        if port in _GIVEN:  # not bound yet, perhaps: a head's ports are chosen before it starts
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _GIVEN.add(port)
+        return port
     with socket.socket() as s:  # none free there: what the kernel gives
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _GIVEN.add(port)
+    return port
+
+
+_GIVEN: set[int] = set()
+"""Ports ``free_port`` returned in this process: never returned twice (Ray refuses a head given one port for
+two of its parts)."""
 
 
 @dataclass
