@@ -55,6 +55,10 @@ RAY_WORKER_PORTS_END = 19999
 """The last of the ports Ray's workers take by default (``--min-worker-port 10002``, ``--max-worker-port``):
 ``free_port`` picks above them."""
 
+_GIVEN: set[int] = set()
+"""Ports ``free_port`` returned in this process: never returned twice (Ray refuses a head given one port for
+two of its parts)."""
+
 
 def free_port() -> int:
     """A port free on 127.0.0.1 now, for a server started next (a head's ports, MLflow, S3).
@@ -85,11 +89,6 @@ def free_port() -> int:
         port = int(s.getsockname()[1])
     _GIVEN.add(port)
     return port
-
-
-_GIVEN: set[int] = set()
-"""Ports ``free_port`` returned in this process: never returned twice (Ray refuses a head given one port for
-two of its parts)."""
 
 
 @dataclass

@@ -195,7 +195,7 @@ def test_ray_up_submit_train_and_tune_then_down(tmp_path):
         result = json.loads((runs / "result.json").read_text())
         assert result["steps"] == STEPS and result["workers"] == 1
         # the head's server as local.yaml starts it: MLflow without its job runner (huey consumers)
-        server = [_cmdline(p).replace(b"\0", b" ") for p in machines.pids() if b"mlflow" in _cmdline(p)]
+        server = [c for c in (_cmdline(p).replace(b"\0", b" ") for p in machines.pids()) if b"mlflow" in c]
         assert any(b"mlflow server" in c for c in server), server
         assert not [c for c in server if b"huey" in c or b"_job_" in c], server
 
