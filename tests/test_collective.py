@@ -19,7 +19,6 @@ from test_algorithms_ray import BASE as ALGORITHM_BASE
 from test_algorithms_ray import CASES
 
 from distmaml.config import ConfigError, load_config
-from distmaml.engine.collective import state_api_answers
 from distmaml.run.assembly import assemble
 from distmaml.run.checkpoint import list_checkpoints, load_checkpoint
 
@@ -66,10 +65,9 @@ def test_collective_matches_in_process(workers, batching, node_sum, reference, t
     run = assemble(load_config("sinusoid", sets))
     result = run.fit(tmp_path / "run", progress=False)
     assert run.engine.timing["sum"] == (node_sum if workers > 1 else "none")
-    # Ray's State API needs the dashboard, which this Ray does not run: Ray Train's PlacementGroupCleaner,
-    # which would ask it every second and warn on the console each time, was never started
-    assert not state_api_answers()
-    # nor Ray Datasets' DatasetManager, which distmaml's workers (reading their own tasks) have no use for
+    # Ray Train's PlacementGroupCleaner (which asks the State API without this cluster's address, so another
+    # Ray on the machine confuses it) and Ray Datasets' DatasetManager (distmaml's workers read their own
+    # tasks) were never started
     classes = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert "RayTrainWorker" in classes and not classes & {"PlacementGroupCleaner", "DatasetManager"}
 
@@ -132,6 +130,25 @@ def test_an_error_every_worker_raises_ends_the_group_at_once(tmp_path):
 def test_collective_needs_workers():
     with pytest.raises(ConfigError, match="engine.reduce = 'collective' needs workers"):
         load_config("sinusoid", ["engine.reduce=collective", "workers=0"])
+
+
+def test_the_group_starts_no_placement_group_cleaner_whether_or_not_the_state_api_answers():
+    """Ray Train's PlacementGroupCleaner asks the State API without the cluster's address: with a second Ray on
+    the machine it failed with a traceback on the driver's console (CI, where the State API answered) or
+    could ask the other Ray, find no controller and remove a living group's placement group. The group's
+    trainer never starts it (nor the DatasetManager), on any cluster; Ray Train's own trainer still would."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distmaml.engine.collective import _lean
+
+    def names(trainer_class: type) -> set[str]:
+        trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    unused = {"PlacementGroupCleanerCallback", "DatasetsCallback"}
+    assert unused <= names(TorchTrainer)  # what is dropped exists in this Ray: the check below means something
+    assert not unused & names(_lean(TorchTrainer)) and "BackendSetupCallback" in names(_lean(TorchTrainer))
 
 
 # -- every algorithm through the group -----------------------------------------------------

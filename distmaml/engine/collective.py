@@ -33,6 +33,7 @@ and the driver raises ``Interrupted`` as the driver's engine does.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -352,7 +353,7 @@ class CollectiveEngine:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         gpus = self.resources.gpus > 0
-        trainer_class = _stoppable(_lean(TorchTrainer, cleaner=state_api_answers()))
+        trainer_class = _stoppable(_lean(TorchTrainer))
         # restarted if Ray's memory monitor or a lost node ends it (it starts afresh: its counts are lost)
         control: Any = ray.remote(num_cpus=0, max_restarts=-1)(GroupControl).remote()
         loop_config = {
@@ -477,23 +478,6 @@ class _Relaunch(Exception):
         self.restarts = restarts
 
 
-def state_api_answers() -> bool:
-    """Whether Ray's State API answers on this cluster: it needs the dashboard, which a local Ray
-    (started without it) and an install without ``ray[default]`` do not run."""
-    import ray
-    from ray.util.state import get_actor
-    from ray.util.state.exception import RayStateApiException
-
-    # This cluster's own address: without one the State API looks for "the" Ray instance on the machine
-    # and fails when several run (other users', other runs').
-    address = ray.get_runtime_context().gcs_address
-    try:
-        get_actor("00" * 16, address=address, timeout=5)  # no actor has this id: None when the API answers
-    except (RayStateApiException, ConnectionError):
-        return False
-    return True
-
-
 def _stoppable(trainer_class: type) -> type:
     """``trainer_class`` that keeps the controller's handle (``.controller``) and, where
     ``distmaml.machine.interrupt`` handles SIGTERM and SIGINT (``distmaml train``), keeps those handlers instead
@@ -529,32 +513,30 @@ def _failure_counter(control: Any) -> list[Any]:
     return [CountFailures()]
 
 
-def _lean(trainer_class: type, cleaner: bool) -> type:
-    """``trainer_class`` without the Ray Train helpers a distmaml group has no use for, each an actor
-    (a Python process that imports Ray Train: about 1.3 s of CPU, taken from the workers as they start):
+def _lean(trainer_class: type) -> type:
+    """``trainer_class`` without two Ray Train helpers, each an actor (a Python process that imports Ray
+    Train: about 1.3 s of CPU, taken from the workers as they start):
 
     - ``DatasetsCallback`` starts a ``DatasetManager`` actor for every group to hand out shards of Ray
       Datasets; distmaml's workers read their tasks themselves and pass no datasets.
-    - Without ``cleaner``: ``PlacementGroupCleaner``, a detached actor that asks the State API every second
-      whether the controller is alive, to remove the group's placement group after a controller crash.
-      Where the State API does not answer, it can never learn that: it only logs "Failed to query Ray
-      Train Controller actor state" every second, on the driver's console too (measured: 0.2 s of CPU in
-      15 s).
+    - ``PlacementGroupCleanerCallback`` starts a detached ``PlacementGroupCleaner`` that asks Ray's State
+      API every second whether the controller is alive, to remove the group's placement group after a
+      controller crash. It asks without the cluster's address, so Ray looks for "the" instance on the
+      machine: where two run (another run's local Ray, a ``ray start`` cluster) it fails ("Found multiple
+      active Ray instances", a traceback on the driver's console, seen in CI) or asks the other one, where
+      the controller is not found and so counts as dead: it would remove a living group's placement group.
+      Where the State API does not answer at all (a local Ray has no dashboard) it only warns every
+      second. The placement group belongs to the driver's job: Ray removes it when the driver ends.
 
     Ray versions without one of these callbacks keep what they have; without the hook, ``trainer_class``."""
     unused: list[type] = []
-    try:
-        from ray.train.v2._internal.callbacks import DatasetsCallback
-
-        unused.append(DatasetsCallback)
-    except ImportError:
-        pass
-    if not cleaner:
+    for module, name in (
+        ("ray.train.v2._internal.callbacks", "DatasetsCallback"),
+        ("ray.train.v2._internal.callbacks.placement_group_callback", "PlacementGroupCleanerCallback"),
+    ):
         try:
-            from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-            unused.append(PlacementGroupCleanerCallback)
-        except ImportError:
+            unused.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
             pass
     if not unused:
         return trainer_class
