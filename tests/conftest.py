@@ -12,9 +12,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # as its node address instead of the address of the default route (tests/rayhead.py, LOOPBACK_ONLY).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray Train's controller looks at its worker group every 2 s by default and takes several looks from a
-# group's last report to the end of fit() (about 8 s of a ~25 s tiny run here); every Ray process the
-# tests start (ray.init, Cluster, the CLI subprocesses) inherits this environment. A worker that misses
-# looks is still given Ray Train's own timeout (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, unchanged).
+# group's last report to the end of fit(); distmaml's groups look every 0.5 s (engine.elastic.POLL_SECONDS)
+# unless this is exported, and the tests look every 0.2 s (every Ray process they start inherits this
+# environment). A worker that misses looks is still given Ray Train's own timeout
+# (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, unchanged).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # One torch (OpenMP) thread in every process the tests start (CLI runs, bench and Tune subprocesses, Ray

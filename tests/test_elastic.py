@@ -30,7 +30,7 @@ from ray._private import state  # the GCS actor table: pids and nodes without th
 from ray.cluster_utils import Cluster
 
 from distmaml.config import load_config
-from distmaml.engine.elastic import GroupFailure
+from distmaml.engine.elastic import POLL_ENV, POLL_SECONDS, REGROUP_TIMEOUT_ENV, GroupFailure, group_settings
 from distmaml.run.assembly import assemble
 from distmaml.run.checkpoint import load_checkpoint
 from distmaml.run.trainer import Callback
@@ -96,6 +96,20 @@ def kill_a_peer(rank0_pid: int) -> None:
     peers = [w["pid"] for w in group_workers() if w["pid"] != rank0_pid]
     assert peers, "no worker besides rank 0"
     os.kill(max(peers), 9)
+
+
+def test_ray_train_polls_the_group_often_and_waits_regroup_timeout_unless_the_user_exported_either(monkeypatch):
+    """Ray Train reads both from the driver's environment when fit() starts (and passes them to its controller)."""
+    config = load_config("sinusoid", ["engine.reduce=collective", "workers=2", "engine.regroup_timeout=7"])
+    monkeypatch.delenv(POLL_ENV, raising=False)  # tests/conftest.py exports 0.2 for the whole suite
+    monkeypatch.delenv(REGROUP_TIMEOUT_ENV, raising=False)
+    with group_settings(config):
+        assert (os.environ[POLL_ENV], os.environ[REGROUP_TIMEOUT_ENV]) == (str(POLL_SECONDS), "7.0")
+    assert POLL_ENV not in os.environ and REGROUP_TIMEOUT_ENV not in os.environ
+    monkeypatch.setenv(POLL_ENV, "3")
+    with group_settings(config):
+        assert (os.environ[POLL_ENV], os.environ[REGROUP_TIMEOUT_ENV]) == ("3", "7.0")
+    assert os.environ[POLL_ENV] == "3"
 
 
 @pytest.fixture(scope="module")

@@ -412,7 +412,7 @@ class CollectiveEngine:
         """``trainer.fit()``; after SIGTERM or SIGINT, the outcome of the group that stopped (``_stop``)."""
 
         try:
-            with elastic.regroup_timeout(self.config):
+            with elastic.group_settings(self.config):
                 return trainer.fit()
         except KeyboardInterrupt as e:
             stop = interrupt.stop_request(e)

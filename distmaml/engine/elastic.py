@@ -52,6 +52,12 @@ from distmaml.storage import Location
 REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 """Ray Train's wait for a (re)starting group's workers; propagated from the driver to its controller."""
 
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_SECONDS = 0.5
+"""How often Ray Train's controller polls the group's workers (Ray's default: 2 s). It learns that the group
+has started its loop, has finished, or has lost a worker only at a poll, one call to each worker: at 2 s a
+5-step sinusoid run on 2 workers took 23.6 s, at 0.5 s 18.7-19.6 s (``distmaml train``, measured side by side)."""
+
 
 class GroupFailure(EngineError):
     """The collective group lost workers more often than ``engine.max_worker_failures`` allows."""
@@ -64,14 +70,15 @@ def scaling(config: Config) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def regroup_timeout(config: Config) -> Iterator[None]:
-    """Within: Ray Train waits ``engine.regroup_timeout`` seconds for a (re)starting group's workers.
+def group_settings(config: Config) -> Iterator[None]:
+    """Within: Ray Train waits ``engine.regroup_timeout`` seconds for a (re)starting group's workers and
+    polls them every ``POLL_SECONDS``.
 
-    Ray Train reads the setting from the driver's environment when ``fit``
-    starts; a value the user exported wins.
+    Ray Train reads both from the driver's environment when ``fit`` starts; a
+    value the user exported wins.
     """
-    exported = REGROUP_TIMEOUT_ENV in os.environ
-    with environ({} if exported else {REGROUP_TIMEOUT_ENV: str(config.engine.regroup_timeout)}):
+    settings = {REGROUP_TIMEOUT_ENV: str(config.engine.regroup_timeout), POLL_ENV: str(POLL_SECONDS)}
+    with environ({k: v for k, v in settings.items() if k not in os.environ}):
         yield
 
 
