@@ -55,8 +55,8 @@ REGROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_SECONDS = 0.5
 """How often Ray Train's controller polls the group's workers (Ray's default: 2 s). It learns that the group
-has started its loop, has finished, or has lost a worker only at a poll, one call to each worker: at 2 s a
-5-step sinusoid run on 2 workers took 23.6 s, at 0.5 s 18.7-19.6 s (``distmaml train``, measured side by side)."""
+has started its loop, has finished, or has lost a worker only at a poll, one call to each worker: 2 s made a
+5-step run on 2 workers 4-5 s longer (benchmarks/2026-12-05-collective-group.md)."""
 
 
 class GroupFailure(EngineError):
