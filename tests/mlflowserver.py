@@ -19,16 +19,23 @@ SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 8 processes distmaml does not use (1.8 GiB and about 14 CPU-s at start instead of 0.5 GiB and 5, measured)."""
 
 
-@contextmanager
-def mlflow_server(folder: Path, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
-    """Serves a SQLite store in ``folder`` with ``--serve-artifacts`` on ``host:port``; yields its URI."""
-    port = port or free_port()
+def server_command(folder: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """``mlflow server`` over a SQLite store in ``folder`` on ``host:port``, as cluster/config.yaml's head starts
+    it (one worker, artifacts served from ``folder/artifacts``, only its own address in the Host header); run it
+    with ``SERVER_ENV`` in the environment."""
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    cmd = [
+    return [
         mlflow, "server", "--host", host, "--port", str(port), "--workers", "1", "--serve-artifacts",
-        "--allowed-hosts", f"{host}:{port},localhost:{port}",  # as cluster/config.yaml starts it
+        "--allowed-hosts", f"{host}:{port},localhost:{port}",
         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
     ]  # fmt: skip
+
+
+@contextmanager
+def mlflow_server(folder: Path, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Serves a SQLite store in ``folder`` on ``host:port`` (``server_command``); yields its URI."""
+    port = port or free_port()
+    cmd = server_command(folder, port, host)
     log = (folder / "server.log").open("wb")
     env = {**os.environ, **SERVER_ENV}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

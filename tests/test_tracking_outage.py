@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflowserver import SERVER_ENV
+from mlflowserver import SERVER_ENV, server_command
 from rayhead import free_port, new_temp_dir
 
 STEPS, VAL_EVERY = 20, 10
@@ -65,11 +65,8 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
         self.proc = subprocess.Popen(
-            [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.folder}/mlflow.db",
-             "--artifacts-destination", str(self.folder / "artifacts")],
+            server_command(self.folder, self.port),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
         )  # fmt: skip
         while True:  # until it answers /health (or dies)

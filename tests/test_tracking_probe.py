@@ -12,10 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
-from mlflowserver import SERVER_ENV
+from mlflowserver import SERVER_ENV, server_command
 from rayhead import free_port
 
 from distmaml.cli import main
@@ -74,10 +73,8 @@ def test_a_real_server_passes_and_its_loss_stops_the_run_in_seconds(tmp_path, mo
     for name in HTTP_LIMITS:
         monkeypatch.delenv(name, raising=False)
     port = free_port()
-    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     server = subprocess.Popen(
-        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--default-artifact-root", str(tmp_path / "art")],
+        server_command(tmp_path, port),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
