@@ -228,7 +228,7 @@ def test_cli_tracking_resume_evaluate(tmp_path, capsys):
 # -- a sweep whose trials are collective groups -------------------------------------------------
 @pytest.mark.slow
 def test_tune_sweep_of_collective_trials(tmp_path, monkeypatch, capsys):
-    """2 trials, each a 2-worker Ray Train group started from the trial; Tune sees each validation."""
+    """2 trials at once, each a 2-worker Ray Train group started from the trial; Tune sees each validation."""
     import yaml
     from mlflow import MlflowClient
 
@@ -256,7 +256,7 @@ def test_tune_sweep_of_collective_trials(tmp_path, monkeypatch, capsys):
         "search": "random",
         "scheduler": "fifo",
         "num_samples": 2,
-        "max_concurrent": 1,
+        "max_concurrent": 2,  # two groups in one Ray at once, as a sweep on a cluster runs them (3 of its 4 CPUs)
         "max_failures": 0,
         "resources": {"workers": 2, "cpus_per_worker": 0.5, "driver_cpus": 0.5},
         "space": {"inner.lr": {"loguniform": [0.001, 0.1]}},
@@ -269,7 +269,9 @@ def test_tune_sweep_of_collective_trials(tmp_path, monkeypatch, capsys):
     assert all(line.split()[1] == "done" for line in table[2:4])
 
     # Tune saw validations 2 and 4 (the last with the meta-test), each with a run-directory checkpoint
-    for f in sorted(storage.glob("*/run_trial_*/result.json")):
+    results = sorted(storage.glob("*/run_trial_*/result.json"))
+    assert len(results) == 2, results
+    for f in results:
         lines = [json.loads(line) for line in f.read_text().splitlines()]
         assert [r["step"] for r in lines] == [2, 4] and "test_mse" in lines[-1]
         assert all(r["workers"] == 2 and r["mlflow_run_id"] for r in lines)
