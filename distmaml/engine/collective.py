@@ -525,7 +525,7 @@ def _lean(trainer_class: type) -> type:
       machine: where two run (another run's local Ray, a ``ray start`` cluster) it fails ("Found multiple
       active Ray instances", a traceback on the driver's console, seen in CI) or asks the other one, where
       the controller is not found and so counts as dead: it would remove a living group's placement group.
-      Where the State API does not answer at all (a local Ray has no dashboard) it only warns every
+      Where the State API does not answer (an install without ``ray[default]``) it only warns every
       second. The placement group belongs to the driver's job: Ray removes it when the driver ends.
 
     Ray versions without one of these callbacks keep what they have; without the hook, ``trainer_class``."""
