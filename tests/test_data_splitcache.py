@@ -201,7 +201,7 @@ def test_two_workers_hold_one_copy_of_the_split(tmp_path):
     # worker has (nearly: clean pages may be reclaimed) every page of the file resident
     assert shared["copies"] < 1.35, shared
     assert all(rss > 0.9 * split for rss in shared["mapped_rss_mb"]), shared
-    # the measurement tells the two apart: private copies add up to about two (1.92 on an idle machine;
-    # 1.72 was seen in CI beside another test, each worker's growth 55.8 MiB of a 64.6 MiB split), far
-    # above the shared reading's bound
-    assert private["copies"] > 1.6 and max(private["mapped_rss_mb"]) == 0, private
+    # the measurement tells the two apart: private copies read above the shared reading's bound (1.92 on an
+    # idle machine; beside other tests in CI 1.72 and 1.54, each worker's growth 49.4-55.8 MiB of a 64.6 MiB
+    # split), and no worker maps the file
+    assert private["copies"] > 1.35 and max(private["mapped_rss_mb"]) == 0, private
