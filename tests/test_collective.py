@@ -148,7 +148,8 @@ def test_the_group_starts_no_placement_group_cleaner_whether_or_not_the_state_ap
 
     unused = {"PlacementGroupCleanerCallback", "DatasetsCallback"}
     assert unused <= names(TorchTrainer)  # what is dropped exists in this Ray: the check below means something
-    assert not unused & names(_lean(TorchTrainer)) and "BackendSetupCallback" in names(_lean(TorchTrainer))
+    lean = names(_lean(TorchTrainer))
+    assert not unused & lean and "BackendSetupCallback" in lean
 
 
 # -- every algorithm through the group -----------------------------------------------------
