@@ -197,11 +197,13 @@ def test_two_workers_hold_one_copy_of_the_split(tmp_path):
     private = split_memory(store, workers=2, shared=False, timeout=300)
     split = shared["split_mb"]
     assert 60 < split < 70
-    # shared: the two PSS growths add up to about one copy (two copies would be >= 2.0), while each
-    # worker has (nearly: clean pages may be reclaimed) every page of the file resident
+    # shared: the two workers' shares of the split (anonymous PSS growth + PSS of the cache file) add up to
+    # about one copy (0.96 here; two copies would be >= 2.0), while each worker has (nearly: clean pages may
+    # be reclaimed) every page of the file resident. Whole-process PSS growth is not the measure: it moves with
+    # the node's other processes that map torch's libraries (CI read 1.60 "copies" shared and 1.54 private
+    # beside other tests' Ray workers starting and exiting).
     assert shared["copies"] < 1.35, shared
     assert all(rss > 0.9 * split for rss in shared["mapped_rss_mb"]), shared
-    # the measurement tells the two apart: private copies read above the shared reading's bound (1.92 on an
-    # idle machine; beside other tests in CI 1.72 and 1.54, each worker's growth 49.4-55.8 MiB of a 64.6 MiB
-    # split), and no worker maps the file
+    # the measurement tells the two apart: private copies read above the shared reading's bound (1.92 here),
+    # and no worker maps the file
     assert private["copies"] > 1.35 and max(private["mapped_rss_mb"]) == 0, private

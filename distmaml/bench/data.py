@@ -12,8 +12,12 @@ start together, each samples from the meta-train split of a store of
 miniImageNet's train size (38,400 RGB images of 84x84, 0.8 GB decoded) and
 touches every image, and each reports its proportional set size (PSS: a page
 shared by k processes counts 1/k in each) before and after, from
-``/proc/<pid>/smaps_rollup``. Shared through the node's cache file, the W
-workers' PSS grows by one copy in total; read privately, by W copies::
+``/proc/<pid>/smaps_rollup``. The split's share of a worker is the growth of
+its anonymous PSS (memory no file backs: a private copy) plus its PSS of the
+cache file; the rest of its PSS moves with the other processes on the node
+that map the same libraries (torch's pages cost a worker more once others
+exit), so it is left out. Shared through the node's cache file, the W
+workers hold one copy in total; read privately, W copies::
 
     python -m distmaml.bench.data memory              # both modes, 2 workers, miniImageNet's size
     python -m distmaml.bench.data memory --workers 4 --store DATA_DIR
@@ -221,10 +225,12 @@ def split_memory(store: str | Path, *, workers: int = 2, shared: bool = True, ti
 
     Returns:
         ``{"shared", "workers", "split_mb", "pss_mb", "rss_mb", "mapped_pss_mb",
-        "mapped_rss_mb", "copies"}``: the growth of each worker's PSS and RSS
-        in MiB, each worker's PSS and RSS of the cache files it maps (0 when
-        private), and the sum of the PSS growths in units of the split's size
-        (about 1 when shared, ``workers`` when each reads its own).
+        "mapped_rss_mb", "split_pss_mb", "copies"}``: the growth of each
+        worker's PSS and RSS in MiB, each worker's PSS and RSS of the cache
+        files it maps (0 when private), each worker's share of the split (its
+        anonymous PSS growth plus its PSS of the cache files), and the sum of
+        those shares in units of the split's size (about 1 when shared,
+        ``workers`` when each reads its own).
     """
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(workers, timeout=timeout), ctx.Queue()
@@ -255,6 +261,8 @@ def split_memory(store: str | Path, *, workers: int = 2, shared: bool = True, ti
     split = rows[0]["bytes"]
     pss = [(r["after"]["Pss"] - r["before"]["Pss"]) for r in rows]
     rss = [(r["after"]["Rss"] - r["before"]["Rss"]) for r in rows]
+    anon = "Pss_Anon" if all("Pss_Anon" in r["after"] for r in rows) else "Pss"  # Pss_Anon: Linux 5.8 on
+    own = [r["after"][anon] - r["before"][anon] + (r["mapped"]["Pss"] if anon == "Pss_Anon" else 0) for r in rows]
     return {
         "shared": shared,
         "workers": workers,
@@ -263,7 +271,8 @@ def split_memory(store: str | Path, *, workers: int = 2, shared: bool = True, ti
         "rss_mb": [v / mb for v in rss],
         "mapped_pss_mb": [r["mapped"]["Pss"] / mb for r in rows],
         "mapped_rss_mb": [r["mapped"]["Rss"] / mb for r in rows],
-        "copies": sum(pss) / split,
+        "split_pss_mb": [v / mb for v in own],
+        "copies": sum(own) / split,
     }
 
 
@@ -283,15 +292,18 @@ def _memory_main(argv: list[str] | None = None) -> None:
     modes = {"both": [False, True], "shared": [True], "private": [False]}[args.mode]
     with tempfile.TemporaryDirectory(prefix="distmaml-bench-") as tmp:
         store = Path(args.store) if args.store else write_miniimagenet_sized_store(Path(tmp) / "store")
-        print(f"train split of {store}: {args.workers} worker processes, PSS and RSS growth per worker")
+        print(
+            f"train split of {store}: {args.workers} worker processes; per worker: the split's share, PSS and RSS growth"
+        )
         for shared in modes:
             r = split_memory(store, workers=args.workers, shared=shared)
             how = "one file per node" if shared else "private copies   "
-            pss = " + ".join(f"{v:.0f}" for v in r["pss_mb"])
+            held = " + ".join(f"{v:.0f}" for v in r["split_pss_mb"])
+            pss = ", ".join(f"{v:.0f}" for v in r["pss_mb"])
             rss = ", ".join(f"{v:.0f}" for v in r["rss_mb"])
             print(
-                f"{how}  split {r['split_mb']:.0f} MiB  PSS {pss} = {sum(r['pss_mb']):.0f} MiB "
-                f"({r['copies']:.2f} copies)  RSS {rss} MiB"
+                f"{how}  split {r['split_mb']:.0f} MiB  held {held} = {sum(r['split_pss_mb']):.0f} MiB "
+                f"({r['copies']:.2f} copies)  PSS {pss} MiB  RSS {rss} MiB"
             )
 
 
