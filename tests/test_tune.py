@@ -174,8 +174,11 @@ def test_sweep_of_four_distributed_trials_in_mlflow(here, capsys):
 
 
 @pytest.mark.slow
-def test_asha_stops_the_clearly_worse_trial(here):
-    """Two trials in order: meta.lr 0.01 learns, meta.lr 1e-6 does not; at the rung (step 20) ASHA stops it."""
+def test_asha_stops_the_clearly_worse_trial(here, capsys):
+    """Two trials in order: meta.lr 0.01 learns, meta.lr 1e-6 does not; at the rung (step 20) ASHA stops it.
+
+    The stopped trial's run ends KILLED in MLflow although Tune ends its process without waiting for it
+    (CI once read RUNNING), and the sweep does not tell the user to send records MLflow already has."""
     path = space_file(
         here,
         "asha",
@@ -201,6 +204,7 @@ def test_asha_stops_the_clearly_worse_trial(here):
     assert (good.status, good.step) == ("done", 40)
     assert (bad.status, bad.step) == ("stopped", 20)
     assert good.metric < bad.metric and result.best is good
+    assert "MLflow did not take" not in capsys.readouterr().err
 
     client = _client(here)
     _, children = _children(client, "asha")

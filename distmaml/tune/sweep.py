@@ -128,10 +128,31 @@ def _waiting(rows: list[TrialRow]) -> dict[str, str]:
     return out
 
 
-def _close_parent(client: Any, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None) -> None:
+def _deliver_checkpoints(rows: list[TrialRow]) -> dict[str, str]:
+    """Sends MLflow what each trial's last checkpoint counts as not yet sent; returns the trials whose
+    records MLflow still lacks (its server does not answer, or refused them), trial -> checkpoint.
+
+    A checkpoint's outbox is copied while the trial's courier is still sending, so its last metrics
+    are usually counted there as not sent although MLflow has them. And a trial that a scheduler stops
+    ends its records as its process ends (Tune does not wait for the trial's thread): its KILLED may
+    never leave it. Every record is idempotent in MLflow, so sending the checkpoint's again is safe.
+    """
+    from distmaml.tracking.sync import sync_run
+
+    left = {}
+    for trial, folder in _waiting(rows).items():
+        try:
+            sync_run(folder)
+        except Exception:  # the line the sweep prints names the command that retries it
+            left[trial] = folder
+    return left
+
+
+def _close_parent(
+    client: Any, parent: str, spec: SweepSpec, rows: list[TrialRow], best: TrialRow | None, waiting: dict[str, str]
+) -> None:
     from mlflow.entities import Metric
 
-    waiting = _waiting(rows)
     for r in rows:  # children of stopped or crashed trials never reached on_end
         if r.trial in waiting:  # its end is in its outbox, not yet in MLflow
             continue
@@ -249,11 +270,12 @@ def run_sweep(
     if client is not None and parent is not None:
         from distmaml.tracking.delivery import transient
 
-        for trial, folder in _waiting(rows).items():
+        waiting = _deliver_checkpoints(rows)
+        for trial, folder in waiting.items():
             print(f"distmaml: trial {trial}: MLflow did not take its last records; send them with "
                   f"'distmaml sync {folder}'", file=sys.stderr)  # fmt: skip
         try:
-            _close_parent(client, parent, spec, rows, best)
+            _close_parent(client, parent, spec, rows, best, waiting)
         except Exception as e:  # the sweep's own summary: the table below says the same
             if transient(e) is None:
                 raise
