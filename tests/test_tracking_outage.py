@@ -19,11 +19,10 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflowserver import SERVER_ENV, server_command
+from mlflowserver import start_server, wait_healthy
 from rayhead import free_port, new_temp_dir
 
 STEPS, VAL_EVERY = 20, 10
@@ -65,17 +64,8 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            server_command(self.folder, self.port),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
-        )  # fmt: skip
-        while True:  # until it answers /health (or dies)
-            assert self.proc.poll() is None, "mlflow server exited"
-            try:
-                urllib.request.urlopen(self.uri + "/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.2)
+        self.proc = start_server(self.folder, self.port)
+        wait_healthy(self.uri, self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

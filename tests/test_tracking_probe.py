@@ -14,7 +14,7 @@ import time
 import urllib.request
 
 import pytest
-from mlflowserver import SERVER_ENV, server_command
+from mlflowserver import start_server, wait_healthy
 from rayhead import free_port
 
 from distmaml.cli import main
@@ -73,13 +73,10 @@ def test_a_real_server_passes_and_its_loss_stops_the_run_in_seconds(tmp_path, mo
     for name in HTTP_LIMITS:
         monkeypatch.delenv(name, raising=False)
     port = free_port()
-    server = subprocess.Popen(
-        server_command(tmp_path, port),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **SERVER_ENV},
-    )  # fmt: skip
+    server = start_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(uri + "/health", server)
+        wait_healthy(uri, server)
         check_server(uri)  # answers: no error, and the retry bounds are set
         from mlflow import MlflowClient
 
