@@ -128,23 +128,30 @@ def _waiting(rows: list[TrialRow]) -> dict[str, str]:
     return out
 
 
-def _deliver_checkpoints(rows: list[TrialRow]) -> dict[str, str]:
-    """Sends MLflow what each trial's last checkpoint counts as not yet sent; returns the trials whose
-    records MLflow still lacks (its server does not answer, or refused them), trial -> checkpoint.
+def _deliver_checkpoints(rows: list[TrialRow], uri: str) -> dict[str, str]:
+    """Sends MLflow at ``uri`` what each trial's last checkpoint counts as not yet sent; returns the
+    trials whose records MLflow still lacks (its server does not answer, or refused them), trial -> checkpoint.
 
     A checkpoint's outbox is copied while the trial's courier is still sending, so its last metrics
     are usually counted there as not sent although MLflow has them. And a trial that a scheduler stops
     ends its records as its process ends (Tune does not wait for the trial's thread): its KILLED may
     never leave it. Every record is idempotent in MLflow, so sending the checkpoint's again is safe.
+    A server that does not answer is asked once, not once per trial (each ask can take seconds).
     """
+    from distmaml.tracking.delivery import server_answers
     from distmaml.tracking.sync import sync_run
 
-    left = {}
-    for trial, folder in _waiting(rows).items():
+    left = _waiting(rows)
+    if not left or not server_answers(uri):
+        return left
+    for trial, folder in list(left.items()):
         try:
             sync_run(folder)
         except Exception:  # the line the sweep prints names the command that retries it
-            left[trial] = folder
+            if not server_answers(uri):  # gone meanwhile: the rest wait for 'distmaml sync' too
+                break
+            continue
+        del left[trial]
     return left
 
 
@@ -270,7 +277,7 @@ def run_sweep(
     if client is not None and parent is not None:
         from distmaml.tracking.delivery import transient
 
-        waiting = _deliver_checkpoints(rows)
+        waiting = _deliver_checkpoints(rows, base.tracking.uri)
         for trial, folder in waiting.items():
             print(f"distmaml: trial {trial}: MLflow did not take its last records; send them with "
                   f"'distmaml sync {folder}'", file=sys.stderr)  # fmt: skip
