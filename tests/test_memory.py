@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -88,9 +90,30 @@ def test_auto_skips_a_candidate_that_cannot_fit_and_records_why(monkeypatch):
     assert "vmap skipped: needs about" in capped.batching_line()
 
 
+def test_the_address_space_limit_stops_a_big_allocation_not_the_process_s_other_threads():
+    """The limit is the whole process's: another thread (in a Ray worker, gRPC's or a Ray Train health check)
+    still starts a thread and allocates, while an allocation past the room fails as out of memory. Without the
+    room, this thread could not start, gRPC's threads failed to start in a Ray Train worker's measurement, and
+    in one CI run Ray Train ended the group during it and started it again."""
+    cpu = torch.device("cpu")
+    beyond = memory.THREADS_ROOM + (64 << 20)
+    sizes: list[int] = []
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with memory.allocation_limit(cpu, 1 << 20):
+        assert resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+        other = threading.Thread(target=lambda: sizes.append(len(bytearray(16 << 20))))
+        other.start()
+        other.join()
+        with pytest.raises((RuntimeError, MemoryError)) as refused:
+            torch.empty(beyond, dtype=torch.uint8)
+    assert sizes == [16 << 20] and is_out_of_memory(refused.value)
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
+    assert torch.empty(beyond, dtype=torch.uint8).numel() == beyond
+
+
 def test_one_task_that_cannot_fit_stops_the_run_with_one_line(tmp_path):
-    """A real address-space limit (1 MiB beyond the process's size): loop's one task runs out of memory in the
-    process, and the run stops before its first step with the estimate, what the worker has and the fixes."""
+    """A worker that has 1 MiB: loop's one task measures more (or runs out of memory under the address-space
+    limit), and the run stops before its first step with the estimate, what the worker has and the fixes."""
     env = {**os.environ, memory.ENV_LIMIT: "1M"}
     argv = ["train", "--config", "omniglot_5w1s", "--quiet", "--out", "run"] + [a for s in CONV4 for a in ("--set", s)]
     done = subprocess.run(

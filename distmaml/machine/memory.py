@@ -27,7 +27,9 @@ the kernel (``malloc_trim``) so that the computation's pages show as new ones.
 beyond the process's present size fail, on a CPU, with ``torch.OutOfMemoryError``
 instead of a visit from the kernel's OOM killer (no traceback, an empty log): it
 lowers ``RLIMIT_AS`` for the duration. Virtual size counts reservations that
-are not resident yet, so it errs towards refusing.
+are not resident yet, so it errs towards refusing. The limit holds for every
+thread of the process, so it leaves ``THREADS_ROOM`` of address space beyond
+``extra`` to the others (Ray's, Ray Train's health checks).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ from distmaml.errors import CANNOT_GO_ON, DistmamlError
 
 MARGIN = 0.1
 """Share of the available memory kept back (the runtime's own allocations, other processes' growth)."""
+
+THREADS_ROOM = 256 << 20
+"""Address space ``allocation_limit`` leaves, beyond what the limited computation may take, to the process's
+other threads: Ray's gRPC and core-worker threads, Ray Train's health checks, the courier. The limit is the
+whole process's, and each new thread reserves a stack (8 MiB) and may reserve a malloc arena (64 MiB, mapped
+as 128 MiB while aligned). Without room, those threads fail: gRPC printed ``pthread_create failed`` in a Ray
+Train worker's measurement, and in one CI run Ray Train ended the group during it and started it again.
+Reservations, mostly never resident."""
 
 ENV_LIMIT = "DISTMAML_WORKER_MEMORY"
 """Environment variable: the most memory (bytes, or ``512M``, ``8G``) a worker believes it has."""
@@ -211,7 +221,8 @@ def peak(run: Callable[[], object], device: torch.device) -> int | None:
 
 @contextlib.contextmanager
 def allocation_limit(device: torch.device, extra: int | None) -> Iterator[None]:
-    """On a CPU, allocations beyond ``extra`` more bytes fail with ``torch.OutOfMemoryError`` inside the block.
+    """On a CPU, allocations beyond ``extra`` more bytes fail with ``torch.OutOfMemoryError`` inside the block
+    (beyond ``extra`` and ``THREADS_ROOM``: the limit is the process's, and its other threads keep running).
 
     Nothing is limited on a GPU (its allocator raises that error itself), when
     ``extra`` is None, or where ``RLIMIT_AS`` cannot be lowered.
@@ -221,7 +232,7 @@ def allocation_limit(device: torch.device, extra: int | None) -> Iterator[None]:
         yield
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = size + extra
+    limit = size + extra + THREADS_ROOM
     if soft != resource.RLIM_INFINITY and soft <= limit:
         yield  # a lower limit is already set
         return
