@@ -8,6 +8,8 @@ task that cannot fit is an out-of-memory error in the process, not a kill.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import re
 import resource
@@ -92,23 +94,30 @@ def test_auto_skips_a_candidate_that_cannot_fit_and_records_why(monkeypatch):
 
 def test_the_address_space_limit_stops_a_big_allocation_not_the_process_s_other_threads():
     """The limit is the whole process's: another thread (in a Ray worker, gRPC's or a Ray Train health check)
-    still starts a thread and allocates, while an allocation past the room fails as out of memory. Without the
-    room, this thread could not start, gRPC's threads failed to start in a Ray Train worker's measurement, and
-    in one CI run Ray Train ended the group during it and started it again."""
+    still starts and maps memory, while a mapping past the room fails. Without the room, this thread could not
+    start, gRPC's threads failed to start in a Ray Train worker's measurement, and in one CI run Ray Train
+    ended the group during it and started it again. Anonymous mappings always take new address space (torch's
+    allocations may reuse heap that a long-lived process such as this test's already holds)."""
     cpu = torch.device("cpu")
     beyond = memory.THREADS_ROOM + (64 << 20)
-    sizes: list[int] = []
+    mapped: list[int] = []
+
+    def other() -> None:
+        with mmap.mmap(-1, 16 << 20) as m:
+            mapped.append(len(m))
+
     before = resource.getrlimit(resource.RLIMIT_AS)
     with memory.allocation_limit(cpu, 1 << 20):
         assert resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
-        other = threading.Thread(target=lambda: sizes.append(len(bytearray(16 << 20))))
-        other.start()
-        other.join()
-        with pytest.raises((RuntimeError, MemoryError)) as refused:
-            torch.empty(beyond, dtype=torch.uint8)
-    assert sizes == [16 << 20] and is_out_of_memory(refused.value)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        with pytest.raises(OSError) as refused:
+            mmap.mmap(-1, beyond)
+    assert mapped == [16 << 20] and refused.value.errno == errno.ENOMEM
     assert resource.getrlimit(resource.RLIMIT_AS) == before
-    assert torch.empty(beyond, dtype=torch.uint8).numel() == beyond
+    with mmap.mmap(-1, beyond) as m:  # the limit is gone with the block
+        assert len(m) == beyond
 
 
 def test_one_task_that_cannot_fit_stops_the_run_with_one_line(tmp_path):
