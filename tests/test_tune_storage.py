@@ -62,6 +62,49 @@ def test_a_bucket_is_tunes_storage_and_a_missing_one_fails_at_once(here, capsys)
     assert "\n" not in err
 
 
+def test_a_trial_checkpoint_in_the_bucket_gives_mlflow_its_last_records(here, monkeypatch, capsys):
+    """A trial's checkpoint in the bucket holds its outbox (what MLflow had not taken when it was written):
+    the sweep's end finds it and sends it (``sweep._waiting`` and ``_deliver_checkpoints``), and so does
+    ``distmaml sync s3://...``, the command the sweep names; both read a local copy of the outbox only."""
+    from mlflow import MlflowClient
+
+    from distmaml.tracking.outbox import Outbox
+    from distmaml.tracking.sync import SyncError, sync_run
+    from distmaml.tune.report import TrialRow
+    from distmaml.tune.sweep import _deliver_checkpoints, _waiting
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(here / "cache"))
+    uri = f"sqlite:///{here}/mlflow.db"
+    checkpoints = []
+    for trial in ("t1", "t2"):
+        box = Outbox(here / trial / "tracking")
+        box.append({"kind": "create", "key": trial, "uri": uri, "experiment": "e", "run_name": trial, "tags": {},
+                    "start_time": 1_700_000_000_000})  # fmt: skip
+        for step in (1, 2, 3):
+            box.append({"kind": "metrics", "metrics": [["train_loss", 1.0 / step, 1_700_000_000_000 + step, step]]})
+        box.append({"kind": "end", "status": "KILLED", "end_time": 1_700_000_100_000})
+        box.close()
+        (here / trial / "model.pt").write_bytes(b"weights")  # a checkpoint's other files stay in the bucket
+        checkpoints.append(f"s3://sweeps/b/{trial}/checkpoint_000003")
+        storage.upload_dir(here / trial, checkpoints[-1])
+    rows = [TrialRow(t, "stopped", {}, 0.5, 3, c) for t, c in zip(("t1", "t2"), checkpoints, strict=True)]
+    assert _waiting(rows) == {"t1": checkpoints[0], "t2": checkpoints[1]}
+    assert not any((here / "cache").rglob("model.pt"))
+
+    assert _deliver_checkpoints(rows[:1], uri) == {}  # the sweep's end, for the first trial
+    assert main(["sync", checkpoints[1]]) == 0  # the command, for the second
+    out = capsys.readouterr().out
+    assert out.startswith(f"{checkpoints[1]}: sent 5 records to MLflow run ") and out.endswith(" (KILLED)\n")
+    assert _waiting(rows) == {}
+    client = MlflowClient(tracking_uri=uri)
+    for run in client.search_runs([client.get_experiment_by_name("e").experiment_id]):
+        assert run.info.status == "KILLED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    assert sync_run(checkpoints[0]).sent == 0  # once: the copy counts what MLflow took
+    with pytest.raises(SyncError, match="s3://sweeps/b/none/tracking/outbox.jsonl is missing"):
+        sync_run("s3://sweeps/b/none")
+
+
 @pytest.mark.slow
 def test_a_crashed_trial_resumes_from_its_checkpoint_in_the_bucket(here):
     """The first attempt reports step 2, deletes its run folder and dies; the restart downloads step 2 from S3."""

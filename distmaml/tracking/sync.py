@@ -6,7 +6,11 @@ in ``RUN_DIR/tracking/`` (see ``outbox``). ``sync_run`` sends them in order
 and timestamps, artifacts, the model, the end status) and counts each as it
 goes; a second call finds nothing left and changes nothing. It takes a run
 directory, a Tune trial's checkpoint folder (which carries the trial's
-outbox) or the outbox folder itself.
+outbox) or the outbox folder itself, on this machine or in a bucket
+(``s3://...``: a sweep with ``--storage`` there). A folder in a bucket is
+read into a local copy (``storage.cached_dir``) and sent from it; what was
+sent is counted in that copy, and a sync of the same folder from another
+machine sends it again, which MLflow takes once (every record is idempotent).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from distmaml import storage
 from distmaml.errors import CANNOT_GO_ON, DistmamlError
 from distmaml.storage import atomic_write_text
 from distmaml.tracking.delivery import Delivery, Unreachable, server_answers
-from distmaml.tracking.outbox import FOLDER, Outbox, OutboxBusy, outbox_folder
+from distmaml.tracking.outbox import FOLDER, RECORDS, Outbox, OutboxBusy, outbox_folder
 from distmaml.tracking.probe import CONNECT_TIMEOUT, bound_http_retries
 
 
@@ -38,6 +43,19 @@ class Synced:
     records: int
     status: str | None
     """The run's status in MLflow afterwards (FINISHED once its end record is in)."""
+
+
+def local_outbox(path: str | Path) -> Path | None:
+    """Where ``path``'s outbox is read: ``path`` itself, or for a folder in a bucket a local copy of its
+    outbox folder (only that: a trial's checkpoint also holds the model); None where the bucket has neither."""
+    if not storage.is_uri(path):
+        return Path(path)
+    for where in (storage.join(path, FOLDER), storage.location(path)):
+        try:
+            return storage.cached_dir(where)
+        except FileNotFoundError:
+            continue
+    return None
 
 
 def _check(uri: str, where: str) -> None:
@@ -67,10 +85,11 @@ def sync_run(path: str | Path, uri: str | None = None) -> Synced:
         >>> sync_run("runs/a").sent       # again: nothing left
         0
     """
-    folder = outbox_folder(path)
+    local = local_outbox(path)
+    folder = outbox_folder(local) if local is not None else None
     if folder is None:
         raise SyncError(
-            f"sync {path}: no MLflow outbox there ({Path(path) / FOLDER / 'outbox.jsonl'} is missing); "
+            f"sync {path}: no MLflow outbox there ({storage.join(path, FOLDER, RECORDS)} is missing); "
             "give the folder a run with tracking on wrote (its --out), or a Tune trial's checkpoint folder"
         )
     box = Outbox(folder)
