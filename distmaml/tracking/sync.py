@@ -47,14 +47,13 @@ class Synced:
 
 def local_outbox(path: str | Path) -> Path | None:
     """Where ``path``'s outbox is read: ``path`` itself, or for a folder in a bucket a local copy of its
-    outbox folder (only that: a trial's checkpoint also holds the model); None where the bucket has neither."""
+    outbox folder (only that: a trial's checkpoint also holds the model); None where the bucket has neither.
+    The folders tried are ``outbox_folder``'s, so nothing but an outbox is ever copied."""
     if not storage.is_uri(path):
         return Path(path)
     for where in (storage.join(path, FOLDER), storage.location(path)):
-        try:
+        if storage.is_file(storage.join(where, RECORDS)):
             return storage.cached_dir(where)
-        except FileNotFoundError:
-            continue
     return None
 
 
