@@ -1,8 +1,10 @@
 import atexit
+import json
 import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,16 +121,37 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+FILE_SECONDS = json.loads((Path(__file__).parent / "durations.json").read_text())
+"""Seconds each test file took in one run of the suite, its quick tests and its end-to-end (``slow``) ones
+apart (``ci/durations.py`` writes it from pytest's ``--durations=0`` output)."""
+GUESS_SECONDS = {False: 0.5, True: 20.0}
+"""A test of a file the table does not have yet: a quick one, an end-to-end one."""
+
+
+@pytest.hookimpl(trylast=True)  # after ``-m`` and ``-k`` have deselected: the items that will run
 def pytest_collection_modifyitems(session, config, items):
-    """The longest files first, each file's own order kept: in pytest-xdist's workers (``ci/test.sh -n 2
-    --dist loadfile``) they start at once and the short ones fill in beside them, instead of one long
-    file starting last. A file's length is guessed: an end-to-end (``slow``) test as a hundred others.
+    """The longest files first, each file's own order kept: in pytest-xdist's workers (``ci/test.sh``: ``-n 2
+    --dist loadfile --no-loadscope-reorder``) the long ones start at once and the short ones fill in beside
+    them, instead of one long file starting last while the other worker has nothing left. A file's length
+    is its measured time (``FILE_SECONDS``, the parts selected). Without ``--no-loadscope-reorder``
+    pytest-xdist orders the files by their number of tests instead, which put a few long files last.
     In one process (no pytest-xdist worker) the order stays the files' own."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    weight: dict[str, int] = {}
+    parts: dict[str, dict[bool, int]] = {}
     for item in items:
-        path = item.nodeid.split("::")[0]
-        weight[path] = weight.get(path, 0) + (100 if item.get_closest_marker("slow") else 1)
-    first = {path: i for i, path in enumerate(weight)}
+        slow = item.get_closest_marker("slow") is not None
+        counts = parts.setdefault(item.nodeid.split("::")[0], {False: 0, True: 0})
+        counts[slow] += 1
+
+    def seconds(path: str) -> float:
+        known = FILE_SECONDS.get(path)
+        total = 0.0
+        for slow, n in parts[path].items():
+            if n:
+                total += known["slow" if slow else "quick"] if known else n * GUESS_SECONDS[slow]
+        return total
+
+    weight = {path: seconds(path) for path in parts}
+    first = {path: i for i, path in enumerate(parts)}
     items.sort(key=lambda item: (-weight[item.nodeid.split("::")[0]], first[item.nodeid.split("::")[0]]))
