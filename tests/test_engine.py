@@ -89,6 +89,25 @@ def test_workers_match_in_process(in_process, workers):
     torch.testing.assert_close(scores.before, ref_scores.before, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "object-store"])
+def test_the_parameters_go_inside_each_call_when_small_else_through_the_object_store(in_process, inline, monkeypatch):
+    """Both ways of sending the parameters give the in-process run's gradients, parameters and scores."""
+    from distmaml.engine import ray_engine
+
+    if not inline:
+        monkeypatch.setattr(ray_engine, "INLINE_BYTES", 0)
+    run = assemble(_config(2))
+    arg = ray_engine.params_arg(ParamLayout(run.params).flatten(run.params))
+    assert isinstance(arg, ray.ObjectRef) is not inline  # the sinusoid MLP's 1,761 float64: 14 KB
+    ref_trainer, ref_grads, ref_scores = in_process
+    trainer, grads, scores = _train(run)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)
+    for k, v in ref_trainer.params.items():
+        torch.testing.assert_close(trainer.params[k], v, rtol=0, atol=1e-10)
+    torch.testing.assert_close(scores.after, ref_scores.after, rtol=0, atol=1e-10)
+
+
 def test_a_shard_travels_as_itself_with_its_gradient_as_one_raw_buffer():
     shard = GradShard(torch.arange(6.0, dtype=torch.float64), 1.5, 0.25, 3, 0.125)
     buffers: list[pickle.PickleBuffer] = []

@@ -10,7 +10,7 @@ own 1-worker row, measured in the same run.
 
 Beside them, ``reduce_cost`` times the reduce alone for a 12M-parameter flat
 float32 gradient (ResNet-12's size), workers computing nothing: ``driver`` is
-the Ray engine's own ``meta_batch`` (``ray.put`` of the parameters, every
+the Ray engine's own ``meta_batch`` (the parameters sent, every
 actor returning a ready gradient, the driver summing them); ``collective`` is
 the sum among W processes a collective group takes (shared memory on one
 node, else one gloo ``all_reduce``).
@@ -133,8 +133,8 @@ def reduce_cost(workers: list[int], sizes: dict[str, int], steps: int = REDUCE_S
     One Ray engine (with ``ReadyGradient`` workers) and one gloo group per
     worker count are started up front; then, round by round, each takes a
     reduce of each size in turn, so all share the machine's conditions.
-    ``driver``: the driver's wall time of ``RayEngine.meta_batch`` (``ray.put``
-    of the parameters, every actor returning its gradient, the sum).
+    ``driver``: the driver's wall time of ``RayEngine.meta_batch`` (the parameters
+    sent by ``params_arg``, every actor returning its gradient, the sum).
     ``collective``: the slowest rank's ``all_reduce``. Reported: medians over
     ``steps`` rounds after one untimed.
     """
@@ -235,7 +235,7 @@ def driver_rows(name: str, workers: list[int], steps: int, sets: Sequence[str] =
     engine takes a meta-step in turn and the baseline (in this process, while
     every worker is idle) computes one, so that all are timed under the same
     conditions. A step is the driver's ``Trainer.train_step``; its engine part
-    ``RayEngine.meta_batch`` (``ray.put``, the shards, the sum); its compute,
+    ``RayEngine.meta_batch`` (the parameters sent, the shards, the sum); its compute,
     the slowest worker's shard. Reported: means over the timed steps (the
     baseline: the median).
     """

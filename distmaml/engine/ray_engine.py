@@ -1,7 +1,8 @@
 """The Ray engine: a pool of worker actors shares each meta-batch.
 
-Per meta-step the driver puts the flat parameters into the object store once,
-gives each actor a balanced range of the step's task ids, and adds the flat
+Per meta-step the driver sends the flat parameters (inside each call when
+they are small, else through the object store once: ``params_arg``), gives
+each actor a balanced range of the step's task ids, and adds the flat
 gradient sums that come back, in worker order (so the result does not depend
 on which shard finishes first). An actor that dies is replaced in its bundle
 and its shard re-run: the step's result is unchanged.
@@ -42,6 +43,20 @@ from distmaml.errors import DistmamlError
 log = logging.getLogger("distmaml.engine")
 
 _RemoteWorker = ray.remote(ShardWorker)
+
+INLINE_BYTES = 64 * 1024
+"""Parameters up to this size travel inside each call (Ray inlines a call's arguments of under 100 KiB);
+larger ones are put into the object store once per step and every worker reads them there. A put and
+each worker's fetch through its node cost more than a small copy per call: 1,761 float32 parameters
+(the sinusoid MLP) to 2 actors took 3.0 ms per step through ``ray.put`` and 1.6 ms inline
+(benchmarks/2026-12-05-params-inline.md)."""
+
+
+def params_arg(flat: Tensor) -> Any:
+    """The flat parameters as a worker call's argument: the raw buffer itself when it is at most
+    ``INLINE_BYTES``, else an object store reference made once for all the workers."""
+    wire = to_wire(flat)
+    return wire if wire.nbytes <= INLINE_BYTES else ray.put(wire)  # a raw buffer, not a pickle
 
 
 def _uploaded(env: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +231,7 @@ class RayEngine:
     # -- the engine interface -----------------------------------------------------
     def meta_batch(self, flat: Tensor, step: int, batch_size: int) -> GradShard:
         t0 = time.perf_counter()
-        ref = ray.put(to_wire(flat))  # once per step, whatever the number of workers; a raw buffer, not a pickle
+        ref = params_arg(flat)
         shards: list[GradShard] = self._run(
             balanced_ranges(batch_size, self.workers),
             lambda a, r: a.meta_grad.remote(ref, step, r.start, r.stop),
@@ -232,7 +247,7 @@ class RayEngine:
         )
 
     def evaluate(self, flat: Tensor, split: str, tasks: int, steps: int) -> EvalShard:
-        ref = ray.put(to_wire(flat))
+        ref = params_arg(flat)
         shards: list[EvalShard] = self._run(
             balanced_ranges(tasks, self.workers),
             lambda a, r: a.evaluate.remote(ref, split, r.start, r.stop, steps),
