@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distmaml import storage
+
 FOLDER = "tracking"
 """The outbox's folder inside a run directory."""
 RECORDS = "outbox.jsonl"
@@ -57,11 +59,14 @@ class State:
 
 
 def outbox_folder(path: str | Path) -> Path | None:
-    """The outbox folder of ``path``: a run directory, a Tune checkpoint folder or the outbox folder itself."""
-    path = Path(path)
-    for candidate in (path / FOLDER, path):
-        if (candidate / RECORDS).is_file():
-            return candidate
+    """The outbox folder of ``path``: a run directory, a Tune checkpoint folder or the outbox folder itself.
+
+    ``path`` may be in a bucket (``s3://...``: a sweep's ``--storage``); the folder returned is then a local
+    copy of the outbox folder alone (``storage.cached_dir``), never of the rest of a checkpoint (its model).
+    """
+    for candidate in (storage.join(path, FOLDER), storage.location(path)):
+        if storage.is_file(storage.join(candidate, RECORDS)):
+            return storage.cached_dir(candidate)
     return None
 
 

@@ -8,7 +8,7 @@ goes; a second call finds nothing left and changes nothing. It takes a run
 directory, a Tune trial's checkpoint folder (which carries the trial's
 outbox) or the outbox folder itself, on this machine or in a bucket
 (``s3://...``: a sweep with ``--storage`` there). A folder in a bucket is
-read into a local copy (``storage.cached_dir``) and sent from it; what was
+read into a local copy (``outbox.outbox_folder``) and sent from it; what was
 sent is counted in that copy, and a sync of the same folder from another
 machine sends it again, which MLflow takes once (every record is idempotent).
 """
@@ -45,18 +45,6 @@ class Synced:
     """The run's status in MLflow afterwards (FINISHED once its end record is in)."""
 
 
-def local_outbox(path: str | Path) -> Path | None:
-    """Where ``path``'s outbox is read: ``path`` itself, or for a folder in a bucket a local copy of its
-    outbox folder (only that: a trial's checkpoint also holds the model); None where the bucket has neither.
-    The folders tried are ``outbox_folder``'s, so nothing but an outbox is ever copied."""
-    if not storage.is_uri(path):
-        return Path(path)
-    for where in (storage.join(path, FOLDER), storage.location(path)):
-        if storage.is_file(storage.join(where, RECORDS)):
-            return storage.cached_dir(where)
-    return None
-
-
 def _check(uri: str, where: str) -> None:
     from distmaml.cluster.reach import unreachable
 
@@ -84,8 +72,7 @@ def sync_run(path: str | Path, uri: str | None = None) -> Synced:
         >>> sync_run("runs/a").sent       # again: nothing left
         0
     """
-    local = local_outbox(path)
-    folder = outbox_folder(local) if local is not None else None
+    folder = outbox_folder(path)
     if folder is None:
         raise SyncError(
             f"sync {path}: no MLflow outbox there ({storage.join(path, FOLDER, RECORDS)} is missing); "

@@ -118,19 +118,17 @@ def _rows(grid: Any, spec: SweepSpec, where: TuneStorage) -> list[TrialRow]:
 
 def _waiting(rows: list[TrialRow]) -> dict[str, str]:
     """Trial -> its checkpoint folder, for trials whose last records MLflow has not taken (``distmaml sync``;
-    a checkpoint in a bucket is read from a local copy, ``sync.local_outbox``)."""
+    a checkpoint in a bucket is read from a local copy, ``outbox_folder``)."""
     from distmaml.tracking.outbox import Outbox, outbox_folder
-    from distmaml.tracking.sync import local_outbox
 
     out = {}
     for r in rows:
         try:
-            local = local_outbox(r.checkpoint) if r.checkpoint else None
+            folder = outbox_folder(r.checkpoint) if r.checkpoint else None
         except OSError as e:  # the bucket does not answer now: the trial's end is left as Tune gave it
             print(f"distmaml: trial {r.trial}: its checkpoint {r.checkpoint} cannot be read ({e}); if MLflow "
                   f"lacks the trial's end, send it with 'distmaml sync {r.checkpoint}'", file=sys.stderr)  # fmt: skip
             continue
-        folder = outbox_folder(local) if local is not None else None
         if folder is not None and Outbox(folder).undelivered():
             out[r.trial] = str(r.checkpoint)
     return out
