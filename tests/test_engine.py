@@ -65,9 +65,21 @@ def in_process():
     return _train(assemble(_config(0)))
 
 
+def assert_matches(in_process, trainer, grads, scores):
+    """The in-process run's 5 steps' gradients, its parameters and its meta-test scores, to 1e-10."""
+    ref_trainer, ref_grads, ref_scores = in_process
+    assert len(grads) == len(ref_grads) == 5
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)
+    for k, v in ref_trainer.params.items():
+        torch.testing.assert_close(trainer.params[k], v, rtol=0, atol=1e-10)
+    # meta-test sharded the same way: same per-task scores in task order
+    torch.testing.assert_close(scores.after, ref_scores.after, rtol=0, atol=1e-10)
+    torch.testing.assert_close(scores.before, ref_scores.before, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_workers_match_in_process(in_process, workers):
-    ref_trainer, ref_grads, ref_scores = in_process
     run = assemble(_config(workers))
     trainer, grads, scores = _train(run)
     # each worker timed the candidates at start-up on its own device and kept its fastest
@@ -79,33 +91,21 @@ def test_workers_match_in_process(in_process, workers):
         assert b["memory"]["shared_by"] == workers  # all on this one node: each plans with its part of its memory
     common = run.engine.batching()["choice"]  # every worker computes with the fastest summed over them
     assert common == min(reports[0]["seconds"], key=lambda n: sum(b["seconds"][n] for b in reports))
-    assert len(grads) == len(ref_grads) == 5
-    for g, ref in zip(grads, ref_grads):
-        torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)
-    for k, v in ref_trainer.params.items():
-        torch.testing.assert_close(trainer.params[k], v, rtol=0, atol=1e-10)
-    # meta-test sharded the same way: same per-task scores in task order
-    torch.testing.assert_close(scores.after, ref_scores.after, rtol=0, atol=1e-10)
-    torch.testing.assert_close(scores.before, ref_scores.before, rtol=0, atol=1e-10)
+    assert_matches(in_process, trainer, grads, scores)
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "object-store"])
-def test_the_parameters_go_inside_each_call_when_small_else_through_the_object_store(in_process, inline, monkeypatch):
-    """Both ways of sending the parameters give the in-process run's gradients, parameters and scores."""
+def test_parameters_too_big_to_go_inside_each_call_go_through_the_object_store(in_process, monkeypatch):
+    """The sinusoid MLP's parameters go inside each call (``test_workers_match_in_process``); with
+    ``INLINE_BYTES`` below their size they go through the object store, with the same result."""
     from distmaml.engine import ray_engine
 
-    if not inline:
-        monkeypatch.setattr(ray_engine, "INLINE_BYTES", 0)
     run = assemble(_config(2))
-    arg = ray_engine.params_arg(ParamLayout(run.params).flatten(run.params))
-    assert isinstance(arg, ray.ObjectRef) is not inline  # the sinusoid MLP's 1,761 float64: 14 KB
-    ref_trainer, ref_grads, ref_scores = in_process
+    flat = ParamLayout(run.params).flatten(run.params)
+    assert not isinstance(ray_engine.params_arg(flat), ray.ObjectRef)  # 1,761 float64: 14 KB
+    monkeypatch.setattr(ray_engine, "INLINE_BYTES", 0)
+    assert isinstance(ray_engine.params_arg(flat), ray.ObjectRef)
     trainer, grads, scores = _train(run)
-    for g, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, ref, rtol=0, atol=1e-10)
-    for k, v in ref_trainer.params.items():
-        torch.testing.assert_close(trainer.params[k], v, rtol=0, atol=1e-10)
-    torch.testing.assert_close(scores.after, ref_scores.after, rtol=0, atol=1e-10)
+    assert_matches(in_process, trainer, grads, scores)
 
 
 def test_a_shard_travels_as_itself_with_its_gradient_as_one_raw_buffer():
