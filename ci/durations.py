@@ -36,8 +36,8 @@ def file_seconds(text: str) -> dict[str, float]:
 
 
 def run_part(marker: str) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-n", "2", "--dist", "loadfile"]
-    cmd += ["--no-loadscope-reorder", "--durations=0", "-p", "no:cacheprovider"]
+    """One part as ``ci/test.sh`` runs it (its workers and order), with every test's duration printed."""
+    cmd = ["bash", "ci/test.sh", "-m", marker, "-n", "2", "--durations=0", "-p", "no:cacheprovider"]
     print("running:", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
